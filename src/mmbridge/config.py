@@ -1,0 +1,82 @@
+"""Typed, nested configuration of a composed mmbridge model, saved next to its weights.
+
+`MMBridgeConfig` follows transformers' composite configs (as `Blip2Config` / `LlavaConfig`): each
+frozen or trainable part has its own sub-config, resolved through `AutoConfig` by `model_type`, so any
+HF vision encoder and any HF causal LM can be plugged in. Wave-2 parts (draw, act) have their slots
+already so that a saved wave-1 model stays loadable once they are filled.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+#: Components whose weights can be frozen, trained, or loaded from a separate directory.
+COMPONENTS = ("vision", "qformer", "projection", "llm")
+
+#: MiniGPT-4 / BLIP-2 default: only the bridge (Q-Former + projection) trains.
+DEFAULT_TRAINABLE = {"vision": False, "qformer": True, "projection": True, "llm": False}
+
+
+class MMBridgeConfig(PreTrainedConfig):
+    r"""
+    vision_config: any HF vision encoder config (`vit`, `clip_vision_model`, `siglip_vision_model`,
+        `blip_2_vision_model`, ...).
+    qformer_config: a `Blip2QFormerConfig`; its `encoder_hidden_size` is tied to the vision width.
+    text_config: any HF causal-LM config (`llama`, `opt`, `gpt2`, ...).
+    num_query_tokens: learned queries of the Q-Former = soft-prompt tokens per image.
+    vision_feature_layer: hidden state of the vision encoder fed to the Q-Former; `None` means the
+        encoder's `last_hidden_state` (what HF BLIP-2 uses), an int indexes `hidden_states`.
+    drop_cls_token: drop the first vision token (CLIP/ViT CLS) before the Q-Former.
+    image_token / image_token_index: the tokenizer's placeholder. The processor expands each image
+        placeholder to `num_query_tokens` copies; the model scatters projected queries into them.
+    trainable: component -> bool. Frozen components get `requires_grad=False` and `eval()`.
+    component_paths: component -> local HF directory. Such a component is loaded from there and
+        not stored in this model's safetensors (the MiniGPT-4 "small checkpoint" layout).
+    added_tokens: token -> id of special tokens added to the LLM (e.g. `[IMG0]`); only their
+        embedding (and untied output) rows train.
+    draw_config / act_config: wave-2 slots (generative vokens, task decoders); `None` for now.
+    """
+
+    model_type = "mmbridge"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "qformer_config": Blip2QFormerConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    vision_feature_layer: int | None = None
+    drop_cls_token: bool = False
+    projection_bias: bool = True
+    image_token: str = "<ImageHere>"
+    image_token_index: int | None = None
+    trainable: dict | None = None
+    component_paths: dict | None = None
+    added_tokens: dict | None = None
+    draw_config: dict | None = None
+    act_config: dict | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.trainable = {**DEFAULT_TRAINABLE, **(self.trainable or {})}
+        self.component_paths = dict(self.component_paths or {})
+        self.added_tokens = dict(self.added_tokens or {})
+        unknown = (set(self.trainable) | set(self.component_paths)) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(COMPONENTS)}")
+        if self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.image_token_index
+
+
+__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE"]

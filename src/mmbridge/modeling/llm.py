@@ -1,0 +1,93 @@
+"""The frozen causal LM, wrapped with what the bridges need from it.
+
+- `embed`: token embeddings where image placeholders become zero rows (filled by the model later).
+- `add_special_tokens`: new tokens (MiniGPT-5 vokens, VisionLLM v2 routing tokens) whose embedding
+  rows alone train. The rows are made trainable with peft's `TrainableTokens` layer, which keeps the
+  frozen matrix untouched and stores only the new rows.
+- `hidden_states_at`: the last hidden state at chosen positions (voken / super-link query outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import TrainableTokensConfig, inject_adapter_in_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from mmbridge.config import MMBridgeConfig
+
+ADAPTER_NAME = "added_tokens"
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: MMBridgeConfig, model: PreTrainedModel | None = None):
+        super().__init__()
+        self.model = model if model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        if config.added_tokens:
+            self._make_rows_trainable(sorted(config.added_tokens.values()))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def embed(self, input_ids: torch.Tensor, placeholder_id: int | None = None) -> torch.Tensor:
+        """Token embeddings; placeholder positions (not in the LM's vocabulary) become zeros."""
+        if placeholder_id is None:
+            return self.model.get_input_embeddings()(input_ids)
+        is_placeholder = input_ids == placeholder_id
+        embeds = self.model.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))
+        return embeds.masked_fill(is_placeholder.unsqueeze(-1), 0.0)
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+    def hidden_states_at(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Gather `hidden_states[b, positions[b, k]]` -> (batch, k, hidden)."""
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+        return hidden_states.gather(1, index)
+
+    def add_special_tokens(self, tokens: list[str], tokenizer, config: MMBridgeConfig) -> dict[str, int]:
+        """Add `tokens` to tokenizer and LM; new rows start at the mean embedding (MiniGPT-5) and train alone.
+
+        Returns token -> id and records it in `config.added_tokens` so that a saved model rebuilds
+        the same layout.
+        """
+        if config.added_tokens:
+            raise ValueError("special tokens were already added to this model; add them all in one call")
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(list(tokens))
+        old_rows = self.vocab_size
+        if max(ids) >= old_rows:
+            # pad to a multiple of 8 like most released LMs; the spare rows are never produced by the tokenizer
+            self.model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=False)
+        with torch.no_grad():
+            for matrix in self._token_matrices():
+                mean = matrix[:old_rows].mean(dim=0)
+                matrix[ids] = mean
+        config.text_config.vocab_size = self.vocab_size
+        config.added_tokens = dict(zip(tokens, ids))
+        self._make_rows_trainable(sorted(ids))
+        return dict(config.added_tokens)
+
+    def _token_matrices(self) -> list[torch.Tensor]:
+        matrices = [self.model.get_input_embeddings().weight]
+        output = self.model.get_output_embeddings()
+        if output is not None and output.weight is not matrices[0]:
+            matrices.append(output.weight)
+        return matrices
+
+    def _target_module_names(self) -> list[str]:
+        names = {module: name for name, module in self.model.named_modules()}
+        targets = [names[self.model.get_input_embeddings()]]
+        output = self.model.get_output_embeddings()
+        if output is not None and output.weight is not self.model.get_input_embeddings().weight:
+            targets.append(names[output])
+        return targets
+
+    def _make_rows_trainable(self, token_ids: list[int]) -> None:
+        peft_config = TrainableTokensConfig(token_indices=token_ids, target_modules=self._target_module_names())
+        inject_adapter_in_model(peft_config, self.model, adapter_name=ADAPTER_NAME)

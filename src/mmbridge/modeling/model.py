@@ -1,0 +1,234 @@
+"""`MMBridgeModel`: frozen vision encoder -> Q-Former -> projection -> soft prompt in a frozen causal LM.
+
+The processor expands every image placeholder into `num_query_tokens` copies of the image token;
+`embed_inputs` scatters the projected Q-Former outputs into exactly those positions. Images therefore
+sit anywhere in a conversation, several per sample, and left padding for batches needs no special
+care. Components are attributes named like the config's `COMPONENTS` (vision, qformer, projection,
+llm), which is what freezing, trainable-only checkpoints and importers key on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mmbridge.config import COMPONENTS, MMBridgeConfig
+from mmbridge.modeling.bridge import build_projection
+from mmbridge.modeling.llm import LanguageModel
+from mmbridge.modeling.qformer import QFormer
+from mmbridge.modeling.vision import VisionEncoder
+
+TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+
+
+class MMBridgeModel(PreTrainedModel):
+    config_class = MMBridgeConfig
+    config: MMBridgeConfig
+    base_model_prefix = "mmbridge"
+    main_input_name = "input_ids"
+    _no_split_modules = []
+    _supports_sdpa = True
+
+    def __init__(self, config: MMBridgeConfig, vision_model: PreTrainedModel | None = None,
+                 language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vision = VisionEncoder(config, vision_model)
+        self.qformer = QFormer(config)
+        self.projection = build_projection(config)
+        self.llm = LanguageModel(config, language_model)
+        self.post_init()
+        self.apply_trainable_policy()
+
+    # -- weights ---------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the bridge is ours to initialise; HF sub-models initialise themselves.
+        std = self.config.initializer_range
+        if module is self.qformer:
+            nn.init.normal_(module.query_tokens, std=std)
+        elif module is self.projection:
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def apply_trainable_policy(self) -> None:
+        """Freeze components per `config.trainable`; frozen parts also go to eval mode (no dropout)."""
+        for name in COMPONENTS:
+            component = getattr(self, name)
+            trainable = self.config.trainable[name]
+            component.requires_grad_(trainable)
+        # Rows of added special tokens train even inside a frozen LLM.
+        for param_name, param in self.llm.named_parameters():
+            if "trainable_tokens_delta" in param_name:
+                param.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in COMPONENTS:
+            if not self.config.trainable[name]:
+                getattr(self, name).eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def component_state_dict(self, exclude: set[str]) -> dict[str, torch.Tensor]:
+        """State dict without the components in `exclude` (those referenced by path), except their
+        trainable parameters (e.g. rows of added tokens inside a frozen LLM)."""
+        prefixes = tuple(f"{name}." for name in exclude)
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes) or k in trainable}
+
+    # -- forward ---------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, 3, H, W) -> soft prompts (num_images, num_query_tokens, llm_hidden)."""
+        image_features = self.vision(pixel_values)
+        query_output = self.qformer(image_features.to(self.qformer.query_tokens.dtype))
+        return self.projection(query_output.to(self.projection.weight.dtype))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's soft prompt placed at its placeholder positions."""
+        image_token_id = self.config.image_token_index
+        inputs_embeds = self.llm.embed(input_ids, image_token_id)
+        num_slots = 0 if image_token_id is None else int((input_ids == image_token_id).sum())
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(pixel_values)
+        num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if num_slots != num_features:
+            num_images = 0 if image_features is None else image_features.shape[0]
+            raise ValueError(
+                f"the prompt has {num_slots} image-token positions but {num_images} image(s) were given, which fill "
+                f"{num_features} (each image takes {self.config.num_query_tokens} positions)"
+            )
+        if num_slots == 0:
+            return inputs_embeds
+        mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """LM loss over `labels` (the processor masks prompt and image positions with -100)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 **kwargs) -> torch.Tensor:
+        """transformers `generate` on the LLM with the image soft prompts in place.
+
+        Takes left-padded `input_ids`; returns only the new tokens, as HF does for `inputs_embeds`.
+        """
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.llm.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **kwargs
+        )
+
+    # -- save / load -----------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, trainable_only: bool = False, **kwargs) -> None:
+        """Write config + safetensors.
+
+        `trainable_only=True` writes the MiniGPT-4-style small artifact: only parameters with
+        `requires_grad`, on top of components that `config.component_paths` must reference.
+        Components listed in `component_paths` are never duplicated into the directory.
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        if trainable_only:
+            missing = [n for n in COMPONENTS if not self.config.trainable[n] and n not in self.config.component_paths]
+            if missing:
+                raise ValueError(
+                    f"trainable_only=True needs config.component_paths for the frozen component(s) {missing}; "
+                    "otherwise their weights would be lost"
+                )
+        if trainable_only or self.config.component_paths:
+            self.config.save_pretrained(save_directory)
+            state = self.trainable_state_dict() if trainable_only else self.component_state_dict(
+                set(self.config.component_paths))
+            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            save_file(state, str(save_directory / TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
+            return
+        super().save_pretrained(save_directory, **kwargs)
+
+    @classmethod
+    def from_components(cls, config: MMBridgeConfig, dtype: torch.dtype | None = None) -> "MMBridgeModel":
+        """Build with the components of `config.component_paths` loaded from their own HF dirs."""
+        paths = config.component_paths
+        unsupported = set(paths) - {"vision", "llm"}
+        if unsupported:
+            raise ValueError(f"component_paths supports 'vision' and 'llm', not {sorted(unsupported)}")
+        vision_model = language_model = None
+        if "vision" in paths:
+            vision_model = AutoModel.from_pretrained(_local_dir(paths["vision"]), dtype=dtype)
+            config.vision_config = vision_model.config
+            config.qformer_config.encoder_hidden_size = vision_model.config.hidden_size
+        if "llm" in paths:
+            language_model = AutoModelForCausalLM.from_pretrained(_local_dir(paths["llm"]), dtype=dtype)
+            if config.added_tokens:
+                language_model.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=False)
+            config.text_config = language_model.config
+        return cls(config, vision_model=vision_model, language_model=language_model)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: torch.dtype | None = None, **kwargs):
+        path = _local_dir(pretrained_model_name_or_path)
+        small_artifact = path / TRAINABLE_WEIGHTS_NAME
+        if not small_artifact.exists():
+            return super().from_pretrained(path, *args, dtype=dtype, **kwargs)
+        config = MMBridgeConfig.from_pretrained(path)
+        model = cls.from_components(config, dtype=dtype)
+        state = load_file(str(small_artifact))
+        expected = model.state_dict()
+        unknown = sorted(set(state) - set(expected))
+        if unknown:
+            raise ValueError(f"{small_artifact} holds weights this model does not have: {unknown[:5]}")
+        bad_shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                      for k, v in state.items() if v.shape != expected[k].shape]
+        if bad_shapes:
+            raise ValueError(f"shape mismatch loading {small_artifact}: " + "; ".join(bad_shapes[:5]))
+        model.load_state_dict(state, strict=False)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+
+def _local_dir(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a local directory. mmbridge loads weights from local directories only "
+            "(model hubs are not contacted); for the shipped model use the name 'shapes'."
+        )
+    return path

@@ -1,0 +1,263 @@
+"""Messages with content parts -> model inputs: chat template, tokens, image placeholders, labels.
+
+Conversations are transformers-style: ``[{"role": "user", "content": [{"type": "image", "image": img},
+{"type": "text", "text": "What is this?"}]}, ...]``. The Jinja chat template is rendered by the
+tokenizer's `apply_chat_template` (a sandboxed Jinja environment); its ``{% generation %}`` spans mark
+what the assistant says, which is what the loss is computed on (prompt and image positions get -100,
+as in MiniGPT-4). Each image placeholder token then expands to `num_query_tokens` copies.
+Images are preprocessed by transformers' PIL/numpy image processor (no torchvision).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil, PreTrainedTokenizerBase
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
+IGNORE_INDEX = -100
+TEMPLATE_PRESETS = ("minigpt4", "llama2", "plain")
+#: Default stop strings per preset (MiniGPT-4 stops on its separator "###").
+PRESET_STOP_STRINGS = {"minigpt4": ["###"], "llama2": [], "plain": []}
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read (missing file, not an image, too large, truncated)."""
+
+
+def chat_template_preset(name: str) -> str:
+    if name not in TEMPLATE_PRESETS:
+        raise ValueError(f"unknown chat template preset {name!r}; choose from {list(TEMPLATE_PRESETS)}")
+    return resources.files("mmbridge.templates").joinpath(f"{name}.jinja").read_text()
+
+
+def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """PIL image, numpy HWC array, path or raw bytes -> RGB PIL image, with clear errors.
+
+    The pixel count is checked from the header, before decoding, so a small file claiming a huge
+    size (decompression bomb) costs no memory.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, (bytes, bytearray)):
+        source, name = io.BytesIO(image), "<bytes>"
+    elif isinstance(image, (str, Path)):
+        source, name = Path(image), str(image)
+        if not source.is_file():
+            raise ImageLoadError(f"image file not found: {name}")
+    else:
+        raise ImageLoadError(f"cannot use {type(image).__name__} as an image (give a path, bytes, PIL image or array)")
+    try:
+        with Image.open(source) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageLoadError(f"image {name} is {width}x{height} px, over the limit of {max_pixels} pixels")
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ImageLoadError(f"cannot read image {name}: {err}") from err
+
+
+def normalize_messages(messages: Sequence[dict]) -> list[dict]:
+    """Check roles and part types; plain-string content becomes one text part."""
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    normalized = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise ValueError(f"message {i}: content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "image"):
+                raise ValueError(f"message {i} part {j}: unknown part type {kind!r} (expected 'text' or 'image')")
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i} part {j}: a text part needs a string 'text'")
+            if kind == "image" and role != "user":
+                raise ValueError(f"message {i}: images can only appear in user messages")
+        normalized.append({"role": role, "content": content})
+    return normalized
+
+
+def images_in(messages: Sequence[dict]) -> list[Any]:
+    """The images embedded in image parts (`"image"` key), in order; None for parts without one."""
+    return [part.get("image") for m in messages for part in m["content"] if part["type"] == "image"]
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+class MMBridgeProcessor:
+    """Image processor + tokenizer + chat template, saved beside the model (`processor_config.json`)."""
+
+    def __init__(self, image_processor: BlipImageProcessorPil, tokenizer: PreTrainedTokenizerBase,
+                 chat_template: str | None = None, num_query_tokens: int = 32, image_token: str = "<ImageHere>",
+                 stop_strings: Sequence[str] = (), max_length: int | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or chat_template_preset("minigpt4")
+        self.num_query_tokens = num_query_tokens
+        self.image_token = image_token
+        self.stop_strings = list(stop_strings)
+        self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
+                                         replace_extra_special_tokens=False)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # -- images ----------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        if not images:
+            size = self.image_processor.size
+            return torch.zeros(0, 3, size["height"], size["width"])
+        pil = [load_image(image, self.max_image_pixels) for image in images]
+        return self.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+    # -- text ------------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            normalize_messages(messages), chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize already-rendered text and expand image placeholders (no special tokens added)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._expand_image_tokens(ids, [0] * len(ids))[0]
+
+    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> EncodedConversation:
+        messages = normalize_messages(messages)
+        rendered = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
+        )
+        ids = list(rendered["input_ids"])
+        assistant = list(rendered.get("assistant_masks") or [0] * len(ids))
+        ids, assistant = self._expand_image_tokens(ids, assistant)
+        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, assistant)]
+        num_images = sum(p["type"] == "image" for m in messages for p in m["content"])
+        placeholders = ids.count(self.image_token_id) // self.num_query_tokens
+        if placeholders != num_images:
+            raise ValueError(
+                f"the chat template rendered {placeholders} image placeholder(s) for {num_images} image part(s); "
+                f"the template must write {self.image_token!r} once per image part"
+            )
+        return EncodedConversation(ids, labels, num_images)
+
+    def _expand_image_tokens(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        out_ids, out_mask = [], []
+        for tok, m in zip(ids, mask):
+            repeat = self.num_query_tokens if tok == self.image_token_id else 1
+            out_ids += [tok] * repeat
+            out_mask += [0 if tok == self.image_token_id else m] * repeat
+        return out_ids, out_mask
+
+    def __call__(self, conversations: Sequence[dict] | Sequence[Sequence[dict]], images: Sequence[Any] | None = None,
+                 add_generation_prompt: bool = False, padding_side: str = "left",
+                 return_labels: bool = False, truncation: bool = False) -> BatchFeature:
+        """One conversation or a batch -> `input_ids`, `attention_mask`, `pixel_values` (+ `labels`).
+
+        Images come from the image parts themselves (`{"type": "image", "image": ...}`) or, for
+        parts without one, from `images` in order of appearance across the batch.
+        """
+        batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        encoded = [self.encode(conv, add_generation_prompt) for conv in batch]
+        all_images = self._collect_images(batch, images)
+        if truncation and self.max_length:
+            encoded = [self._truncate(e) for e in encoded]
+        elif self.max_length:
+            for i, e in enumerate(encoded):
+                if len(e.input_ids) > self.max_length:
+                    raise ValueError(f"conversation {i} is {len(e.input_ids)} tokens, over max_length {self.max_length}")
+        width = max(len(e.input_ids) for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids, attention, labels = [], [], []
+        for e in encoded:
+            n = width - len(e.input_ids)
+            fill = (lambda seq, value: [value] * n + seq) if padding_side == "left" else (lambda seq, value: seq + [value] * n)
+            input_ids.append(fill(e.input_ids, pad))
+            attention.append(fill([1] * len(e.input_ids), 0))
+            labels.append(fill(e.labels, IGNORE_INDEX))
+        data = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention, dtype=torch.long),
+            "pixel_values": self.preprocess_images(all_images),
+        }
+        if return_labels:
+            data["labels"] = torch.tensor(labels, dtype=torch.long)
+        return BatchFeature(data)
+
+    def _collect_images(self, batch: list, images: Sequence[Any] | None) -> list[Any]:
+        embedded = [img for conv in batch for img in images_in(normalize_messages(conv))]
+        extra = list(images or [])
+        needed = sum(img is None for img in embedded)
+        if needed != len(extra):
+            raise ValueError(
+                f"the conversation(s) have {len(embedded)} image part(s), {needed} of them without an image, "
+                f"but {len(extra)} image(s) were passed"
+            )
+        supplied = iter(extra)
+        return [img if img is not None else next(supplied) for img in embedded]
+
+    def _truncate(self, e: EncodedConversation) -> EncodedConversation:
+        # Cut text from the end (MiniGPT-4's max_txt_len); never cut through an image's soft prompt.
+        if len(e.input_ids) <= self.max_length:
+            return e
+        cut = self.max_length
+        while cut > 0 and e.input_ids[cut - 1] == self.image_token_id and e.input_ids[cut] == self.image_token_id:
+            cut -= 1
+        return EncodedConversation(e.input_ids[:cut], e.labels[:cut], e.num_images)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    # -- save / load -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"processor_class": type(self).__name__, "num_query_tokens": self.num_query_tokens,
+                "image_token": self.image_token, "stop_strings": self.stop_strings,
+                "max_length": self.max_length, "max_image_pixels": self.max_image_pixels}
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        (save_directory / CHAT_TEMPLATE_NAME).write_text(self.chat_template)
+        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "MMBridgeProcessor":
+        directory = Path(directory)
+        config_file = directory / PROCESSOR_CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{directory} has no {PROCESSOR_CONFIG_NAME}; is it an mmbridge model directory?")
+        settings = json.loads(config_file.read_text())
+        settings.pop("processor_class", None)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        image_processor = BlipImageProcessorPil.from_pretrained(directory)
+        chat_template = (directory / CHAT_TEMPLATE_NAME).read_text()
+        return cls(image_processor, tokenizer, chat_template=chat_template, **settings)

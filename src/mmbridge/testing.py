@@ -1,0 +1,68 @@
+"""Tiny, randomly initialised models built offline — for tests, benchmarks and the CLI's `--tiny`.
+
+Everything here is built from configs and a tokenizer trained on a few sentences, so it needs no
+download. The shapes are small enough that a forward pass takes milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
+
+from mmbridge.config import MMBridgeConfig
+from mmbridge.modeling import MMBridgeModel
+from mmbridge.processing import PRESET_STOP_STRINGS, MMBridgeProcessor, chat_template_preset
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>"]
+_CORPUS = [
+    "###Human: <Img><ImageHere></Img> What color is the circle? ###Assistant: red###",
+    "There are 3 shapes: a small red circle, a large blue square and a small green triangle.",
+    "How many shapes are there? What shape is the yellow object? Is there a purple diamond? yes no",
+    "USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>> left right above below cross white cyan orange",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) #",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=["<ImageHere>"])
+
+
+def tiny_config(vocab_size: int, image_token_index: int, *, num_query_tokens: int = 4, llm: str = "llama",
+                **overrides) -> MMBridgeConfig:
+    text = {"model_type": llm, "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 512,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    if llm == "llama":
+        text["num_key_value_heads"] = 2
+    elif llm == "opt":
+        text.update(ffn_dim=64, word_embed_proj_dim=32)
+        text.pop("intermediate_size")
+    vision = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "image_size": 32, "patch_size": 8}
+    qformer = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+               "cross_attention_frequency": 1}
+    return MMBridgeConfig(vision_config=vision, qformer_config=qformer, text_config=text,
+                          num_query_tokens=num_query_tokens, image_token_index=image_token_index, **overrides)
+
+
+def build_tiny(seed: int = 0, template: str = "minigpt4", num_query_tokens: int = 4,
+               **config_overrides) -> tuple[MMBridgeModel, MMBridgeProcessor]:
+    """A tiny random model and its processor, deterministic for a given seed."""
+    tokenizer = build_tiny_tokenizer()
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    processor = MMBridgeProcessor(image_processor, tokenizer, chat_template=chat_template_preset(template),
+                                  num_query_tokens=num_query_tokens, stop_strings=PRESET_STOP_STRINGS[template])
+    config = tiny_config(len(tokenizer), processor.image_token_id, num_query_tokens=num_query_tokens,
+                         **config_overrides)
+    torch.manual_seed(seed)
+    model = MMBridgeModel(config).eval()
+    return model, processor
