@@ -15,8 +15,10 @@ import sys
 COMMAND_MODULES = (
     "mmbridge.commands.demo",
     "mmbridge.commands.chat",
-    "mmbridge.commands.build",
+    "mmbridge.interop.cli",  # build, import
     "mmbridge.data.cli",
+    "mmbridge.train.cli",
+    "mmbridge.serve.cli",  # serve, ui
 )
 
 

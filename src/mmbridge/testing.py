@@ -37,8 +37,11 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 
 
 def tiny_config(vocab_size: int, image_token_index: int, *, num_query_tokens: int = 4, llm: str = "llama",
-                **overrides) -> MMBridgeConfig:
+                init_std: float = 0.02, **overrides) -> MMBridgeConfig:
+    """`init_std` well above 0.02 makes a random model's answers depend on its input — which the
+    equivalence tests need to mean anything."""
     text = {"model_type": llm, "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
+            "initializer_range": init_std,
             "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 512,
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
     if llm == "llama":
@@ -47,11 +50,12 @@ def tiny_config(vocab_size: int, image_token_index: int, *, num_query_tokens: in
         text.update(ffn_dim=64, word_embed_proj_dim=32)
         text.pop("intermediate_size")
     vision = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "intermediate_size": 64, "image_size": 32, "patch_size": 8}
-    qformer = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "intermediate_size": 64, "image_size": 32, "patch_size": 8, "initializer_range": init_std}
+    qformer = {"initializer_range": init_std, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
                "cross_attention_frequency": 1}
     return MMBridgeConfig(vision_config=vision, qformer_config=qformer, text_config=text,
-                          num_query_tokens=num_query_tokens, image_token_index=image_token_index, **overrides)
+                          num_query_tokens=num_query_tokens, image_token_index=image_token_index,
+                          initializer_range=init_std, **overrides)
 
 
 def build_tiny(seed: int = 0, template: str = "minigpt4", num_query_tokens: int = 4,

@@ -1,0 +1,320 @@
+"""Generation: batched and streaming answers, chat sessions that keep their KV cache across turns.
+
+`generate` returns typed output parts (text now; images, detections and keypoints join in wave 2),
+so callers — the CLI, the server, the UI — never parse strings to learn what the model produced.
+Decoding itself is transformers' `generate` (greedy / sampling / beam, stop strings, streamers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from transformers import DynamicCache, GenerationConfig, TextIteratorStreamer
+
+from mmbridge.modeling import MMBridgeModel
+from mmbridge.processing import MMBridgeProcessor, images_in, normalize_messages
+
+
+@dataclass
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+#: Wave 2 adds ImagePart, DetectionsPart, KeypointsPart to this union.
+OutputPart = TextPart
+
+
+@dataclass
+class GenerationResult:
+    parts: list[OutputPart]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    raw_text: str = field(default="", repr=False)  # the answer as generated, before stripping
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if p.type == "text")
+
+
+@dataclass
+class SamplingOptions:
+    """What a user may set per request; mapped onto a transformers `GenerationConfig`."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+    def generation_config(self, base: GenerationConfig, processor: MMBridgeProcessor) -> GenerationConfig:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        tokenizer = processor.tokenizer
+        config = GenerationConfig.from_dict(base.to_dict())
+        config.update(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, stop_strings=self.stop_strings(processor) or None,
+            max_length=None,
+        )
+        if self.do_sample:
+            config.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            config.update(temperature=None, top_p=None, top_k=None)
+        return config
+
+    def stop_strings(self, processor: MMBridgeProcessor) -> list[str]:
+        return list(dict.fromkeys([*processor.stop_strings, *self.stop]))
+
+
+def _rng(seed: int | None):
+    if seed is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(seed)
+    return stack
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class MMBridgePipeline:
+    """Model + processor -> answers. Components are passed in, as in diffusers pipelines."""
+
+    def __init__(self, model: MMBridgeModel, processor: MMBridgeProcessor):
+        self.model = model.eval()
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "MMBridgePipeline":
+        return cls(MMBridgeModel.from_pretrained(path, dtype=dtype), MMBridgeProcessor.from_pretrained(path))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _options(self, options: SamplingOptions | None, kwargs: dict) -> SamplingOptions:
+        return SamplingOptions(**kwargs) if options is None else options
+
+    # -- one shot, batched -----------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[dict] | Sequence[Sequence[dict]], images: Sequence[Any] | None = None,
+                 options: SamplingOptions | None = None, **kwargs) -> list[GenerationResult]:
+        """Answer one conversation or a batch (left-padded, each sample stops on its own)."""
+        options = self._options(options, kwargs)
+        inputs = self.processor(conversations, images=images, add_generation_prompt=True).to(self.device)
+        config = options.generation_config(self.model.llm.model.generation_config, self.processor)
+        with _rng(options.seed):
+            new_tokens = self.model.generate(**inputs, generation_config=config, tokenizer=self.processor.tokenizer)
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        return [self._result(row.tolist(), options, n) for row, n in zip(new_tokens, prompt_lengths)]
+
+    def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int) -> GenerationResult:
+        tokenizer = self.processor.tokenizer
+        kept, finished = [], False
+        for tok in new_ids:
+            if tok in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+                finished = True
+                break
+            kept.append(tok)
+        raw = tokenizer.decode(kept, skip_special_tokens=True)
+        answer, stopped = _cut_at_stop(raw, options.stop_strings(self.processor))
+        reason = "stop" if finished or stopped else "length"
+        return GenerationResult([TextPart(answer.strip())], reason, prompt_tokens, len(kept), kept, answer)
+
+    # -- streaming -------------------------------------------------------------------------
+    def stream(self, conversation: Sequence[dict], images: Sequence[Any] | None = None,
+               options: SamplingOptions | None = None, **kwargs) -> Iterator[str]:
+        """Yield text as it is produced; the pieces join to exactly `generate(...)[0].text`.
+
+        The final `GenerationResult` is the generator's return value (`StopIteration.value`).
+        """
+        options = self._options(options, kwargs)
+        inputs = self.processor(conversation, images=images, add_generation_prompt=True).to(self.device)
+        config = options.generation_config(self.model.llm.model.generation_config, self.processor)
+        holder: dict[str, Any] = {}
+
+        def run(streamer):
+            with _rng(options.seed):
+                holder["ids"] = self.model.generate(**inputs, generation_config=config, streamer=streamer,
+                                                    tokenizer=self.processor.tokenizer)[0].tolist()
+
+        yield from self._stream_text(run, options)
+        return self._result(holder["ids"], options, int(inputs["attention_mask"].sum()))
+
+    def _stream_text(self, run, options: SamplingOptions) -> Iterator[str]:
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def target():
+            try:
+                run(streamer)
+            except BaseException as err:  # surfaced in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        yield from StopStringFilter(options.stop_strings(self.processor)).filter(streamer)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    # -- sessions --------------------------------------------------------------------------
+    def chat(self, system: str | None = None, reuse_cache: bool = True, **defaults) -> "ChatSession":
+        return ChatSession(self, system=system, reuse_cache=reuse_cache, **defaults)
+
+
+class StopStringFilter:
+    """Turns raw streamed text into what the non-streaming answer shows: cut at the first stop
+    string, leading/trailing whitespace stripped. Holds back text that may be the start of a stop
+    string or trailing whitespace until the next piece decides."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+
+    def filter(self, pieces) -> Iterator[str]:
+        text, emitted, stopped = "", 0, False
+        for piece in pieces:
+            if stopped:
+                continue  # drain the streamer so the generating thread can finish
+            text += piece
+            cut, stopped = _cut_at_stop(text, self.stops)
+            safe = len(cut) if stopped else len(cut) - self._held_back(cut)
+            visible = cut[:safe].rstrip()
+            start = len(visible) - len(visible.lstrip()) if emitted == 0 else 0
+            if len(visible) > emitted:
+                yield visible[max(emitted, start):]
+                emitted = len(visible)
+        if not stopped and text.strip():
+            tail = text.rstrip()
+            if len(tail) > emitted:
+                yield tail[emitted:] if emitted else tail.lstrip()
+
+    def _held_back(self, text: str) -> int:
+        for k in range(min(len(text), max((len(s) for s in self.stops), default=0)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps the LLM's KV cache between turns.
+
+    Each turn the whole conversation is tokenised again (cheap) and the cache is kept for the
+    longest common token prefix with what it already holds, so turn N only runs the LLM over its own
+    new tokens — even when a template re-tokenises an earlier answer differently. Image soft prompts
+    are computed once per image. `reuse_cache=False` re-encodes everything each turn (the reference).
+    """
+
+    def __init__(self, pipeline: MMBridgePipeline, system: str | None = None, reuse_cache: bool = True, **defaults):
+        self.pipeline = pipeline
+        self.reuse_cache = reuse_cache
+        self.defaults = defaults
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._image_features: list[torch.Tensor] = []
+        self._cache: DynamicCache | None = None
+        self._cached_ids: list[int] = []
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self._image_features, self._cache, self._cached_ids = [], None, []
+
+    def _add_user_turn(self, content: str | list[dict], images: Sequence[Any] | None) -> None:
+        if isinstance(content, str):
+            content = [*({"type": "image"} for _ in images or ()), {"type": "text", "text": content}]
+        message = normalize_messages([{"role": "user", "content": content}])[0]
+        supplied = iter(images or ())
+        resolved = []
+        for image in images_in([message]):
+            try:
+                resolved.append(image if image is not None else next(supplied))
+            except StopIteration:
+                raise ValueError("the message has more image parts than images were given") from None
+        if next(supplied, None) is not None:
+            raise ValueError("more images were given than the message has image parts")
+        pixel_values = self.pipeline.processor.preprocess_images(resolved).to(self.pipeline.device)
+        if resolved:
+            with torch.no_grad():
+                self._image_features.append(self.pipeline.model.get_image_features(pixel_values))
+        # Images are kept as soft prompts only; the messages keep bare image parts.
+        self.messages.append({"role": "user", "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in message["content"]]})
+
+    def ask(self, content: str | list[dict], images: Sequence[Any] | None = None, **kwargs) -> GenerationResult:
+        stream = self.ask_stream(content, images, **kwargs)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+    def ask_stream(self, content: str | list[dict], images: Sequence[Any] | None = None, **kwargs) -> Iterator[str]:
+        """Stream the answer to a new user turn; the `GenerationResult` is the generator's return value."""
+        options = SamplingOptions(**{**self.defaults, **kwargs})
+        self._add_user_turn(content, images)
+        pipeline, model = self.pipeline, self.pipeline.model
+        target = pipeline.processor.encode(self.messages, add_generation_prompt=True).input_ids
+        ids = torch.tensor([target], device=pipeline.device)
+        features = torch.cat(self._image_features) if self._image_features else None
+        config = options.generation_config(model.llm.model.generation_config, pipeline.processor)
+        holder: dict[str, Any] = {}
+
+        def run(streamer):
+            with torch.no_grad(), _rng(options.seed):
+                embeds = model.embed_inputs(ids, image_features=features)
+                if options.num_beams > 1:  # beams need a cache per beam: encode from scratch
+                    out = model.llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+                                                   generation_config=config, streamer=streamer,
+                                                   tokenizer=pipeline.processor.tokenizer)
+                    holder["new"], self._cache, self._cached_ids = out[0].tolist(), None, []
+                    return
+                cache, start = self._reusable_cache(target)
+                if start < len(target) - 1:
+                    model.llm(inputs_embeds=embeds[:, start:-1], past_key_values=cache, use_cache=True,
+                              position_ids=torch.arange(start, len(target) - 1, device=ids.device)[None])
+                text_ids = ids.masked_fill(ids == model.config.image_token_index, pipeline.processor.tokenizer.pad_token_id)
+                out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),
+                                               past_key_values=cache, generation_config=config, streamer=streamer,
+                                               tokenizer=pipeline.processor.tokenizer)
+                holder["new"], self._cache = out[0, len(target):].tolist(), cache
+
+        yield from pipeline._stream_text(run, options)
+        result = pipeline._result(holder["new"], options, len(target))
+        if self._cache is not None:
+            self._cached_ids = target + result.token_ids
+            _crop_to(self._cache, len(self._cached_ids))
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": result.raw_text}]})
+        return result
+
+    def _reusable_cache(self, target: list[int]) -> tuple[DynamicCache, int]:
+        if not (self.reuse_cache and self._cache is not None):
+            return DynamicCache(), 0
+        common = 0
+        for a, b in zip(self._cached_ids, target):
+            if a != b:
+                break
+            common += 1
+        keep = min(common, len(target) - 1)
+        _crop_to(self._cache, keep)
+        return self._cache, self._cache.get_seq_length()
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions (transformers' `crop` takes how many to remove)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
