@@ -113,24 +113,27 @@ class MMBridgePipeline:
     # -- one shot, batched -----------------------------------------------------------------
     @torch.no_grad()
     def generate(self, conversations: Sequence[dict] | Sequence[Sequence[dict]], images: Sequence[Any] | None = None,
-                 options: SamplingOptions | None = None, **kwargs) -> list[GenerationResult]:
-        """Answer one conversation or a batch (left-padded, each sample stops on its own)."""
+                 options: SamplingOptions | None = None, stopping_criteria=None, **kwargs) -> list[GenerationResult]:
+        """Answer one conversation or a batch (left-padded, each sample stops on its own).
+
+        `stopping_criteria` (a transformers `StoppingCriteriaList`) is passed through to `generate`;
+        the server uses it to abort rows whose client went away.
+        """
         options = self._options(options, kwargs)
         inputs = self.processor(conversations, images=images, add_generation_prompt=True).to(self.device)
         config = options.generation_config(self.model.llm.model.generation_config, self.processor)
         with _rng(options.seed):
-            new_tokens = self.model.generate(**inputs, generation_config=config, tokenizer=self.processor.tokenizer)
+            new_tokens = self.model.generate(**inputs, generation_config=config, tokenizer=self.processor.tokenizer,
+                                             stopping_criteria=stopping_criteria)
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         return [self._result(row.tolist(), options, n) for row, n in zip(new_tokens, prompt_lengths)]
 
     def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int) -> GenerationResult:
         tokenizer = self.processor.tokenizer
-        kept, finished = [], False
-        for tok in new_ids:
-            if tok in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-                finished = True
-                break
-            kept.append(tok)
+        finished = tokenizer.eos_token_id in new_ids
+        kept = new_ids[: new_ids.index(tokenizer.eos_token_id)] if finished else list(new_ids)
+        while kept and kept[-1] == tokenizer.pad_token_id:  # rows that stopped early are padded
+            kept.pop()
         raw = tokenizer.decode(kept, skip_special_tokens=True)
         answer, stopped = _cut_at_stop(raw, options.stop_strings(self.processor))
         reason = "stop" if finished or stopped else "length"
@@ -138,7 +141,7 @@ class MMBridgePipeline:
 
     # -- streaming -------------------------------------------------------------------------
     def stream(self, conversation: Sequence[dict], images: Sequence[Any] | None = None,
-               options: SamplingOptions | None = None, **kwargs) -> Iterator[str]:
+               options: SamplingOptions | None = None, stopping_criteria=None, **kwargs) -> Iterator[str]:
         """Yield text as it is produced; the pieces join to exactly `generate(...)[0].text`.
 
         The final `GenerationResult` is the generator's return value (`StopIteration.value`).
@@ -149,9 +152,14 @@ class MMBridgePipeline:
         holder: dict[str, Any] = {}
 
         def run(streamer):
+            beams = options.num_beams > 1  # transformers cannot stream beam search: emit at the end
             with _rng(options.seed):
-                holder["ids"] = self.model.generate(**inputs, generation_config=config, streamer=streamer,
-                                                    tokenizer=self.processor.tokenizer)[0].tolist()
+                holder["ids"] = self.model.generate(**inputs, generation_config=config,
+                                                    tokenizer=self.processor.tokenizer,
+                                                    streamer=None if beams else streamer,
+                                                    stopping_criteria=stopping_criteria)[0].tolist()
+            if beams:
+                _emit_all(streamer, holder["ids"])
 
         yield from self._stream_text(run, options)
         return self._result(holder["ids"], options, int(inputs["attention_mask"].sum()))
@@ -278,9 +286,9 @@ class ChatSession:
                 embeds = model.embed_inputs(ids, image_features=features)
                 if options.num_beams > 1:  # beams need a cache per beam: encode from scratch
                     out = model.llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                                                   generation_config=config, streamer=streamer,
-                                                   tokenizer=pipeline.processor.tokenizer)
+                                                   generation_config=config, tokenizer=pipeline.processor.tokenizer)
                     holder["new"], self._cache, self._cached_ids = out[0].tolist(), None, []
+                    _emit_all(streamer, holder["new"])
                     return
                 cache, start = self._reusable_cache(target)
                 if start < len(target) - 1:
@@ -311,6 +319,10 @@ class ChatSession:
         keep = min(common, len(target) - 1)
         _crop_to(self._cache, keep)
         return self._cache, self._cache.get_seq_length()
+
+
+def _emit_all(streamer: TextIteratorStreamer, token_ids: list[int]) -> None:
+    streamer.on_finalized_text(streamer.tokenizer.decode(token_ids, skip_special_tokens=True), stream_end=True)
 
 
 def _crop_to(cache: DynamicCache, length: int) -> None:

@@ -188,7 +188,12 @@ class MMBridgeProcessor:
         encoded = [self.encode(conv, add_generation_prompt) for conv in batch]
         all_images = self._collect_images(batch, images)
         if truncation and self.max_length:
-            encoded = [self._truncate(e) for e in encoded]
+            truncated = [self._truncate(e) for e in encoded]
+            # Images whose soft prompt was cut off go too (they are the last ones of their sample).
+            per_sample = iter(all_images)
+            all_images = [img for e, t in zip(encoded, truncated)
+                          for i, img in enumerate([next(per_sample) for _ in range(e.num_images)]) if i < t.num_images]
+            encoded = truncated
         elif self.max_length:
             for i, e in enumerate(encoded):
                 if len(e.input_ids) > self.max_length:
@@ -230,7 +235,8 @@ class MMBridgeProcessor:
         cut = self.max_length
         while cut > 0 and e.input_ids[cut - 1] == self.image_token_id and e.input_ids[cut] == self.image_token_id:
             cut -= 1
-        return EncodedConversation(e.input_ids[:cut], e.labels[:cut], e.num_images)
+        ids = e.input_ids[:cut]
+        return EncodedConversation(ids, e.labels[:cut], ids.count(self.image_token_id) // self.num_query_tokens)
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,65 @@
+"""What wave 2 needs from the LLM wrapper: trainable rows for new tokens, hidden states at positions."""
+
+import torch
+
+from mmbridge.modeling import MMBridgeModel
+from mmbridge.processing import MMBridgeProcessor
+from mmbridge.testing import build_tiny
+
+VOKENS = [f"[IMG{i}]" for i in range(8)]
+
+
+def test_added_tokens_train_alone_and_survive_save(tmp_path, images):
+    model, processor = build_tiny(seed=3, init_std=0.5)
+    embeddings_before = model.llm.model.get_input_embeddings().weight.detach().clone()
+    ids = model.llm.add_special_tokens(VOKENS, processor.tokenizer, model.config)
+    model.apply_trainable_policy()
+    assert list(ids) == VOKENS and len(set(ids.values())) == 8
+    assert processor.tokenizer.convert_tokens_to_ids("[IMG3]") == ids["[IMG3]"]
+
+    llm_trainable = [n for n, p in model.llm.named_parameters() if p.requires_grad]
+    assert llm_trainable and all("trainable_tokens_delta" in n for n in llm_trainable)
+
+    # New rows start at the mean embedding (MiniGPT-5) and old rows are untouched.
+    embed = model.llm.model.get_input_embeddings()
+    rows = embed(torch.tensor(list(ids.values())))
+    assert torch.allclose(rows, embeddings_before.mean(0).expand_as(rows), atol=1e-6)
+
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Draw it."}]},
+            {"role": "assistant", "content": "Here " + "".join(VOKENS)}]
+    batch = processor(conv, images=images[:1], return_labels=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    model.eval()
+
+    with torch.no_grad():
+        old = torch.arange(embeddings_before.shape[0])
+        assert torch.equal(embed(old), embeddings_before), "frozen rows must not move (not even by weight decay)"
+        trained = embed(torch.tensor(list(ids.values())))
+    assert not torch.allclose(trained, rows), "the new rows should have trained"
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = MMBridgeModel.from_pretrained(tmp_path)
+    reloaded_processor = MMBridgeProcessor.from_pretrained(tmp_path)
+    assert loaded.config.added_tokens == ids
+    assert reloaded_processor.tokenizer.convert_tokens_to_ids(VOKENS) == list(ids.values())
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_hidden_states_at_positions(images):
+    model, processor = build_tiny(init_std=0.5)
+    batch = processor([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a b c"}]}],
+                       [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}]],
+                      images=images[:2])
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    positions = torch.tensor([[0, 5], [3, 7]])
+    picked = model.llm.hidden_states_at(hidden, positions)
+    assert picked.shape == (2, 2, hidden.shape[-1])
+    assert torch.equal(picked[1, 0], hidden[1, 3]) and torch.equal(picked[0, 1], hidden[0, 5])
