@@ -1,0 +1,105 @@
+"""`mmbridge chat`: one answer (`--prompt`) or an interactive multi-turn session, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = """Interactive commands: /image PATH (attach to your next message), /reset, /quit."""
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=0.9)
+    group.add_argument("--num-beams", type=int, default=1)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None)
+
+
+def sampling_options(args):
+    from mmbridge.generation import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature or 1.0, top_p=args.top_p, num_beams=args.num_beams,
+                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_pipeline(model: str, dtype: str = "float32"):
+    """Resolve a name or dir and load it, turning missing/unknown models into CLI errors."""
+    import torch
+
+    from mmbridge.cli import CLIError
+    from mmbridge.generation import MMBridgePipeline
+    from mmbridge.models import resolve_model_path
+
+    try:
+        path = resolve_model_path(model)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="chat about images with a model",
+                                   description="Chat about images. " + HELP)
+    parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="image for the first message (repeat for several)")
+    parser.add_argument("--prompt", help="ask this, print the answer and exit")
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _stream_turn(session, text, images, options) -> None:
+    stream = session.ask_stream(text, images=images, **vars(options))
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+
+
+def run(args) -> int:
+    from mmbridge.cli import CLIError
+    from mmbridge.processing import ImageLoadError, load_image
+
+    try:
+        images = [load_image(path) for path in args.image]
+    except ImageLoadError as err:
+        raise CLIError(str(err)) from None
+    pipeline = load_pipeline(args.model, args.dtype)
+    options = sampling_options(args)
+    session = pipeline.chat(system=args.system)
+    if args.prompt is not None:
+        _stream_turn(session, args.prompt, images, options)
+        return 0
+
+    print(HELP, file=sys.stderr)
+    pending = images
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            pending = []
+            continue
+        if line.startswith("/image "):
+            try:
+                pending.append(load_image(line.split(" ", 1)[1].strip()))
+            except ImageLoadError as err:
+                print(f"error: {err}", file=sys.stderr)
+            continue
+        print("model> ", end="", flush=True)
+        try:
+            _stream_turn(session, line, pending, options)
+        except ValueError as err:
+            print(f"\nerror: {err}", file=sys.stderr)
+        pending = []
