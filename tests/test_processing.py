@@ -124,3 +124,20 @@ def test_truncation_never_cuts_through_an_image(images):
     assert len(ids) <= 6
     assert ids.count(processor.image_token_id) in (0, processor.num_query_tokens)
     assert batch["pixel_values"].shape[0] == ids.count(processor.image_token_id) // processor.num_query_tokens
+
+
+@pytest.mark.parametrize("preset, expected_prompt, expected_target", [
+    ("llama2", "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<Img><ImageHere></Img> What color? [/INST] red </s>"
+               "<s>[INST] How many? [/INST]", " red </s>"),
+    ("plain", "Be brief.\nUSER: <Img><ImageHere></Img> What color?\nASSISTANT: red</s>\nUSER: How many?\nASSISTANT: ",
+     " red</s>"),
+])
+def test_other_template_presets_render_and_mask(preset, expected_prompt, expected_target, images):
+    _, processor = build_tiny(template=preset)
+    messages = [{"role": "system", "content": "Be brief."}] + conversation(("What color?", "red"), ("How many?", None))
+    rendered = processor.render(messages, add_generation_prompt=True)
+    assert rendered == expected_prompt
+    batch = processor(messages[:3], images=images[:1], return_labels=True)
+    target = processor.tokenizer.decode([t for t in batch["labels"][0].tolist() if t != IGNORE_INDEX],
+                                        skip_special_tokens=False)
+    assert target.strip() == expected_target.strip()
