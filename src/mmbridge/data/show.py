@@ -90,7 +90,8 @@ def draw_tile(sample: dict, scale: int = 3, text_lines: int = 4) -> Image.Image:
     tile.paste(img.resize((w, h), Image.NEAREST), (0, 0))
     draw = ImageDraw.Draw(tile)
     for k, (x0, y0, x1, y1) in enumerate(sample.get("boxes", [])):
-        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=BOX_COLORS[k % 5])
+        # one pixel outside the box: a square fills its whole box and would hide an outline drawn on it
+        draw.rectangle([x0 * scale - 1, y0 * scale - 1, x1 * scale, y1 * scale], outline=BOX_COLORS[k % 5])
     for kps in sample.get("keypoints", []):
         for x, y, v in zip(kps[0::3], kps[1::3], kps[2::3]):
             if v > 0:

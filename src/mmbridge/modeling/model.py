@@ -46,6 +46,15 @@ class MMBridgeModel(PreTrainedModel):
         self.apply_trainable_policy()
 
     # -- weights ---------------------------------------------------------------------------
+    def post_init(self):
+        super().post_init()
+        # transformers collects tied-weight keys only from *direct* PreTrainedModel children; ours sit one
+        # level down (`llm.model`), so without this a tied LM (OPT, GPT-2) loses its lm_head on load.
+        for prefix, module in self.named_modules():
+            if module is not self and isinstance(module, PreTrainedModel):
+                for target, source in getattr(module, "all_tied_weights_keys", {}).items():
+                    self.all_tied_weights_keys[f"{prefix}.{target}"] = f"{prefix}.{source}"
+
     def _init_weights(self, module: nn.Module) -> None:
         # Only the bridge is ours to initialise; HF sub-models initialise themselves.
         std = self.config.initializer_range

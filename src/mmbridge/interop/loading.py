@@ -1,0 +1,227 @@
+"""Safe, lean reading and writing of weights for importers and loaders.
+
+Security: safetensors is preferred everywhere. Pickle-based checkpoints (`.pth`, `.pt`, `.bin`) are
+read only through `torch.load(weights_only=True)`, which unpickles nothing but tensors and plain
+containers. If that refuses a file we raise `UnsafeCheckpointError` — there is deliberately no
+retry in unrestricted mode: such a file can run arbitrary code when unpickled.
+
+Memory: tensors are streamed one at a time (`safe_open`, memory-mapped `torch.load`), renamed, cast and
+written into shards, so converting a model never holds two copies of it. Loading a converted model
+goes through transformers' `from_pretrained`, which builds the model on the meta device and assigns
+the (memory-mapped) tensors instead of initialising and then copying.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Shard size of written model dirs (the HF default).
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that can only be read by executing pickled code; it is refused, never retried."""
+
+
+class ShapeMismatchError(ValueError):
+    """A tensor from a checkpoint does not fit the model it is imported into."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# -- reading --------------------------------------------------------------------------------
+def load_pickle_checkpoint(path: str | Path) -> object:
+    """`torch.load(weights_only=True)` with a clear error instead of any unsafe fallback."""
+    path = Path(path)
+    try:
+        # mmap: large .bin shards are paged in lazily instead of read whole into memory.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors, which could execute "
+            f"code when loaded ({str(err).splitlines()[0]}). Convert it to safetensors with a trusted tool."
+        ) from err
+    except RuntimeError as err:
+        # Non-zip legacy files cannot be mmapped; retry without mmap, still weights_only=True.
+        if "mmap" not in str(err):
+            raise
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err2:
+            raise UnsafeCheckpointError(f"refusing to load {path}: {str(err2).splitlines()[0]}") from err2
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """One weights file -> state dict (safetensors, or pickle through `weights_only=True`)."""
+    path = Path(path)
+    if path.suffix in SAFE_SUFFIXES:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in PICKLE_SUFFIXES:
+        state = load_pickle_checkpoint(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        return state
+    raise ValueError(f"unsupported weights file {path} (expected .safetensors, .pth, .pt, .bin)")
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The weight files of an HF model dir: safetensors if present (sharded or not), else .bin."""
+    directory = Path(directory)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [directory / shard for shard in shards]
+        if (directory / single).is_file():
+            return [directory / single]
+    raise FileNotFoundError(f"{directory} holds no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def iter_tensors(directory: str | Path, wanted: Callable[[str], bool] = lambda key: True
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of an HF model dir, one tensor in memory at a time; `wanted` filters keys
+    before anything is read (importing a Q-Former does not read an 11B language model)."""
+    for file in checkpoint_files(directory):
+        if file.suffix in SAFE_SUFFIXES:
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    if wanted(key):
+                        yield key, handle.get_tensor(key)
+        else:
+            for key, tensor in load_state_dict(file).items():
+                if wanted(key):
+                    yield key, tensor
+
+
+# -- writing --------------------------------------------------------------------------------
+def expected_shapes(model_factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Parameter/buffer shapes of a model built on the meta device: costs no memory."""
+    with torch.device("meta"):
+        model = model_factory()
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_shape(key: str, shape: tuple[int, ...], expected: dict[str, tuple[int, ...]], source: str = "") -> None:
+    if key not in expected:
+        raise ShapeMismatchError(f"{source}{key}: the target model has no such weight")
+    if tuple(shape) != expected[key]:
+        raise ShapeMismatchError(
+            f"{source}{key}: checkpoint shape {tuple(shape)} does not match the model's {expected[key]}")
+
+
+class ShardWriter:
+    """Writes tensors into `model-0000i-of-0000n.safetensors` shards plus the HF index, as they come."""
+
+    def __init__(self, directory: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._pending or any(key in shard for shard in self._shards):
+            raise ValueError(f"weight {key} written twice")
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[key] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        index = len(self._shards)
+        save_file(self._pending, str(self.directory / f"_shard{index}.tmp"), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards (`model.safetensors` when there is one) and write the index; returns the keys."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        names = ["model.safetensors"] if count == 1 else [
+            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for i, name in enumerate(names):
+            (self.directory / f"_shard{i}.tmp").replace(self.directory / name)
+        if count > 1:
+            weight_map = {key: names[i] for i, keys in enumerate(self._shards) for key in keys}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [key for keys in self._shards for key in keys]
+
+
+# -- quantization ---------------------------------------------------------------------------
+def quantization_config(bits: int | None):
+    """bitsandbytes 8/4-bit config for `from_pretrained`, or a clear error where it cannot work."""
+    if bits is None:
+        return None
+    if bits not in (4, 8):
+        raise ValueError(f"quantization supports 8 or 4 bits, not {bits}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{bits}-bit loading needs bitsandbytes on a CUDA GPU, and no GPU is available here. "
+            "On CPU, load with --dtype bfloat16 (half the memory of float32) instead."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"{bits}-bit loading needs the bitsandbytes package: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+
+
+def hf_component_tensors(directory: str | Path, kind: str = "model", dtype: torch.dtype | None = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of an HF component dir as its *module* names (`kind`: "model" or "causal_lm").
+
+    Loaded through transformers' `from_pretrained` rather than read from the files: it applies the
+    checkpoint key conversions of transformers v5 (e.g. legacy ViT names -> `q_proj`), builds on
+    the meta device and memory-maps safetensors, so this holds one copy of the component at most.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = {"model": AutoModel, "causal_lm": AutoModelForCausalLM}[kind]
+    model = auto.from_pretrained(Path(directory), dtype=dtype or "auto")
+    yield from model.state_dict().items()
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, bits: int | None = None):
+    """Load an mmbridge model dir for inference: chosen dtype, optional bitsandbytes 8/4-bit (GPU only)."""
+    from mmbridge.modeling import MMBridgeModel
+
+    dtype = resolve_dtype(dtype)
+    quantization = quantization_config(bits)  # raises with a clear message on CPU
+    if quantization is None:
+        return MMBridgeModel.from_pretrained(directory, dtype=dtype).eval()
+    return MMBridgeModel.from_pretrained(directory, dtype=dtype, quantization_config=quantization,
+                                         device_map="auto").eval()
