@@ -33,7 +33,7 @@ def test_labels_cover_only_answers_and_end_symbol(images):
                       return_labels=True, padding_side="right")
     labels = batch["labels"][0]
     target = processor.tokenizer.decode([t for t in labels.tolist() if t != IGNORE_INDEX])
-    assert target == " red### 3###"
+    assert target == "red###3###"  # the space after "###Assistant:" belongs to the prompt
     image_positions = batch["input_ids"][0] == processor.image_token_id
     assert int(image_positions.sum()) == processor.num_query_tokens
     assert (labels[image_positions] == IGNORE_INDEX).all()

@@ -25,8 +25,10 @@ _CORPUS = [
 
 
 def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    from mmbridge.pretrain.text import byte_level_pre_tokenizer
+
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

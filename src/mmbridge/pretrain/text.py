@@ -1,0 +1,126 @@
+"""Tokenizer and causal-LM pretraining on a text corpus (HF `tokenizers` + a transformers Llama)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>"]
+
+
+def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Words keep their *trailing* whitespace ("Assistant: " -> "Assistant:Ġ").
+
+    GPT-2-style pre-tokenization glues a space to the *next* word, so a prompt ending in a space
+    ("###Assistant: ", MiniGPT-4's template) tokenizes differently from the same prompt followed by
+    its answer ("…:", "Ġred" vs "…:", "Ġ"), and a model trained on whole conversations then never
+    sees the prompt's last token. With trailing whitespace the prompt's tokens are a prefix of the
+    conversation's tokens.
+    """
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\S+\s*|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", additional_special_tokens=["<ImageHere>"])
+
+
+@dataclass
+class LMConfig:
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 768
+    max_length: int = 384
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+def build_causal_lm(tokenizer: PreTrainedTokenizerFast, cfg: LMConfig) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_length + 256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                       sample_texts: Callable[[random.Random, int], Sequence[str]], cfg: LMConfig,
+                       log: Callable[[dict], None] = print, log_every: int = 50) -> list[float]:
+    """Next-token training on texts drawn by `sample_texts(rng, batch_size)` (an endless corpus).
+
+    Padding positions are ignored in the loss; everything else — prompts included — is trained,
+    as language-model pretraining does.
+    """
+    rng = random.Random(cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    floor = cfg.min_lr / cfg.lr
+    warm = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: floor + (1 - floor) * warm.lr_lambdas[0](step))
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step in range(cfg.steps):
+        batch = tokenizer([t + tokenizer.eos_token for t in sample_texts(rng, cfg.batch_size)],
+                          return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            window = losses[-log_every:]
+            log({"step": step + 1, "loss": sum(window) / len(window), "lr": schedule.get_last_lr()[0],
+                 "elapsed_s": round(time.perf_counter() - start, 1)})
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str],
+                   stop: str, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+    """Greedy completions of `prompts`, cut at `stop` (left padding for the batch)."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, stop_strings=[stop], tokenizer=tokenizer)
+        for row in out[:, batch["input_ids"].shape[1]:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).split(stop)[0].strip())
+    tokenizer.padding_side = "right"
+    return answers

@@ -1,0 +1,65 @@
+"""Stage-0 pretraining utilities on tiny settings: they run, learn, and hand over HF models."""
+
+import random
+
+import numpy as np
+import torch
+
+from mmbridge.pretrain.text import LMConfig, build_causal_lm, greedy_answers, pretrain_causal_lm, train_tokenizer
+from mmbridge.pretrain.vision import CLIPWithDenseHeads, VisionConfig, patch_labels, pretrain_vision
+
+TEXTS = [f"###Human: <Img>a {c} {s}</Img> What color? ###Assistant: {c}###"
+         for c in ("red", "blue", "green") for s in ("circle", "square")]
+
+
+def test_tokenizer_round_trips_and_keeps_special_tokens():
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    text = "###Human: <Img><ImageHere></Img> What color is the ünïcode? ###Assistant: red###"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.convert_tokens_to_ids("<ImageHere>") == 4
+    assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "</s>"
+
+
+def test_lm_pretraining_learns_a_tiny_corpus():
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    cfg = LMConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, steps=120, batch_size=8,
+                   lr=3e-3, warmup_steps=10, max_length=64)
+    model = build_causal_lm(tokenizer, cfg)
+    losses = pretrain_causal_lm(model, tokenizer, lambda rng, n: [rng.choice(TEXTS) for _ in range(n)], cfg,
+                                log=lambda _: None)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    prompts = [t.split("###Assistant: ")[0] + "###Assistant: " for t in TEXTS]
+    answers = greedy_answers(model, tokenizer, prompts, stop="###")
+    assert answers == [t.split("###Assistant: ")[1].rstrip("#") for t in TEXTS]
+
+
+def test_patch_labels_pick_the_most_covering_object():
+    a = np.zeros((16, 16), bool)
+    a[0:8, 0:8] = True      # fills patch 0
+    b = np.zeros((16, 16), bool)
+    b[0:3, 4:8] = True      # a sliver of patch 0 (less than a)
+    b[8:16, 8:16] = True    # fills patch 3
+    labels = patch_labels([a, b], [5, 7], image_size=16, patch_size=8)
+    assert labels.tolist() == [5, 0, 0, 7]
+
+
+def test_vision_pretraining_runs_and_exports_the_tower():
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    cfg = VisionConfig(image_size=16, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, text_hidden_size=32,
+                       text_layers=1, projection_dim=16, steps=3, batch_size=4, dense_targets={"color": 4})
+    model = CLIPWithDenseHeads(tokenizer, cfg)
+    rng = random.Random(0)
+
+    def batch(step, n):
+        texts = [rng.choice(TEXTS) for _ in range(n)]
+        tok = tokenizer(texts, return_tensors="pt", padding=True)
+        return dict(pixel_values=torch.randn(n, 3, 16, 16), input_ids=tok["input_ids"],
+                    attention_mask=tok["attention_mask"], dense_labels={"color": torch.randint(0, 4, (n, 4))})
+
+    history = pretrain_vision(model, batch, cfg, log=lambda _: None)
+    assert len(history) == 3 and all(np.isfinite(history))
+    tower = model.vision_tower()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(tower(pixel_values=pixels).last_hidden_state,
+                           model.clip.vision_model(pixel_values=pixels).last_hidden_state)
