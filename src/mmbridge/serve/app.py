@@ -1,0 +1,450 @@
+"""The OpenAI-compatible HTTP API: `create_app(pipeline_or_loader, settings)` -> FastAPI app.
+
+Routes: `POST /v1/chat/completions` (plain and SSE streaming), `GET /v1/models`, `GET /health`
+(liveness: the process answers) and `GET /health/ready` (readiness: 503 until the model is loaded;
+loading runs in a background thread so the port opens at once).
+
+Every request is checked completely *before* it takes a generation slot: fields, content parts,
+image decoding (in a worker thread), image and token limits. Every failure is the OpenAI error
+envelope with a 4xx status naming the offending `param`; unexpected failures are a bare 500
+envelope (the traceback goes to the server log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mmbridge.generation import GenerationResult, SamplingOptions
+from mmbridge.serve.batching import Batcher, Cancelled, Overloaded
+from mmbridge.serve.errors import APIError, envelope
+from mmbridge.serve.images import DEFAULT_FORMATS, ImageInputError, ImagePolicy, RemoteFetcher, load_image_url
+from mmbridge.serve.schemas import (
+    REFUSED_FIELDS, UNSUPPORTED_WHEN_SET, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChunkChoice, Delta, ModelCard, ModelList, ResponseMessage, Usage, dump,
+)
+from mmbridge.serve.security import APIKeyMiddleware, BodyLimitMiddleware
+
+log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "mmbridge"
+    api_key: str | None = None              # set: /v1/* needs `Authorization: Bearer <key>`
+    # request limits
+    max_images: int = 8                     # image parts per request
+    max_n: int = 4                          # choices per request
+    max_stop: int = 4                       # stop strings (OpenAI's limit)
+    default_max_tokens: int = 256           # when the request gives none (capped by the context)
+    default_temperature: float = 0.0        # 0 = greedy; short factual answers suit the shapes model
+    max_body_bytes: int = 32 * MiB
+    max_image_bytes: int = 8 * MiB
+    max_image_pixels: int = 4096 * 4096
+    image_formats: tuple[str, ...] = DEFAULT_FORMATS
+    image_fetcher: RemoteFetcher | None = None  # None: http(s) image URLs are refused
+    # batching / admission
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    max_queue: int = 32
+    # web UI mounted at /ui (`serve --ui`)
+    ui: bool = False
+    keep_uploads: bool = False
+
+
+class ServerState:
+    """The model and batcher once loaded; the load error if it failed."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.pipeline = None
+        self.batcher: Batcher | None = None
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.context_length = 0
+
+    def start(self, pipeline_or_loader) -> None:
+        if hasattr(pipeline_or_loader, "generate"):
+            self._install(pipeline_or_loader)
+        else:
+            threading.Thread(target=self._load, args=(pipeline_or_loader,), name="mmbridge-load", daemon=True).start()
+
+    def _load(self, loader: Callable[[], Any]) -> None:
+        try:
+            self._install(loader())
+        except Exception as err:  # reported by readiness; the process stays up for inspection
+            log.exception("model load failed")
+            self.error = f"model failed to load: {type(err).__name__}"
+
+    def _install(self, pipeline) -> None:
+        s = self.settings
+        text_config = pipeline.model.config.text_config
+        self.context_length = pipeline.processor.max_length or getattr(text_config, "max_position_embeddings", 2048)
+        self.batcher = Batcher(pipeline, s.max_batch_size, s.batch_wait_ms, s.max_queue).start()
+        self.pipeline = pipeline  # set last: readiness flips only when everything is in place
+
+    def stop(self) -> None:
+        if self.batcher:
+            self.batcher.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
+
+    def require_ready(self) -> None:
+        if self.error:
+            raise APIError(503, self.error, type="server_error", code="model_load_failed")
+        if not self.ready:
+            raise APIError(503, "the model is still loading", type="server_error", code="model_loading",
+                           headers={"Retry-After": "5"})
+
+
+def create_app(pipeline_or_loader, settings: ServeSettings | None = None) -> FastAPI:
+    """`pipeline_or_loader`: an `MMBridgePipeline`, or a no-argument callable returning one (loaded
+    in a background thread at startup; readiness reports 503 until it returns)."""
+    settings = settings or ServeSettings()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.start(pipeline_or_loader)
+        yield
+        state.stop()
+
+    app = FastAPI(title="mmbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.mmbridge = state
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # added last = runs first
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready():
+        state.require_ready()
+        return {"status": "ready", "model": settings.model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return dump(ModelList(data=[ModelCard(id=settings.model_name, created=state.created)]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        _check_model(model_id, settings)
+        return dump(ModelCard(id=settings.model_name, created=state.created))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        state.require_ready()
+        _check_fields(body, settings)
+        if state.batcher.queued >= state.batcher.max_queue:  # cheap early refusal, before decoding images
+            _submit_refused(state)
+        conversation, prompt_tokens, options = await asyncio.to_thread(_prepare, body, state)
+        if body.stream:
+            return _stream(body, conversation, options, state, request)
+        job = _submit(state, conversation, options, body.n)
+        results = await _wait(job, request)
+        return dump(ChatCompletion(
+            id=_new_id(), created=int(time.time()), model=settings.model_name,
+            choices=[Choice(index=i, message=ResponseMessage(content=r.text, parts=_parts(r, body)),
+                            finish_reason=r.finish_reason) for i, r in enumerate(results)],
+            usage=_usage(results, prompt_tokens),
+        ))
+
+    if settings.ui:
+        _mount_ui(app, state, settings)
+    return app
+
+
+# -- request checks ------------------------------------------------------------------------------
+
+def _check_model(name: str, settings: ServeSettings) -> None:
+    if name != settings.model_name:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _check_fields(body: ChatCompletionRequest, settings: ServeSettings) -> None:
+    extra = body.model_extra or {}
+    for name in REFUSED_FIELDS:
+        if name in extra:
+            raise APIError(400, f"'{name}' is not accepted: the server renders prompts with the model's own chat "
+                           "template and embeds inputs itself", param=name, code="unsupported_parameter")
+    for name in UNSUPPORTED_WHEN_SET:
+        if extra.get(name) not in (None, False, [], {}, "none", "auto"):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                       code="unsupported_parameter")
+    _check_model(body.model, settings)
+    if body.n > settings.max_n:
+        raise APIError(400, f"n is {body.n}, over this server's limit of {settings.max_n}", param="n",
+                       code="limit_exceeded")
+
+
+def _prepare(body: ChatCompletionRequest, state: ServerState) -> tuple[list[dict], int, SamplingOptions]:
+    """Messages -> mmbridge conversation with decoded images, prompt length, sampling options.
+    Runs in a worker thread (image decoding and tokenising are CPU work)."""
+    settings = state.settings
+    num_images = sum(1 for m in body.messages if isinstance(m.content, list)
+                     for p in m.content if isinstance(p, dict) and p.get("type") == "image_url")
+    if num_images > settings.max_images:  # counted before anything is decoded
+        raise APIError(400, f"the request has {num_images} images, over this server's limit of "
+                       f"{settings.max_images}", param="messages", code="too_many_images")
+    policy = ImagePolicy(settings.max_image_bytes, min(settings.max_image_pixels, state.pipeline.processor.max_image_pixels),
+                         settings.image_formats, settings.image_fetcher)
+    conversation = [_convert_message(i, m, policy) for i, m in enumerate(body.messages)]
+    if conversation[-1]["role"] != "user":
+        raise APIError(400, "the last message must come from the user", param="messages", code="invalid_messages")
+    try:
+        prompt_tokens = len(state.pipeline.processor.encode(conversation, add_generation_prompt=True).input_ids)
+    except ValueError as err:
+        raise APIError(400, str(err), param="messages", code="invalid_messages") from None
+    return conversation, prompt_tokens, _options(body, prompt_tokens, state)
+
+
+def _convert_message(i: int, message, policy: ImagePolicy) -> dict:
+    role = "system" if message.role == "developer" else message.role
+    if role not in ("system", "user", "assistant"):
+        raise APIError(400, f"unsupported role {message.role!r} (expected system, developer, user or assistant)",
+                       param=f"messages[{i}].role", code="invalid_role")
+    content = message.content
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, str):
+        return {"role": role, "content": [{"type": "text", "text": content}]}
+    if not isinstance(content, list):
+        raise APIError(400, "content must be a string or a list of content parts", param=f"messages[{i}].content")
+    parts = []
+    for j, part in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, "a text part needs a string 'text'", param=f"{where}.text")
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            if role != "user":
+                raise APIError(400, "images can only appear in user messages", param=where)
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str):
+                raise APIError(400, "an image_url part needs image_url.url", param=f"{where}.image_url")
+            try:
+                parts.append({"type": "image", "image": load_image_url(url, policy)})
+            except ImageInputError as err:
+                raise APIError(400, str(err), param=f"{where}.image_url", code="invalid_image") from None
+        else:
+            raise APIError(400, f"unknown content part type {kind!r} (supported: 'text', 'image_url')",
+                           param=f"{where}.type", code="unknown_part_type")
+    return {"role": role, "content": parts}
+
+
+def _options(body: ChatCompletionRequest, prompt_tokens: int, state: ServerState) -> SamplingOptions:
+    settings, context = state.settings, state.context_length
+    if prompt_tokens >= context:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens (each image counts as "
+                       f"{state.pipeline.processor.num_query_tokens}), the context is {context}",
+                       param="messages", code="context_length_exceeded")
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if requested is None:
+        max_new = min(settings.default_max_tokens, context - prompt_tokens)
+    elif prompt_tokens + requested > context:
+        raise APIError(400, f"{param} is {requested} but the prompt is {prompt_tokens} tokens and the context "
+                       f"is {context}: at most {context - prompt_tokens} new tokens fit", param=param,
+                       code="context_length_exceeded")
+    else:
+        max_new = requested
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > settings.max_stop or not all(stop):
+        raise APIError(400, f"stop takes at most {settings.max_stop} non-empty strings", param="stop")
+    temperature = settings.default_temperature if body.temperature is None else body.temperature
+    return SamplingOptions(max_new_tokens=max_new, do_sample=temperature > 0, temperature=temperature or 1.0,
+                           top_p=body.top_p or 1.0, stop=tuple(stop), seed=body.seed)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def _submit(state: ServerState, conversation, options, n, on_piece=None):
+    try:
+        return state.batcher.submit(conversation, options, n, on_piece)
+    except Overloaded as busy:
+        _submit_refused(state, busy.retry_after)
+
+
+def _submit_refused(state: ServerState, retry_after: int | None = None):
+    b = state.batcher
+    b.stats["rejected"] += retry_after is None
+    raise APIError(429, f"server at capacity ({b.max_batch_size} running, {b.queued} queued); retry later",
+                   type="rate_limit_error", code="server_overloaded",
+                   headers={"Retry-After": str(retry_after or b.retry_after())})
+
+
+def _generation_error(err: BaseException) -> APIError:
+    if isinstance(err, ValueError):  # input the checks above did not catch
+        return APIError(400, str(err), param="messages")
+    log.error("generation failed: %r", err)
+    return APIError(500, "generation failed", type="server_error", code="internal_error")
+
+
+async def _wait(job, request: Request) -> list[GenerationResult]:
+    """Await a job; cancel it if the client disconnects while it waits or runs."""
+    future = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.5)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancel.set()
+                raise APIError(499, "client closed the request", code="client_closed")
+    except asyncio.CancelledError:
+        job.cancel.set()
+        raise
+    try:
+        return future.result()
+    except Cancelled:
+        raise APIError(499, "request cancelled", code="cancelled") from None
+    except Exception as err:
+        raise _generation_error(err) from None
+
+
+def _stream(body, conversation, options, state: ServerState, request: Request) -> StreamingResponse:
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    job = _submit(state, conversation, options, body.n,
+                  on_piece=lambda index, text: loop.call_soon_threadsafe(pieces.put_nowait, (index, text)))
+    # Queued after every piece the worker produced (same loop, FIFO): marks the end.
+    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+    base = {"id": _new_id(), "created": int(time.time()), "model": state.settings.model_name}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def sse(choices, usage=None) -> str:
+        return f"data: {json.dumps(dump(ChatCompletionChunk(**base, choices=choices, usage=usage)))}\n\n"
+
+    async def events():
+        try:
+            for i in range(body.n):
+                yield sse([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            while True:
+                try:
+                    item = await asyncio.wait_for(pieces.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if item is None:
+                    break
+                yield sse([ChunkChoice(index=item[0], delta=Delta(content=item[1]))])
+            try:
+                results = job.future.result()
+            except Cancelled:
+                return
+            except Exception as err:  # headers are sent: report in-band, as OpenAI does
+                yield f"data: {json.dumps(_generation_error(err).body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            for i, r in enumerate(results):
+                delta = Delta(parts=_parts(r, body))
+                yield sse([ChunkChoice(index=i, delta=delta, finish_reason=r.finish_reason)])
+            if include_usage:
+                yield sse([], usage=_usage(results, results[0].prompt_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel.set()  # no-op after completion; aborts generation if the client went away
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(results: list[GenerationResult], prompt_tokens: int) -> Usage:
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+
+def _parts(result: GenerationResult, body: ChatCompletionRequest) -> list[dict] | None:
+    """Typed output parts, only when asked for (`output_parts: true`); wave 2 adds image parts."""
+    if not body.output_parts:
+        return None
+    return [{"type": p.type, **{k: v for k, v in vars(p).items() if k != "type"}} for p in result.parts]
+
+
+def _new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+def _loc_to_param(loc) -> str | None:
+    param = ""
+    for item in loc:
+        if item == "body" and not param:
+            continue
+        param += f"[{item}]" if isinstance(item, int) else (f".{item}" if param else str(item))
+    return param or None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def reply(status, body, headers=None):
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, err: APIError):
+        return reply(err.status, err.body(), err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err: RequestValidationError):
+        # FastAPI's default is 422 with its own shape; OpenAI clients expect 400 + envelope.
+        first = (err.errors() or [{}])[0]
+        if first.get("type") == "json_invalid":
+            return reply(400, envelope("request body is not valid JSON", code="invalid_json"))
+        param = _loc_to_param(first.get("loc", ()))
+        if first.get("type") == "missing" and param is None:
+            return reply(400, envelope("request body is required", code="invalid_request"))
+        if param is None:
+            return reply(400, envelope("request body must be a JSON object (Content-Type: application/json)",
+                                       code="invalid_request"))
+        return reply(400, envelope(f"{param}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return reply(err.status_code, envelope(str(err.detail), kind), getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, err: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return reply(500, envelope("internal server error", "server_error", code="internal_error"))
+
+
+def _mount_ui(app: FastAPI, state: ServerState, settings: ServeSettings) -> None:
+    import gradio as gr
+
+    from mmbridge.serve.ui import BatcherBackend, build_ui, password_auth
+
+    blocks = build_ui(BatcherBackend(lambda: state.batcher, lambda: state.context_length),
+                      keep_uploads=settings.keep_uploads)
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/ui/")
+
+    gr.mount_gradio_app(app, blocks, path="/ui", auth=password_auth(settings.api_key),
+                        show_error=False)

@@ -1,0 +1,120 @@
+"""OpenAI-compatible request and response bodies (the subset of Chat Completions we serve).
+
+Message content parts are validated by hand in `app.py` rather than by a pydantic union, so that
+an unknown part type gets a precise 400 naming `messages[i].content[j].type`.
+
+Room for wave 2 without breaking OpenAI clients: the standard `message.content` string is always
+there; typed output parts (text now; image / detections / keypoints later) are added as an extra
+`message.parts` list only when the request asks for them with `"output_parts": true`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Request fields we refuse rather than silently honour: a request must not bring its own chat
+#: template (server-side Jinja) or raw embeddings (bypass of the input pipeline).
+REFUSED_FIELDS = ("chat_template", "chat_template_kwargs", "prompt_embeds", "inputs_embeds", "embeddings",
+                  "image_embeds", "messages_embeds")
+#: OpenAI features we do not implement; refused only when actually switched on.
+UNSUPPORTED_WHEN_SET = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
+                        "logit_bias", "audio", "prediction")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[Any] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Unknown fields are allowed (clients send `user`, `metadata`, ...) and ignored, except the
+    # ones in REFUSED_FIELDS / UNSUPPORTED_WHEN_SET, which app.py checks explicitly.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    output_parts: bool = False  # mmbridge extension: also return typed `message.parts`
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    parts: list[dict[str, Any]] | None = None  # only when requested; wave 2 adds non-text parts
+
+
+class Choice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    parts: list[dict[str, Any]] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mmbridge"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def dump(model: BaseModel) -> dict:
+    """JSON-ready dict without None fields (optional OpenAI fields are simply absent)."""
+    return model.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,77 @@
+"""Helpers for tests and benchmarks: a real uvicorn server on 127.0.0.1 in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def running_server(app, host: str = "127.0.0.1", log_level: str = "warning") -> Iterator[str]:
+    """Serve `app` on a free port; yields the base URL; shuts the server down on exit.
+
+    The socket is bound here (port 0) and handed to uvicorn, so there is no race for the port.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def tiny_model_dir(directory, seed: int = 3):
+    """Save a tiny random model (deterministic gibberish answers) where `from_pretrained` can load it.
+    Seed 3 tends to generate up to the token limit rather than stopping early, which makes length-
+    and cancellation-related behaviour observable."""
+    from mmbridge.testing import build_tiny
+
+    model, processor = build_tiny(seed=seed, init_std=0.5)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+_shared: dict[str, str] = {}
+
+
+def shared_tiny_model_dir() -> str:
+    """One tiny model directory per process, shared by all test modules (removed at exit)."""
+    if "dir" not in _shared:
+        import atexit
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="mmbridge-serve-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        _shared["dir"] = str(tiny_model_dir(directory))
+    return _shared["dir"]
+
+
+def png_data_url(color=(200, 30, 30), size=(64, 64), fmt: str = "PNG") -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, fmt)
+    mime = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}[fmt]
+    return f"data:image/{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"

@@ -1,0 +1,177 @@
+"""Gradio web UI: chat about images with streamed answers (`mmbridge ui`, or `/ui` under `serve --ui`).
+
+The UI talks to the same `Batcher` as the HTTP API, so it shares its limits (queue, 429-style
+"busy" errors) and its cancellation (closing the tab stops the generation).
+
+Privacy: uploads live in memory. Gradio must receive a file on disk first; the handler reads it,
+validates it with the API's image guards, and deletes it at once unless `keep_uploads=True`.
+The conversation (with the images) is per-session state, never written anywhere.
+
+Wave 2: the model's answer is a list of typed parts; `render_parts` turns them into chat messages.
+Text is markdown now; generated images and drawn boxes/masks/keypoints become `gr.Image` /
+`gr.AnnotatedImage` messages there, without touching the event wiring.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import queue
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gradio as gr
+
+from mmbridge.generation import GenerationResult, SamplingOptions
+from mmbridge.serve.batching import Batcher, Overloaded
+from mmbridge.serve.images import ImageInputError, ImagePolicy, open_image
+
+
+class BatcherBackend:
+    """Streams answers through a batcher (looked up lazily: the model may still be loading)."""
+
+    def __init__(self, get_batcher: Callable[[], Batcher | None], get_context: Callable[[], int]):
+        self.get_batcher, self.get_context = get_batcher, get_context
+
+    def prompt_tokens(self, conversation: list[dict]) -> int:
+        return len(self._batcher().pipeline.processor.encode(conversation, add_generation_prompt=True).input_ids)
+
+    def _batcher(self) -> Batcher:
+        batcher = self.get_batcher()
+        if batcher is None:
+            raise gr.Error("The model is still loading; try again in a moment.")
+        return batcher
+
+    def stream(self, conversation: list[dict], options: SamplingOptions) -> Iterator[str]:
+        """Yield text pieces; the generator's return value is the `GenerationResult`."""
+        pieces: queue.Queue = queue.Queue()
+        try:
+            job = self._batcher().submit(conversation, options, 1, on_piece=lambda _, text: pieces.put(text))
+        except Overloaded as busy:
+            raise gr.Error(f"The server is busy; retry in {busy.retry_after}s.") from None
+        job.future.add_done_callback(lambda _: pieces.put(None))
+        try:
+            while (piece := pieces.get()) is not None:
+                yield piece
+            return job.future.result()[0]
+        finally:
+            job.cancel.set()  # the browser left (generator closed) -> stop generating
+
+
+def password_auth(api_key: str | None):
+    """Gradio login check: any user name, the API key as password. None when no key is set."""
+    if not api_key:
+        return None
+    return lambda _user, password: hmac.compare_digest(str(password).encode(), api_key.encode())
+
+
+def render_parts(result: GenerationResult) -> list[dict]:
+    """Output parts -> chatbot messages. Wave 2: image/detections parts map to gr components here."""
+    return [{"role": "assistant", "content": part.text} for part in result.parts if part.type == "text"]
+
+
+def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: ImagePolicy | None = None,
+             title: str = "mmbridge") -> gr.Blocks:
+    policy = image_policy or ImagePolicy()
+
+    def load_upload(path: str):
+        try:
+            return open_image(Path(path).read_bytes(), policy)
+        except ImageInputError as err:
+            raise gr.Error(str(err)) from None
+        finally:
+            if not keep_uploads:
+                _forget(path)
+
+    def answer(conversation, chat, max_tokens, temperature, top_p, seed):
+        try:
+            budget = backend.get_context() - backend.prompt_tokens(conversation)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if budget <= 0:
+            raise gr.Error("The conversation is longer than the model's context; press Clear.")
+        options = SamplingOptions(max_new_tokens=min(int(max_tokens), budget), do_sample=temperature > 0,
+                                  temperature=temperature or 1.0, top_p=top_p,
+                                  seed=None if seed is None or seed < 0 else int(seed))
+        chat = chat + [{"role": "assistant", "content": ""}]
+        stream, text = backend.stream(conversation, options), ""
+        while True:
+            try:
+                text += next(stream)
+            except StopIteration as done:
+                result: GenerationResult = done.value
+                break
+            chat[-1] = {"role": "assistant", "content": text}
+            yield chat, conversation
+        chat = chat[:-1] + render_parts(result)
+        conversation = conversation + [{"role": "assistant", "content": [{"type": "text", "text": result.raw_text}]}]
+        yield chat, conversation
+
+    def submit(message, image_path, conversation, chat, *sampling):
+        if not (message or "").strip():
+            raise gr.Error("Type a question first.")
+        content = []
+        if image_path:
+            content.append({"type": "image", "image": load_upload(image_path)})
+        content.append({"type": "text", "text": message})
+        conversation = conversation + [{"role": "user", "content": content}]
+        chat = chat + [{"role": "user", "content": ("[image] " if image_path else "") + message}]
+        yield chat, conversation, "", None
+        for chat_now, conversation_now in answer(conversation, chat, *sampling):
+            yield chat_now, conversation_now, "", None
+
+    def regenerate(conversation, chat, *sampling):
+        if not conversation or conversation[-1]["role"] != "assistant":
+            raise gr.Error("Nothing to regenerate yet.")
+        conversation = conversation[:-1]
+        while chat and chat[-1]["role"] == "assistant":
+            chat = chat[:-1]
+        yield from answer(conversation, chat, *sampling)
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 600)) as demo:
+        conversation = gr.State([])  # messages with in-memory images, per browser session
+        gr.Markdown(f"## {title} — chat about an image")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image (sent with the next question)",
+                                 elem_id="mmb-image")
+                with gr.Accordion("Sampling", open=False):
+                    max_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
+                    seed = gr.Number(value=None, precision=0, label="Seed (blank = random)")
+            with gr.Column(scale=2):
+                chat = gr.Chatbot(label="Conversation", elem_id="mmb-chat", height=420, feedback_options=None)
+                text = gr.Textbox(placeholder="Ask about the image…", show_label=False, elem_id="mmb-input")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="mmb-send")
+                    regen = gr.Button("Regenerate", elem_id="mmb-regenerate")
+                    clear = gr.Button("Clear", elem_id="mmb-clear")
+        sampling = [max_tokens, temperature, top_p, seed]
+        for trigger in (send.click, text.submit):
+            trigger(submit, [text, image, conversation, chat, *sampling], [chat, conversation, text, image])
+        regen.click(regenerate, [conversation, chat, *sampling], [chat, conversation])
+        clear.click(lambda: ([], [], "", None), None, [chat, conversation, text, image], queue=False)
+    demo.queue(default_concurrency_limit=4)  # the batcher does the real limiting
+    return demo
+
+
+def _forget(path: str) -> None:
+    """Delete an upload and its per-file cache folder (Gradio stores each under a hash dir)."""
+    try:
+        os.remove(path)
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
+
+
+def launch_ui(pipeline, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
+              keep_uploads: bool = False, max_batch_size: int = 8, max_queue: int = 32) -> None:
+    """Standalone UI (`mmbridge ui`): its own batcher, Gradio's own server, never shared publicly."""
+    batcher = Batcher(pipeline, max_batch_size=max_batch_size, max_queue=max_queue).start()
+    context = pipeline.processor.max_length or getattr(pipeline.model.config.text_config, "max_position_embeddings", 2048)
+    demo = build_ui(BatcherBackend(lambda: batcher, lambda: context), keep_uploads=keep_uploads)
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, auth=password_auth(api_key), show_error=False)
+    finally:
+        batcher.stop()
