@@ -1,0 +1,1 @@
+"""Stage configs (YAML) shipped with mmbridge; load them with `mmbridge train`."""
