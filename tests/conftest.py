@@ -37,3 +37,15 @@ def images():
     """Three different deterministic RGB images as numpy arrays."""
     rng = np.random.RandomState(0)
     return [rng.randint(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps process-wide singletons; trainer tests each start from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

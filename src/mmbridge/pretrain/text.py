@@ -10,7 +10,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mmbridge.pretrain import adamw_with_warmup_cosine
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>"]
 
@@ -79,14 +81,8 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
     as language-model pretraining does.
     """
     rng = random.Random(cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    floor = cfg.min_lr / cfg.lr
-    warm = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: floor + (1 - floor) * warm.lr_lambdas[0](step))
+    optimizer, schedule = adamw_with_warmup_cosine(model, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                                                   steps=cfg.steps, weight_decay=cfg.weight_decay)
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(cfg.steps):

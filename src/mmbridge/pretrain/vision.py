@@ -9,7 +9,6 @@ vision tower is kept and frozen.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -17,6 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, PreTrainedTokenizerFast
+
+from mmbridge.pretrain import adamw_with_warmup_cosine
 
 
 @dataclass
@@ -82,19 +83,8 @@ class CLIPWithDenseHeads(nn.Module):
 def pretrain_vision(model: CLIPWithDenseHeads, sample_batch: Callable[[int, int], dict], cfg: VisionConfig,
                     log: Callable[[dict], None] = print, log_every: int = 50) -> list[float]:
     """`sample_batch(step, batch_size)` returns pixel_values, input_ids, attention_mask, dense_labels."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-
-    def lr_at(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        floor = cfg.min_lr / cfg.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    optimizer, schedule = adamw_with_warmup_cosine(model, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                                                   steps=cfg.steps, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     model.train()
     history, start, window = [], time.perf_counter(), []
     for step in range(cfg.steps):
