@@ -29,10 +29,13 @@ def sampling_options(args):
 def load_pipeline(model: str, dtype: str = "float32"):
     """Resolve a name or dir and load it, turning missing/unknown models into CLI errors."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from mmbridge.cli import CLIError
     from mmbridge.generation import MMBridgePipeline
     from mmbridge.models import resolve_model_path
+
+    hf_logging.disable_progress_bar()  # a chat prompt should not start with a weight-loading bar
 
     try:
         path = resolve_model_path(model)
