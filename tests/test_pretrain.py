@@ -63,3 +63,17 @@ def test_vision_pretraining_runs_and_exports_the_tower():
     with torch.no_grad():
         assert torch.equal(tower(pixel_values=pixels).last_hidden_state,
                            model.clip.vision_model(pixel_values=pixels).last_hidden_state)
+
+
+def test_encode_samples_trains_only_marked_segments():
+    from mmbridge.pretrain.text import encode_samples
+
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    batch = encode_samples(tokenizer, [[("###Human: What color? ###Assistant: ", False), ("red###", True)],
+                                       "plain text"], max_length=64)
+    row, labels = batch["input_ids"][0], batch["labels"][0]
+    trained = tokenizer.decode([t for t in labels.tolist() if t != -100], skip_special_tokens=False)
+    assert trained == "red###</s>"
+    assert tokenizer.decode(row[batch["attention_mask"][0].bool()]) .startswith("###Human: What color?")
+    plain = batch["labels"][1][batch["attention_mask"][1].bool()]
+    assert (plain != -100).all()  # a plain string trains every token

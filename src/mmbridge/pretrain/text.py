@@ -72,13 +72,42 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerFast, cfg: LMConfig) -> LlamaF
     return LlamaForCausalLM(config)
 
 
-def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
-                       sample_texts: Callable[[random.Random, int], Sequence[str]], cfg: LMConfig,
-                       log: Callable[[dict], None] = print, log_every: int = 50) -> list[float]:
-    """Next-token training on texts drawn by `sample_texts(rng, batch_size)` (an endless corpus).
+Sample = str | Sequence[tuple[str, bool]]
 
-    Padding positions are ignored in the loss; everything else — prompts included — is trained,
-    as language-model pretraining does.
+
+def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample], max_length: int) -> dict:
+    """Samples -> right-padded `input_ids`, `attention_mask`, `labels`.
+
+    A sample is a string (every token trained) or a list of `(text, trained)` segments, e.g. a
+    context that is only read and answers that are learned. EOS ends every sample.
+    """
+    rows, targets = [], []
+    for sample in samples:
+        segments = [(sample, True)] if isinstance(sample, str) else list(sample)
+        segments.append((tokenizer.eos_token, True))
+        ids, labels = [], []
+        for text, trained in segments:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [-100] * len(piece)
+        rows.append(ids[:max_length])
+        targets.append(labels[:max_length])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([t + [-100] * (width - len(t)) for t in targets]),
+    }
+
+
+def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                       sample_texts: Callable[[random.Random, int], Sequence[Sample]], cfg: LMConfig,
+                       log: Callable[[dict], None] = print, log_every: int = 50) -> list[float]:
+    """Next-token training on samples drawn by `sample_texts(rng, batch_size)` (an endless corpus).
+
+    Padding is never trained; within a sample, segments marked untrained (see `encode_samples`)
+    are context only.
     """
     rng = random.Random(cfg.seed)
     optimizer, schedule = adamw_with_warmup_cosine(model, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
@@ -86,9 +115,8 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(cfg.steps):
-        batch = tokenizer([t + tokenizer.eos_token for t in sample_texts(rng, cfg.batch_size)],
-                          return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch = encode_samples(tokenizer, sample_texts(rng, cfg.batch_size), cfg.max_length)
+        labels = batch.pop("labels")
         loss = model(**batch, labels=labels).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
