@@ -35,6 +35,12 @@ class MMBridgeConfig(PreTrainedConfig):
         not stored in this model's safetensors (the MiniGPT-4 "small checkpoint" layout).
     added_tokens: token -> id of special tokens added to the LLM (e.g. `[IMG0]`); only their
         embedding (and untied output) rows train.
+    image_text_hidden_size: when set, the Q-Former also gets BLIP-2's text side (text embeddings,
+        ITC projections to this width, ITM head, ITG language-model head) for stage-1
+        representation learning and image-text retrieval; `None` (the default) keeps the bare
+        query transformer, which is all a see-model needs to chat.
+    qformer_cls_token_id / qformer_dec_token_id: the Q-Former's text starts with CLS for ITC/ITM and
+        with DEC for ITG (BERT's [CLS] and BLIP-2's added [DEC]), as ids of the model's tokenizer.
     draw_config / act_config: wave-2 slots (generative vokens, task decoders); `None` for now.
     """
 
@@ -57,6 +63,9 @@ class MMBridgeConfig(PreTrainedConfig):
     trainable: dict | None = None
     component_paths: dict | None = None
     added_tokens: dict | None = None
+    image_text_hidden_size: int | None = None
+    qformer_cls_token_id: int | None = None
+    qformer_dec_token_id: int | None = None
     draw_config: dict | None = None
     act_config: dict | None = None
     initializer_range: float = 0.02

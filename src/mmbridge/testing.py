@@ -7,14 +7,12 @@ download. The shapes are small enough that a forward pass takes milliseconds on 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 
 from mmbridge.config import MMBridgeConfig
 from mmbridge.modeling import MMBridgeModel
 from mmbridge.processing import PRESET_STOP_STRINGS, MMBridgeProcessor, chat_template_preset
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>"]
 _CORPUS = [
     "###Human: <Img><ImageHere></Img> What color is the circle? ###Assistant: red###",
     "There are 3 shapes: a small red circle, a large blue square and a small green triangle.",
@@ -25,17 +23,9 @@ _CORPUS = [
 
 
 def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    from mmbridge.pretrain.text import byte_level_pre_tokenizer
+    from mmbridge.pretrain.text import train_tokenizer
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>",
-                                   additional_special_tokens=["<ImageHere>"])
+    return train_tokenizer(_CORPUS * 4, vocab_size=vocab_size)
 
 
 def tiny_config(vocab_size: int, image_token_index: int, *, num_query_tokens: int = 4, llm: str = "llama",

@@ -9,6 +9,7 @@ llm), which is what freezing, trainable-only checkpoints and importers key on.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmbridge.config import COMPONENTS, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection
 from mmbridge.modeling.llm import LanguageModel
-from mmbridge.modeling.qformer import QFormer
+from mmbridge.modeling.qformer import QFormer, QFormerTextHeads
 from mmbridge.modeling.vision import VisionEncoder
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -64,6 +65,17 @@ class MMBridgeModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, QFormerTextHeads):
+            for sub in module.modules():
+                if isinstance(sub, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(sub.weight, std=std)
+                if isinstance(sub, nn.Linear) and sub.bias is not None:
+                    nn.init.zeros_(sub.bias)
+                if isinstance(sub, nn.LayerNorm):
+                    nn.init.ones_(sub.weight)
+                    nn.init.zeros_(sub.bias)
+            with torch.no_grad():
+                module.logit_scale.fill_(math.log(1 / 0.07))
 
     def apply_trainable_policy(self) -> None:
         """Freeze components per `config.trainable`; frozen parts also go to eval mode (no dropout)."""

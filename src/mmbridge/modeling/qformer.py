@@ -1,16 +1,73 @@
-"""The Q-Former: N learned queries that cross-attend to image features (BLIP-2)."""
+"""The Q-Former: N learned queries that cross-attend to image features (BLIP-2).
+
+A see-model only needs the queries' output. BLIP-2's stage 1 also runs *text* through the same
+transformer (`Blip2QFormerModel` shares self-attention between queries and text and has separate
+feed-forwards for each), with one attention mask per objective (BLIP-2 Fig. 2):
+
+* ITC — unimodal: queries see only queries, text sees only text (two separate passes).
+* ITM — bi-directional: queries and text all see each other.
+* ITG — multimodal causal: queries see queries; text sees all queries and earlier text.
+
+transformers ships the shared transformer but no ITG head and no mask builder for these three
+cases, so the text side below is written here; `build_qformer_text_mask` is the one hand-made piece.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2QFormerModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from mmbridge.config import MMBridgeConfig
 
+MASK_MODES = ("bidirectional", "causal")
+
+
+def build_qformer_text_mask(num_queries: int, text_attention_mask: torch.Tensor, mode: str,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask (batch, 1, queries + text, queries + text) for queries followed by text.
+
+    `bidirectional` (ITM): every position sees every non-padding position.
+    `causal` (ITG): queries see only queries; text token t sees all queries and text tokens <= t.
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+    batch, text_len = text_attention_mask.shape
+    total = num_queries + text_len
+    device = text_attention_mask.device
+    keys = torch.cat([torch.ones(batch, num_queries, dtype=torch.bool, device=device),
+                      text_attention_mask.bool()], dim=1)
+    allowed = keys[:, None, :].expand(batch, total, total).clone()
+    if mode == "causal":
+        allowed[:, :num_queries, num_queries:] = False
+        causal = torch.ones(text_len, text_len, dtype=torch.bool, device=device).tril()
+        allowed[:, num_queries:, num_queries:] &= causal
+    mask = torch.zeros(batch, 1, total, total, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class QFormerTextHeads(nn.Module):
+    """BLIP-2 stage-1 heads: text embeddings, ITC projections and temperature, ITM and ITG heads."""
+
+    def __init__(self, config: MMBridgeConfig):
+        super().__init__()
+        qformer_config = config.qformer_config
+        hidden = qformer_config.hidden_size
+        self.embeddings = Blip2TextEmbeddings(qformer_config)
+        self.vision_projection = nn.Linear(hidden, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(hidden, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(hidden, 2)
+        # BERT's LM prediction head (transform + decoder), untied so safetensors holds no shared tensors.
+        self.lm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(),
+                                          nn.LayerNorm(hidden, eps=qformer_config.layer_norm_eps))
+        self.lm_head = nn.Linear(hidden, qformer_config.vocab_size)
+        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())  # BLIP-2's temp = 0.07
+
 
 class QFormer(nn.Module):
-    """transformers' `Blip2QFormerModel` plus its learned query tokens.
+    """transformers' `Blip2QFormerModel` plus its learned query tokens (and, optionally, the text side).
 
     The query tokens live here (not on the composed model) so that the whole Q-Former — queries
     included — is one component for freezing, saving and importing.
@@ -21,20 +78,71 @@ class QFormer(nn.Module):
         qformer_config = config.qformer_config
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.model = Blip2QFormerModel(qformer_config)
+        self.text = QFormerTextHeads(config) if config.image_text_hidden_size else None
 
     @property
     def hidden_size(self) -> int:
         return self.query_tokens.shape[-1]
 
+    @property
+    def num_queries(self) -> int:
+        return self.query_tokens.shape[1]
+
     def forward(self, image_features: torch.Tensor, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(num_images, num_patches, vision_hidden) -> (num_images, num_queries, qformer_hidden)."""
-        if image_attention_mask is None:
-            image_attention_mask = torch.ones(image_features.shape[:-1], dtype=torch.long, device=image_features.device)
-        queries = self.query_tokens.expand(image_features.shape[0], -1, -1)
-        outputs = self.model(
-            query_embeds=queries,
-            encoder_hidden_states=image_features,
-            encoder_attention_mask=image_attention_mask,
-            return_dict=True,
-        )
-        return outputs.last_hidden_state
+        return self._run(self._queries(image_features.shape[0]), image_features, image_attention_mask)
+
+    # -- text side (stage 1 and retrieval) ------------------------------------------------------
+    def _queries(self, batch: int) -> torch.Tensor:
+        return self.query_tokens.expand(batch, -1, -1)
+
+    def _run(self, embeds: torch.Tensor, image_features: torch.Tensor | None, image_attention_mask=None,
+             attention_mask: torch.Tensor | None = None, query_length: int | None = None) -> torch.Tensor:
+        kwargs = {}
+        if image_features is not None:
+            if image_attention_mask is None:
+                image_attention_mask = torch.ones(image_features.shape[:-1], dtype=torch.long,
+                                                  device=image_features.device)
+            kwargs = {"encoder_hidden_states": image_features, "encoder_attention_mask": image_attention_mask}
+        return self.model(query_embeds=embeds, attention_mask=attention_mask, query_length=query_length,
+                          return_dict=True, **kwargs).last_hidden_state
+
+    def _require_text(self) -> QFormerTextHeads:
+        if self.text is None:
+            raise ValueError("this Q-Former has no text side; set `image_text_hidden_size` in the model config")
+        return self.text
+
+    def image_embeds(self, image_features: torch.Tensor) -> torch.Tensor:
+        """ITC image side: L2-normalised projected query outputs (images, queries, itc_dim)."""
+        text = self._require_text()
+        return F.normalize(text.vision_projection(self(image_features)), dim=-1)
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITC text side: the CLS output of text alone (unimodal mask), projected and normalised."""
+        text = self._require_text()
+        hidden = self._run(text.embeddings(input_ids=input_ids), None, attention_mask=attention_mask, query_length=0)
+        return F.normalize(text.text_projection(hidden[:, 0]), dim=-1)
+
+    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(images, texts) ITC similarity: the best-matching query per pair, as BLIP-2."""
+        return torch.einsum("iqd,td->itq", image_embeds, text_embeds).amax(dim=-1)
+
+    def itm_logits(self, image_features: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """Match / no-match logits (batch, 2), averaged over the queries' outputs (bi-directional mask)."""
+        text = self._require_text()
+        embeds = text.embeddings(input_ids=input_ids, query_embeds=self._queries(input_ids.shape[0]))
+        mask = build_qformer_text_mask(self.num_queries, attention_mask, "bidirectional", embeds.dtype)
+        hidden = self._run(embeds, image_features, attention_mask=mask, query_length=self.num_queries)
+        return text.itm_head(hidden[:, :self.num_queries]).mean(dim=1)
+
+    def itg_logits(self, image_features: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits over the text (batch, text_len, vocab) under the multimodal-causal mask.
+
+        The queries are the only path from the image to the text, so they must hold what the text needs."""
+        text = self._require_text()
+        embeds = text.embeddings(input_ids=input_ids, query_embeds=self._queries(input_ids.shape[0]))
+        mask = build_qformer_text_mask(self.num_queries, attention_mask, "causal", embeds.dtype)
+        hidden = self._run(embeds, image_features, attention_mask=mask, query_length=self.num_queries)
+        return text.lm_head(text.lm_transform(hidden[:, self.num_queries:]))

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mmbridge.pretrain import adamw_with_warmup_cosine
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>"]
+#: "[DEC]" starts the Q-Former's text in ITG (BLIP-2 adds it to BERT's vocabulary); the LM never sees it.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>", "[DEC]"]
 
 
 def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -41,7 +42,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>", additional_special_tokens=["<ImageHere>"])
+                                   eos_token="</s>", pad_token="<pad>", additional_special_tokens=["<ImageHere>", "[DEC]"])
 
 
 @dataclass
