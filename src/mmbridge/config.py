@@ -74,6 +74,8 @@ class MMBridgeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        if self.image_text_hidden_size:
+            self.qformer_config.use_qformer_text_input = True  # text tokens get their own feed-forward
         self.trainable = {**DEFAULT_TRAINABLE, **(self.trainable or {})}
         self.component_paths = dict(self.component_paths or {})
         self.added_tokens = dict(self.added_tokens or {})

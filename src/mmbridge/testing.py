@@ -44,7 +44,7 @@ def tiny_config(vocab_size: int, image_token_index: int, *, num_query_tokens: in
     vision = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "intermediate_size": 64, "image_size": 32, "patch_size": 8, "initializer_range": init_std}
     qformer = {"initializer_range": init_std, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-               "cross_attention_frequency": 1}
+               "cross_attention_frequency": 1, "vocab_size": vocab_size, "pad_token_id": 3}
     return MMBridgeConfig(vision_config=vision, qformer_config=qformer, text_config=text,
                           num_query_tokens=num_query_tokens, image_token_index=image_token_index,
                           initializer_range=init_std, **overrides)

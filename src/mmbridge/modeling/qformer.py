@@ -107,6 +107,13 @@ class QFormer(nn.Module):
         return self.model(query_embeds=embeds, attention_mask=attention_mask, query_length=query_length,
                           return_dict=True, **kwargs).last_hidden_state
 
+    def _embed_text(self, input_ids: torch.Tensor, with_queries: bool) -> torch.Tensor:
+        # Positions are passed explicitly: the embeddings' `position_ids` buffer is not saved, and a
+        # meta-device load leaves it uninitialised.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        queries = self._queries(input_ids.shape[0]) if with_queries else None
+        return self._require_text().embeddings(input_ids=input_ids, position_ids=positions, query_embeds=queries)
+
     def _require_text(self) -> QFormerTextHeads:
         if self.text is None:
             raise ValueError("this Q-Former has no text side; set `image_text_hidden_size` in the model config")
@@ -120,7 +127,7 @@ class QFormer(nn.Module):
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """ITC text side: the CLS output of text alone (unimodal mask), projected and normalised."""
         text = self._require_text()
-        hidden = self._run(text.embeddings(input_ids=input_ids), None, attention_mask=attention_mask, query_length=0)
+        hidden = self._run(self._embed_text(input_ids, False), None, attention_mask=attention_mask, query_length=0)
         return F.normalize(text.text_projection(hidden[:, 0]), dim=-1)
 
     def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -131,7 +138,7 @@ class QFormer(nn.Module):
                    attention_mask: torch.Tensor) -> torch.Tensor:
         """Match / no-match logits (batch, 2), averaged over the queries' outputs (bi-directional mask)."""
         text = self._require_text()
-        embeds = text.embeddings(input_ids=input_ids, query_embeds=self._queries(input_ids.shape[0]))
+        embeds = self._embed_text(input_ids, True)
         mask = build_qformer_text_mask(self.num_queries, attention_mask, "bidirectional", embeds.dtype)
         hidden = self._run(embeds, image_features, attention_mask=mask, query_length=self.num_queries)
         return text.itm_head(hidden[:, :self.num_queries]).mean(dim=1)
@@ -142,7 +149,7 @@ class QFormer(nn.Module):
 
         The queries are the only path from the image to the text, so they must hold what the text needs."""
         text = self._require_text()
-        embeds = text.embeddings(input_ids=input_ids, query_embeds=self._queries(input_ids.shape[0]))
+        embeds = self._embed_text(input_ids, True)
         mask = build_qformer_text_mask(self.num_queries, attention_mask, "causal", embeds.dtype)
         hidden = self._run(embeds, image_features, attention_mask=mask, query_length=self.num_queries)
         return text.lm_head(text.lm_transform(hidden[:, self.num_queries:]))
