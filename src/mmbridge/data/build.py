@@ -135,7 +135,7 @@ def generate(out: str, num: int, seed: int = 0, split: str = "train", formats=("
             if "eval" in formats:
                 vqa += [{"image": image, "question": q["question"], "answer": q["answer"], "type": q["type"],
                          "id": f"{key}-{k}"} for k, q in enumerate(rec["vqa"])]
-                captions.append({"image": image, "id": key, "objects": [
+                captions.append({"image": image, "id": key, "caption": ann["caption"], "objects": [
                     {"shape": o["shape"], "color": o["color"], "size": o["size"]} for o in ann["scene"]["objects"]]})
             if "text" in formats:
                 for r in rec["text"]:

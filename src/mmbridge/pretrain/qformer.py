@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -33,7 +33,7 @@ class QFormerStageConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     label_smoothing: float = 0.1  # BLIP-2 uses 0.1 for ITG
-    losses: tuple[str, ...] = ("itc", "itm", "itg")
+    losses: list[str] = field(default_factory=lambda: ["itc", "itm", "itg"])
     seed: int = 0
 
 

@@ -1,0 +1,301 @@
+"""The ShapesWorld see recipe: every stage of BLIP-2 / MiniGPT-4 in miniature, from nothing to a model dir.
+
+    stage 0  tokenizer -> causal LM (text-only chats) -> ViT (CLIP + dense patch targets)   frozen after
+    stage 1  Q-Former ITC + ITM + ITG on the frozen ViT                                       (BLIP-2 stage 1)
+    stage 2  Q-Former + projection -> frozen LM on image-caption shards   (BLIP-2 stage 2 / MiniGPT-4 stage 1)
+    stage 3  template fine-tune on instruction chats (LLaVA JSON)                     (MiniGPT-4 stage 2)
+
+The recipe is a YAML file (`recipes/shapes.yaml`); stages 2 and 3 are ordinary trainer stage configs
+run by `mmbridge.train`. Each stage writes its result under the output directory and a line in
+`report.json` (seconds, final losses, checks); re-running skips finished stages, so an interrupted
+recipe resumes at the stage it was in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from mmbridge.pretrain.qformer import QFormerStageConfig
+from mmbridge.pretrain.text import LMConfig
+from mmbridge.pretrain.vision import VisionConfig
+from mmbridge.train.config import ConfigError, _build, apply_overrides
+
+logger = logging.getLogger("mmbridge.recipe")
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+STAGES = ("tokenizer", "lm", "vision", "compose", "stage1", "data", "stage2", "stage3", "export")
+
+
+@dataclass
+class TokenizerStage:
+    vocab_size: int = 512
+    corpus_dialogues: int = 2000
+
+
+@dataclass
+class QFormerShape:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    num_query_tokens: int = 16
+    image_text_hidden_size: int = 64  # ITC embedding width (BLIP-2: 256)
+    max_text_length: int = 160
+
+
+@dataclass
+class DataStage:
+    train_scenes: int = 20000  # scenes written for stages 2 and 3 (train split)
+    qa_per_scene: int = 8
+    eval_scenes: int = 1000  # test split, for `mmbridge eval` after the recipe
+
+
+@dataclass
+class TrainerStage:
+    config: str  # a trainer stage YAML (relative to the recipe file)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecipeConfig:
+    name: str
+    tokenizer: TokenizerStage
+    lm: LMConfig
+    vision: VisionConfig
+    qformer: QFormerShape
+    stage1: QFormerStageConfig
+    data: DataStage
+    stage2: TrainerStage
+    stage3: TrainerStage
+    seed: int = 0
+    threads: int = 2
+    dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (ROADMAP §2 probe)
+    base_dir: str = "."
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """`shapes` / `shapes-smoke` (shipped) or a path to a recipe YAML."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path.replace('-', '_')}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.stem.replace("_", "-") for p in RECIPES_DIR.glob("shapes*.yaml") if "stage" not in p.stem)
+        raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: {names}, or give a YAML path")
+    return shipped
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
+    path = resolve_recipe(name_or_path)
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or raw.get("recipe") != "shapes":
+        raise ConfigError(f"{path} is not a recipe file (it needs `recipe: shapes` at the top)")
+    raw = apply_overrides({k: v for k, v in raw.items() if k != "recipe"}, list(overrides or []))
+    raw["base_dir"] = str(path.parent)
+    return _build(RecipeConfig, raw, "")
+
+
+class Recipe:
+    def __init__(self, cfg: RecipeConfig, out: str | os.PathLike, log: Callable[[str], None] = print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.report_path = self.out / "report.json"
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _report(self) -> dict:
+        return json.loads(self.report_path.read_text()) if self.report_path.is_file() else {"stages": {}}
+
+    def _save_report(self, report: dict) -> None:
+        tmp = self.report_path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, self.report_path)
+
+    def run(self, until: str | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(self.cfg.threads)
+        report = self._report()
+        report["recipe"] = self.cfg.name
+        for name in STAGES:
+            if name in report["stages"]:
+                self.log(f"[{name}] done before, skipped ({report['stages'][name].get('seconds', 0):.0f} s)")
+            else:
+                self.log(f"[{name}] running")
+                start = time.perf_counter()
+                result = getattr(self, f"_{name}")() or {}
+                result = {"seconds": round(time.perf_counter() - start, 1), **result}
+                report["stages"][name] = result
+                self._save_report(report)
+                self.log(f"[{name}] {json.dumps(result)}")
+            if name == until:
+                break
+        report["total_seconds"] = round(sum(s.get("seconds", 0) for s in report["stages"].values()), 1)
+        self._save_report(report)
+        return report
+
+    def _tokenizer_and_lm(self):
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        return (PreTrainedTokenizerFast.from_pretrained(self.out / "lm"),
+                AutoModelForCausalLM.from_pretrained(self.out / "lm"))
+
+    # -- stage 0 ---------------------------------------------------------------------------------
+    def _tokenizer(self) -> dict:
+        from mmbridge.pretrain.shapes import lm_corpus
+        from mmbridge.pretrain.text import train_tokenizer
+
+        tokenizer = train_tokenizer(lm_corpus(self.cfg.tokenizer.corpus_dialogues, self.cfg.seed),
+                                    vocab_size=self.cfg.tokenizer.vocab_size)
+        tokenizer.save_pretrained(self.out / "tokenizer")
+        return {"vocab_size": len(tokenizer)}
+
+    def _lm(self) -> dict:
+        from transformers import PreTrainedTokenizerFast
+
+        from mmbridge.pretrain.shapes import lm_samples, text_qa_accuracy
+        from mmbridge.pretrain.text import build_causal_lm, pretrain_causal_lm
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
+        lm = build_causal_lm(tokenizer, self.cfg.lm)
+        losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"))
+        lm.save_pretrained(self.out / "lm")
+        tokenizer.save_pretrained(self.out / "lm")
+        accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)
+        return {"final_loss": _tail_mean(losses), "params": sum(p.numel() for p in lm.parameters()),
+                "text_qa_accuracy_val": accuracy}
+
+    def _vision(self) -> dict:
+        from transformers import PreTrainedTokenizerFast
+
+        from mmbridge.pretrain.shapes import DENSE_TARGETS, vision_batch
+        from mmbridge.pretrain.vision import CLIPWithDenseHeads, pretrain_vision, retrieval_recall_at_1
+
+        cfg = self.cfg.vision
+        cfg.dense_targets = dict(DENSE_TARGETS) if self.cfg.dense_vision_targets else {}
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
+        model = CLIPWithDenseHeads(tokenizer, cfg)
+        rng = random.Random(self.cfg.seed + 1)
+        losses = pretrain_vision(model, lambda step, n: vision_batch(rng, n, tokenizer, cfg.patch_size), cfg,
+                                 log=lambda d: self.log(f"  vision {d}"))
+        model.vision_tower().save_pretrained(self.out / "vision")
+        val = vision_batch(random.Random(12345), 256, tokenizer, cfg.patch_size, split="val")
+        recall = retrieval_recall_at_1(model, val["pixel_values"], val["input_ids"], val["attention_mask"])
+        return {"final_loss": _tail_mean(losses), "clip_recall_at_1_val256": recall}
+
+    def _compose(self) -> dict:
+        """Frozen ViT + fresh Q-Former (with BLIP-2's text side) + projection + frozen LM, saved whole."""
+        from transformers import CLIPVisionModel
+
+        from mmbridge.config import MMBridgeConfig
+        from mmbridge.modeling import MMBridgeModel
+        from mmbridge.pretrain.shapes import shapes_processor
+
+        tokenizer, lm = self._tokenizer_and_lm()
+        vision = CLIPVisionModel.from_pretrained(self.out / "vision")
+        q = self.cfg.qformer
+        processor = shapes_processor(tokenizer, q.num_query_tokens, self.cfg.vision.image_size)
+        config = MMBridgeConfig(
+            vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
+            qformer_config={"hidden_size": q.hidden_size, "num_hidden_layers": q.num_layers,
+                            "num_attention_heads": q.num_heads, "intermediate_size": q.intermediate_size,
+                            "cross_attention_frequency": 1, "vocab_size": len(tokenizer),
+                            "pad_token_id": tokenizer.pad_token_id, "max_position_embeddings": q.max_text_length},
+            num_query_tokens=q.num_query_tokens, image_token_index=processor.image_token_id,
+            image_text_hidden_size=q.image_text_hidden_size, qformer_cls_token_id=tokenizer.bos_token_id,
+            qformer_dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+        )
+        torch.manual_seed(self.cfg.seed)
+        model = MMBridgeModel(config, vision_model=vision, language_model=lm)
+        model.save_pretrained(self.out / "base")
+        processor.save_pretrained(self.out / "base")
+        return {"params": {c: sum(p.numel() for p in getattr(model, c).parameters())
+                           for c in ("vision", "qformer", "projection", "llm")}}
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def _stage1(self) -> dict:
+        from mmbridge.modeling import MMBridgeModel
+        from mmbridge.pretrain.qformer import pretrain_qformer, retrieval_recall
+        from mmbridge.pretrain.shapes import qformer_batches, scene_features
+        from mmbridge.processing import MMBridgeProcessor
+
+        model = MMBridgeModel.from_pretrained(self.out / "base")
+        processor = MMBridgeProcessor.from_pretrained(self.out / "base")
+        tokenizer, config = processor.tokenizer, model.config
+        history = pretrain_qformer(
+            model.qformer, qformer_batches(model, random.Random(self.cfg.seed + 2), self.cfg.stage1.batch_size),
+            tokenizer, self.cfg.stage1, cls_token_id=config.qformer_cls_token_id,
+            dec_token_id=config.qformer_dec_token_id, log=lambda d: self.log(f"  stage1 {d}"))
+        model.save_pretrained(self.out / "stage1" / "model")
+        processor.save_pretrained(self.out / "stage1" / "model")
+        features, texts = scene_features(model, "val", 1000)
+        recall = retrieval_recall(model.qformer, features, texts, tokenizer, cls_token_id=config.qformer_cls_token_id)
+        final = {k: _tail_mean([h[k] for h in history]) for k in history[-1]}
+        return {"final_losses": final, "itc_recall_at_1_val1000": recall}
+
+    # -- data for stages 2 and 3 -----------------------------------------------------------------
+    def _data(self) -> dict:
+        from mmbridge.pretrain.shapes import write_stage_data
+
+        return write_stage_data(self.out / "data", self.cfg.data.train_scenes, self.cfg.data.qa_per_scene,
+                                seed=self.cfg.seed)
+
+    # -- stages 2 and 3: the trainer ----------------------------------------------------------------
+    def _trainer_stage(self, stage: TrainerStage, model_dir: Path, run_dir: Path, data_overrides: list[str]) -> dict:
+        from mmbridge.train.config import load_stage_config
+        from mmbridge.train.trainer import Trainer
+
+        path = Path(self.cfg.base_dir) / stage.config
+        overrides = [f"model={model_dir}", *data_overrides, *stage.overrides]
+        cfg = load_stage_config(path, overrides)
+        cfg.run.progress_bar = False
+        result = Trainer(cfg, run_dir, resume=True).fit()
+        torch.set_num_threads(self.cfg.threads)  # the trainer may have lowered it for its data workers
+        return {"final_loss": result["loss"], "steps": result["step"], "samples": result["samples"]}
+
+    def _stage2(self) -> dict:
+        data = self.out / "data"
+        return self._trainer_stage(self.cfg.stage2, self.out / "stage1" / "model", self.out / "stage2", [
+            f"data.datasets.0.shards={data / 'captions' / 'shard-*.tar'}",
+            f"data.datasets.1.shards={data / 'descriptions' / 'shard-*.tar'}"])
+
+    def _stage3(self) -> dict:
+        return self._trainer_stage(self.cfg.stage3, self.out / "stage2" / "model", self.out / "stage3", [
+            f"data.datasets.0.path={self.out / 'data' / 'instruct.json'}"])
+
+    def _export(self) -> dict:
+        """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts."""
+        from mmbridge.modeling import MMBridgeModel
+        from mmbridge.pretrain.shapes import frozen_parts_identical
+
+        final = self.out / "model"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(self.out / "stage3" / "model", final)
+        model = MMBridgeModel.from_pretrained(final)
+        base = MMBridgeModel.from_pretrained(self.out / "base")
+        size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+        return {"model_dir": str(final), "bytes": size, "frozen_parts_identical": frozen_parts_identical(base, model)}
+
+
+def _tail_mean(values: list[float], n: int = 50) -> float:
+    tail = values[-n:]
+    return round(sum(tail) / len(tail), 4) if tail else float("nan")
+
+
+def run_recipe(name_or_path: str, out: str | os.PathLike, overrides: list[str] | None = None,
+               until: str | None = None, log: Callable[[str], None] = print) -> dict:
+    cfg = load_recipe(name_or_path, overrides)
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until must be one of {list(STAGES)}, got {until!r}")
+    return Recipe(cfg, out, log).run(until)
