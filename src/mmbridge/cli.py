@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "mmbridge.interop.cli",  # build, import
     "mmbridge.data.cli",
     "mmbridge.train.cli",
+    "mmbridge.commands.eval",
     "mmbridge.serve.cli",  # serve, ui
 )
 

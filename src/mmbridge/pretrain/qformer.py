@@ -148,8 +148,15 @@ def retrieval_recall(qformer: QFormer, image_features: torch.Tensor, texts: Sequ
     for i in range(0, len(texts), batch_size):
         ids, mask = tokenize_for_qformer(tokenizer, texts[i:i + batch_size], cls_token_id)
         text_embeds.append(qformer.text_embeds(ids, mask))
-    sim = qformer.similarity(image_embeds, torch.cat(text_embeds))
+    i2t, t2i, _ = recall_at_1(qformer.similarity(image_embeds, torch.cat(text_embeds)), texts)
+    return {"image_to_text_r1": i2t.float().mean().item(), "text_to_image_r1": t2i.float().mean().item(),
+            "n": len(texts)}
+
+
+def recall_at_1(sim: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-item R@1 hits from an (images, texts) similarity of aligned pairs: (image->text hits,
+    text->image hits, best text per image). Identical texts are equally right answers."""
     same_text = torch.tensor([[a == b for b in texts] for a in texts])
     rows = torch.arange(len(texts))
-    return {"image_to_text_r1": same_text[rows, sim.argmax(dim=1)].float().mean().item(),
-            "text_to_image_r1": same_text[sim.argmax(dim=0), rows].float().mean().item(), "n": len(texts)}
+    best_text = sim.argmax(dim=1)
+    return same_text[rows, best_text], same_text[sim.argmax(dim=0), rows], best_text

@@ -1,0 +1,101 @@
+"""Evaluation on the eval JSON-lines format of ROADMAP §2: VQA accuracy, caption triple F1, ITC retrieval.
+
+VQA is exact match after the official VQA answer normalisation (`data.shapes.metrics`); captions are
+scored by the F1 of the (size, color, shape) triples they name; retrieval ranks every caption of the
+file against every image with the Q-Former's ITC similarity (image->text and text->image R@1).
+All three batch their work and report per question type where the file has types.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mmbridge.data.shapes.metrics import caption_triple_scores, vqa_match
+from mmbridge.processing import load_image
+
+CAPTION_PROMPT = "Describe the image."
+
+
+def _ask(pipeline, records: Sequence[dict], prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+         progress: bool, desc: str) -> list[str]:
+    answers = []
+    for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = records[i:i + batch_size]
+        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
+                         for p in prompts[i:i + batch_size]]
+        images = [load_image(r["image_path"]) for r in chunk]  # one per conversation, in order
+        results = pipeline.generate(conversations, images=images, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += [r.text for r in results]
+    return answers
+
+
+def evaluate_vqa(pipeline, records: Iterable[dict], batch_size: int = 32, max_new_tokens: int = 8,
+                 progress: bool = True) -> tuple[dict, list[dict]]:
+    records = list(records)
+    answers = _ask(pipeline, records, [r["question"] for r in records], batch_size, max_new_tokens, progress, "vqa")
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    predictions = []
+    for rec, answer in zip(records, answers):
+        correct = vqa_match(answer, rec["answer"])
+        by_type[rec.get("type", "all")].append(correct)
+        predictions.append({"id": rec.get("id"), "question": rec["question"], "answer": rec["answer"],
+                            "prediction": answer, "correct": correct})
+    correct = [p["correct"] for p in predictions]
+    summary = {"metric": "vqa_accuracy", "accuracy": _mean(correct), "n": len(correct),
+               "per_type": {t: {"accuracy": _mean(v), "n": len(v)} for t, v in sorted(by_type.items())}}
+    return summary, predictions
+
+
+def evaluate_caption(pipeline, records: Iterable[dict], batch_size: int = 32, max_new_tokens: int = 48,
+                     progress: bool = True) -> tuple[dict, list[dict]]:
+    records = list(records)
+    captions = _ask(pipeline, records, [CAPTION_PROMPT] * len(records), batch_size, max_new_tokens, progress,
+                    "caption")
+    predictions = []
+    for rec, caption in zip(records, captions):
+        scores = caption_triple_scores(caption, rec["objects"])
+        predictions.append({"id": rec.get("id"), "prediction": caption, **scores})
+    summary = {"metric": "caption_triple_f1", "f1": _mean([p["f1"] for p in predictions]),
+               "precision": _mean([p["precision"] for p in predictions]),
+               "recall": _mean([p["recall"] for p in predictions]), "n": len(predictions)}
+    return summary, predictions
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, processor, records: Iterable[dict], batch_size: int = 128,
+                       progress: bool = True) -> tuple[dict, list[dict]]:
+    """Records need `image_path` and `caption` (caption eval files written by `mmbridge data` have both)."""
+    from mmbridge.pretrain.qformer import recall_at_1, tokenize_for_qformer
+
+    records = list(records)
+    missing = [r.get("id", i) for i, r in enumerate(records) if not isinstance(r.get("caption"), str)]
+    if missing:
+        raise ValueError(f"retrieval needs a 'caption' string in every record; missing in {len(missing)} "
+                         f"(first: {missing[0]!r})")
+    if model.qformer.text is None:
+        raise ValueError("this model's Q-Former has no text side (image_text_hidden_size is unset), "
+                         "so it cannot do ITC retrieval")
+    cls = model.config.qformer_cls_token_id
+    image_embeds, text_embeds = [], []
+    for i in tqdm(range(0, len(records), batch_size), desc="retrieval", disable=not progress, unit="batch"):
+        chunk = records[i:i + batch_size]
+        pixels = processor.image_processor([load_image(r["image_path"]) for r in chunk],
+                                           return_tensors="pt")["pixel_values"].to(model.dtype)
+        image_embeds.append(model.qformer.image_embeds(model.vision(pixels)))
+        ids, mask = tokenize_for_qformer(processor.tokenizer, [r["caption"] for r in chunk], cls)
+        text_embeds.append(model.qformer.text_embeds(ids, mask))
+    texts = [r["caption"] for r in records]
+    i2t, t2i, best_text = recall_at_1(model.qformer.similarity(torch.cat(image_embeds), torch.cat(text_embeds)), texts)
+    predictions = [{"id": r.get("id"), "retrieved_text": texts[int(best_text[k])], "i2t_correct": bool(i2t[k]),
+                    "t2i_correct": bool(t2i[k])} for k, r in enumerate(records)]
+    summary = {"metric": "itc_retrieval_r1", "image_to_text_r1": i2t.float().mean().item(),
+               "text_to_image_r1": t2i.float().mean().item(), "n": len(records)}
+    return summary, predictions
+
+
+def _mean(values: Sequence) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
