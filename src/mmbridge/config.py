@@ -41,6 +41,10 @@ class MMBridgeConfig(PreTrainedConfig):
         query transformer, which is all a see-model needs to chat.
     qformer_cls_token_id / qformer_dec_token_id: the Q-Former's text starts with CLS for ITC/ITM and
         with DEC for ITG (BERT's [CLS] and BLIP-2's added [DEC]), as ids of the model's tokenizer.
+    qformer_instruction: InstructBLIP's instruction-aware Q-Former — the text of the user turn that
+        holds an image enters the Q-Former next to the queries (bi-directional self-attention), so
+        the queries extract what the question asks for. Needs the text side (`image_text_hidden_size`);
+        the processor then returns `qformer_input_ids` / `qformer_attention_mask`, one row per image.
     draw_config / act_config: wave-2 slots (generative vokens, task decoders); `None` for now.
     """
 
@@ -66,6 +70,7 @@ class MMBridgeConfig(PreTrainedConfig):
     image_text_hidden_size: int | None = None
     qformer_cls_token_id: int | None = None
     qformer_dec_token_id: int | None = None
+    qformer_instruction: bool = False
     draw_config: dict | None = None
     act_config: dict | None = None
     initializer_range: float = 0.02
@@ -82,6 +87,8 @@ class MMBridgeConfig(PreTrainedConfig):
         unknown = (set(self.trainable) | set(self.component_paths)) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(COMPONENTS)}")
+        if self.qformer_instruction and not self.image_text_hidden_size:
+            raise ValueError("qformer_instruction needs the Q-Former's text side: set image_text_hidden_size")
         if self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
 

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, TextIteratorStreamer
 
 from mmbridge.modeling import MMBridgeModel
-from mmbridge.processing import MMBridgeProcessor, images_in, normalize_messages
+from mmbridge.processing import MMBridgeProcessor, image_instructions, images_in, normalize_messages
 
 
 @dataclass
@@ -255,10 +255,13 @@ class ChatSession:
                 raise ValueError("the message has more image parts than images were given") from None
         if next(supplied, None) is not None:
             raise ValueError("more images were given than the message has image parts")
-        pixel_values = self.pipeline.processor.preprocess_images(resolved).to(self.pipeline.device)
+        processor = self.pipeline.processor
+        pixel_values = processor.preprocess_images(resolved).to(self.pipeline.device)
         if resolved:
+            instructions = processor.instruction_inputs(image_instructions([message]))
             with torch.no_grad():
-                self._image_features.append(self.pipeline.model.get_image_features(pixel_values))
+                self._image_features.append(self.pipeline.model.get_image_features(
+                    pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()}))
         # Images are kept as soft prompts only; the messages keep bare image parts.
         self.messages.append({"role": "user", "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in message["content"]]})
 

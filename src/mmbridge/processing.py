@@ -100,6 +100,15 @@ def images_in(messages: Sequence[dict]) -> list[Any]:
     return [part.get("image") for m in messages for part in m["content"] if part["type"] == "image"]
 
 
+def image_instructions(messages: Sequence[dict]) -> list[str]:
+    """For every image part, the text of the message it is in (an instruction-aware Q-Former's input)."""
+    out = []
+    for m in messages:
+        text = " ".join(p["text"] for p in m["content"] if p["type"] == "text").strip()
+        out += [text for p in m["content"] if p["type"] == "image"]
+    return out
+
+
 @dataclass
 class EncodedConversation:
     input_ids: list[int]
@@ -113,7 +122,12 @@ class MMBridgeProcessor:
     def __init__(self, image_processor: BlipImageProcessorPil, tokenizer: PreTrainedTokenizerBase,
                  chat_template: str | None = None, num_query_tokens: int = 32, image_token: str = "<ImageHere>",
                  stop_strings: Sequence[str] = (), max_length: int | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, qformer_cls_token_id: int | None = None,
+                 qformer_max_length: int = 64):
+        """`qformer_cls_token_id` set: the model's Q-Former is instruction-aware, and every call also
+        returns `qformer_input_ids` / `qformer_attention_mask` (CLS + the text of each image's message)."""
+        self.qformer_cls_token_id = qformer_cls_token_id
+        self.qformer_max_length = qformer_max_length
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.chat_template = chat_template or chat_template_preset("minigpt4")
@@ -136,6 +150,16 @@ class MMBridgeProcessor:
             return torch.zeros(0, 3, size["height"], size["width"])
         pil = [load_image(image, self.max_image_pixels) for image in images]
         return self.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+    def instruction_inputs(self, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Q-Former text inputs for an instruction-aware model (empty for a plain one)."""
+        if self.qformer_cls_token_id is None:
+            return {}
+        from mmbridge.modeling.qformer import tokenize_qformer_text
+
+        ids, mask = tokenize_qformer_text(self.tokenizer, list(instructions), self.qformer_cls_token_id,
+                                          self.qformer_max_length)
+        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
 
     # -- text ------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
@@ -187,12 +211,13 @@ class MMBridgeProcessor:
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
         encoded = [self.encode(conv, add_generation_prompt) for conv in batch]
         all_images = self._collect_images(batch, images)
+        instructions = [text for conv in batch for text in image_instructions(normalize_messages(conv))]
         if truncation and self.max_length:
             truncated = [self._truncate(e) for e in encoded]
             # Images whose soft prompt was cut off go too (they are the last ones of their sample).
-            per_sample = iter(all_images)
-            all_images = [img for e, t in zip(encoded, truncated)
-                          for i, img in enumerate([next(per_sample) for _ in range(e.num_images)]) if i < t.num_images]
+            keep = [i < t.num_images for e, t in zip(encoded, truncated) for i in range(e.num_images)]
+            all_images = [img for img, k in zip(all_images, keep) if k]
+            instructions = [text for text, k in zip(instructions, keep) if k]
             encoded = truncated
         elif self.max_length:
             for i, e in enumerate(encoded):
@@ -211,6 +236,7 @@ class MMBridgeProcessor:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(attention, dtype=torch.long),
             "pixel_values": self.preprocess_images(all_images),
+            **self.instruction_inputs(instructions),
         }
         if return_labels:
             data["labels"] = torch.tensor(labels, dtype=torch.long)
@@ -245,7 +271,8 @@ class MMBridgeProcessor:
     def to_dict(self) -> dict:
         return {"processor_class": type(self).__name__, "num_query_tokens": self.num_query_tokens,
                 "image_token": self.image_token, "stop_strings": self.stop_strings,
-                "max_length": self.max_length, "max_image_pixels": self.max_image_pixels}
+                "max_length": self.max_length, "max_image_pixels": self.max_image_pixels,
+                "qformer_cls_token_id": self.qformer_cls_token_id, "qformer_max_length": self.qformer_max_length}
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         save_directory = Path(save_directory)

@@ -108,20 +108,28 @@ class MMBridgeModel(PreTrainedModel):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes) or k in trainable}
 
     # -- forward ---------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, 3, H, W) -> soft prompts (num_images, num_query_tokens, llm_hidden)."""
+    def get_image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                           qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_images, 3, H, W) -> soft prompts (num_images, num_query_tokens, llm_hidden).
+
+        `qformer_input_ids` (one row per image) are the instructions of an instruction-aware Q-Former."""
+        if self.config.qformer_instruction and qformer_input_ids is None:
+            raise ValueError("this model's Q-Former reads the instruction with each image "
+                             "(config.qformer_instruction): pass qformer_input_ids, as the processor returns them")
         image_features = self.vision(pixel_values)
-        query_output = self.qformer(image_features.to(self.qformer.query_tokens.dtype))
+        query_output = self.qformer(image_features.to(self.qformer.query_tokens.dtype),
+                                    instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask)
         return self.projection(query_output.to(self.projection.weight.dtype))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     image_features: torch.Tensor | None = None) -> torch.Tensor:
+                     image_features: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
+                     qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image's soft prompt placed at its placeholder positions."""
         image_token_id = self.config.image_token_index
         inputs_embeds = self.llm.embed(input_ids, image_token_id)
         num_slots = 0 if image_token_id is None else int((input_ids == image_token_id).sum())
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if num_slots != num_features:
             num_images = 0 if image_features is None else image_features.shape[0]
@@ -145,11 +153,14 @@ class MMBridgeModel(PreTrainedModel):
         past_key_values=None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """LM loss over `labels` (the processor masks prompt and image positions with -100)."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
+                                              qformer_attention_mask=qformer_attention_mask)
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -165,12 +176,14 @@ class MMBridgeModel(PreTrainedModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
                  **kwargs) -> torch.Tensor:
         """transformers `generate` on the LLM with the image soft prompts in place.
 
         Takes left-padded `input_ids`; returns only the new tokens, as HF does for `inputs_embeds`.
         """
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
+                                          qformer_attention_mask=qformer_attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.llm.model.generate(

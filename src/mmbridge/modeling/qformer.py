@@ -48,6 +48,20 @@ def build_qformer_text_mask(num_queries: int, text_attention_mask: torch.Tensor,
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def tokenize_qformer_text(tokenizer, texts, first_token_id: int, max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`first_token` + text + EOS, right-padded: BERT's [CLS] … [SEP] / BLIP-2's [DEC] … [SEP].
+    Returns (input_ids, attention_mask)."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length - 2]
+        rows.append([first_token_id] + ids + [tokenizer.eos_token_id])
+    width = max((len(r) for r in rows), default=0)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    return ids, mask
+
+
 class QFormerTextHeads(nn.Module):
     """BLIP-2 stage-1 heads: text embeddings, ITC projections and temperature, ITM and ITG heads."""
 
@@ -88,9 +102,22 @@ class QFormer(nn.Module):
     def num_queries(self) -> int:
         return self.query_tokens.shape[1]
 
-    def forward(self, image_features: torch.Tensor, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(num_images, num_patches, vision_hidden) -> (num_images, num_queries, qformer_hidden)."""
-        return self._run(self._queries(image_features.shape[0]), image_features, image_attention_mask)
+    def forward(self, image_features: torch.Tensor, image_attention_mask: torch.Tensor | None = None,
+                instruction_ids: torch.Tensor | None = None,
+                instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_images, num_patches, vision_hidden) -> (num_images, num_queries, qformer_hidden).
+
+        With `instruction_ids` (one row per image: CLS + the instruction's tokens), the queries also
+        attend to the instruction — InstructBLIP's instruction-aware Q-Former (bi-directional mask)."""
+        if instruction_ids is None:
+            return self._run(self._queries(image_features.shape[0]), image_features, image_attention_mask)
+        if instruction_mask is None:
+            instruction_mask = torch.ones_like(instruction_ids)
+        embeds = self._embed_text(instruction_ids, True)
+        mask = build_qformer_text_mask(self.num_queries, instruction_mask, "bidirectional", embeds.dtype)
+        hidden = self._run(embeds, image_features, image_attention_mask, attention_mask=mask,
+                           query_length=self.num_queries)
+        return hidden[:, :self.num_queries]
 
     # -- text side (stage 1 and retrieval) ------------------------------------------------------
     def _queries(self, batch: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from mmbridge.modeling.qformer import QFormer
+from mmbridge.modeling.qformer import QFormer, tokenize_qformer_text
 from mmbridge.pretrain import adamw_with_warmup_cosine
 
 
@@ -37,21 +37,8 @@ class QFormerStageConfig:
     seed: int = 0
 
 
-def _texts(texts: Sequence[str], tokenizer, first_token_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`first_token` + text + EOS, right-padded: BERT's [CLS] … [SEP] / BLIP-2's [DEC] … [SEP]."""
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length - 2]
-        rows.append([first_token_id] + ids + [tokenizer.eos_token_id])
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, mask
-
-
 def tokenize_for_qformer(tokenizer, texts: Sequence[str], cls_token_id: int, max_length: int = 64):
-    return _texts(texts, tokenizer, cls_token_id, max_length)
+    return tokenize_qformer_text(tokenizer, texts, cls_token_id, max_length)
 
 
 def qformer_losses(qformer: QFormer, image_features: torch.Tensor, texts: Sequence[str], tokenizer, *,
@@ -91,7 +78,7 @@ def qformer_losses(qformer: QFormer, image_features: torch.Tensor, texts: Sequen
         out["itm"] = F.cross_entropy(logits, labels.to(logits.device))
 
     if "itg" in losses:
-        gen_ids, gen_mask = _texts(generation_texts or texts, tokenizer, dec_token_id, max_length)
+        gen_ids, gen_mask = tokenize_qformer_text(tokenizer, generation_texts or texts, dec_token_id, max_length)
         logits = qformer.itg_logits(image_features, gen_ids, gen_mask)
         targets = gen_ids[:, 1:].masked_fill(gen_mask[:, 1:] == 0, -100)
         out["itg"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -52,12 +52,14 @@ class QFormerShape:
     num_query_tokens: int = 16
     image_text_hidden_size: int = 64  # ITC embedding width (BLIP-2: 256)
     max_text_length: int = 160
+    instruction: bool = False  # InstructBLIP: the question also enters the Q-Former (stages 2-3)
 
 
 @dataclass
 class DataStage:
     train_scenes: int = 20000  # scenes written for stages 2 and 3 (train split)
-    qa_per_scene: int = 8
+    qa_per_scene: int = 8  # turns of the multi-turn chat written per scene
+    single_qa_per_scene: int = 0  # extra one-question chats per scene
     eval_scenes: int = 1000  # test split, for `mmbridge eval` after the recipe
 
 
@@ -204,7 +206,8 @@ class Recipe:
         tokenizer, lm = self._tokenizer_and_lm()
         vision = CLIPVisionModel.from_pretrained(self.out / "vision")
         q = self.cfg.qformer
-        processor = shapes_processor(tokenizer, q.num_query_tokens, self.cfg.vision.image_size)
+        processor = shapes_processor(tokenizer, q.num_query_tokens, self.cfg.vision.image_size,
+                                     instruction=q.instruction)
         config = MMBridgeConfig(
             vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
             qformer_config={"hidden_size": q.hidden_size, "num_hidden_layers": q.num_layers,
@@ -213,7 +216,7 @@ class Recipe:
                             "pad_token_id": tokenizer.pad_token_id, "max_position_embeddings": q.max_text_length},
             num_query_tokens=q.num_query_tokens, image_token_index=processor.image_token_id,
             image_text_hidden_size=q.image_text_hidden_size, qformer_cls_token_id=tokenizer.bos_token_id,
-            qformer_dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+            qformer_dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), qformer_instruction=q.instruction,
         )
         torch.manual_seed(self.cfg.seed)
         model = MMBridgeModel(config, vision_model=vision, language_model=lm)
@@ -248,7 +251,7 @@ class Recipe:
         from mmbridge.pretrain.shapes import write_stage_data
 
         return write_stage_data(self.out / "data", self.cfg.data.train_scenes, self.cfg.data.qa_per_scene,
-                                seed=self.cfg.seed)
+                                self.cfg.data.single_qa_per_scene, seed=self.cfg.seed)
 
     # -- stages 2 and 3: the trainer ----------------------------------------------------------------
     def _trainer_stage(self, stage: TrainerStage, model_dir: Path, run_dir: Path, data_overrides: list[str]) -> dict:

@@ -93,8 +93,9 @@ def vision_batch(rng: random.Random, n: int, tokenizer, patch_size: int, split: 
 
 
 # -- composing and checking ------------------------------------------------------------------------
-def shapes_processor(tokenizer, num_query_tokens: int, image_size: int = 64):
-    """MiniGPT-4 template and stop string; images scaled to [-1, 1] exactly as `image_tensor` does."""
+def shapes_processor(tokenizer, num_query_tokens: int, image_size: int = 64, instruction: bool = False):
+    """MiniGPT-4 template and stop string; images scaled to [-1, 1] exactly as `image_tensor` does.
+    `instruction`: the Q-Former is instruction-aware (its text starts with the tokenizer's BOS as CLS)."""
     from transformers import BlipImageProcessorPil
 
     from mmbridge.processing import PRESET_STOP_STRINGS, MMBridgeProcessor, chat_template_preset
@@ -102,7 +103,8 @@ def shapes_processor(tokenizer, num_query_tokens: int, image_size: int = 64):
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size},
                                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return MMBridgeProcessor(image_processor, tokenizer, chat_template=chat_template_preset("minigpt4"),
-                             num_query_tokens=num_query_tokens, stop_strings=PRESET_STOP_STRINGS["minigpt4"])
+                             num_query_tokens=num_query_tokens, stop_strings=PRESET_STOP_STRINGS["minigpt4"],
+                             qformer_cls_token_id=tokenizer.bos_token_id if instruction else None, qformer_max_length=64)
 
 
 @torch.no_grad()
@@ -156,10 +158,11 @@ def qformer_batches(model, rng: random.Random, batch_size: int):
                "generation_texts": [description(s) for s in scenes]}
 
 
-def write_stage_data(out, num_scenes: int, qa_per_scene: int, seed: int = 0) -> dict:
+def write_stage_data(out, num_scenes: int, qa_per_scene: int, single_qa_per_scene: int = 0, seed: int = 0) -> dict:
     """Training files for stages 2 and 3, in the formats users bring their own data in:
     webdataset shards of (image, short caption) and (image, detailed description) for alignment,
-    and LLaVA JSON chats (a description request and `qa_per_scene` questions) for the template stage."""
+    and LLaVA JSON chats for the template stage: per scene one chat of `qa_per_scene` turns
+    (sometimes with a description request) and `single_qa_per_scene` one-question chats."""
     from pathlib import Path
 
     from mmbridge.data.formats.llava import write_llava
@@ -183,6 +186,10 @@ def write_stage_data(out, num_scenes: int, qa_per_scene: int, seed: int = 0) -> 
             for question, answer in qa_turns(scene, rng, qa_per_scene):
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             records.append(to_llava_record(key, messages))
+            singles = qa_turns(scene, rng, single_qa_per_scene)[:single_qa_per_scene] if single_qa_per_scene else []
+            for question, answer in singles:
+                records.append(to_llava_record(key, [{"role": "user", "content": question},
+                                                     {"role": "assistant", "content": answer}]))
     write_llava(records, str(out / "instruct.json"))
     return {"scenes": num_scenes, "chats": len(records), "turns": sum(len(r["conversations"]) // 2 for r in records)}
 

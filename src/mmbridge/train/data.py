@@ -40,6 +40,8 @@ logger = logging.getLogger("mmbridge.train")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
+#: Present only for instruction-aware Q-Formers (InstructBLIP).
+OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
 #: A reader that skips this many samples in a row without one good sample stops with an error
 #: instead of spinning forever on a dataset that is corrupt through and through.
 MAX_CONSECUTIVE_SKIPS = 10_000
@@ -338,7 +340,7 @@ class TrainStream(IterableDataset):
                 conversations.append(messages)
                 keys.append(key)
             batch = self.processor(conversations, return_labels=True, padding_side="right", truncation=True)
-            out = {name: batch[name] for name in MODEL_INPUTS}
+            out = {name: batch[name] for name in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS) if name in batch}
             out.update(keys=keys, _worker=logical, _position=position, _skipped=dict(stats.counts))
             yield out
 

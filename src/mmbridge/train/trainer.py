@@ -28,7 +28,7 @@ import yaml
 from mmbridge.config import COMPONENTS
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.config import StageConfig
-from mmbridge.train.data import MODEL_INPUTS, build_dataloader
+from mmbridge.train.data import MODEL_INPUTS, OPTIONAL_MODEL_INPUTS, build_dataloader
 from mmbridge.train.schedule import build_scheduler
 
 logger = logging.getLogger("mmbridge.train")
@@ -315,7 +315,7 @@ class Trainer:
         global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
         loss_sum = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro):
-            inputs = {k: batch[k].to(acc.device) for k in MODEL_INPUTS}
+            inputs = {k: v.to(acc.device) for k, v in batch.items() if k in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS)}
             last_micro = i == len(micro) - 1
             sync = nullcontext() if last_micro else acc.no_sync(self.model)
             with sync:
