@@ -153,3 +153,12 @@ def test_output_is_typed_parts(tiny_pipeline, images):
     assert all(isinstance(p, TextPart) and p.type == "text" for p in result.parts)
     assert result.finish_reason in ("stop", "length")
     assert result.prompt_tokens > 0 and result.completion_tokens == len(result.token_ids)
+
+
+def test_the_image_placeholder_is_never_generated(tiny_pipeline, images, monkeypatch):
+    """Regression: a random model emitted <ImageHere>; fed back, it asked for a soft prompt that does not exist."""
+    processor = tiny_pipeline.processor
+    monkeypatch.setattr(processor, "stop_strings", [])
+    for question in QUESTIONS:
+        result = tiny_pipeline.generate(ask(question), images=images[:1], max_new_tokens=24)[0]
+        assert processor.image_token_id not in result.token_ids

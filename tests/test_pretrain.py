@@ -22,7 +22,7 @@ def test_tokenizer_round_trips_and_keeps_special_tokens():
 
 def test_lm_pretraining_learns_a_tiny_corpus():
     tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
-    cfg = LMConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, steps=120, batch_size=8,
+    cfg = LMConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, steps=200, batch_size=8,
                    lr=3e-3, warmup_steps=10, max_length=64)
     model = build_causal_lm(tokenizer, cfg)
     losses = pretrain_causal_lm(model, tokenizer, lambda rng, n: [rng.choice(TEXTS) for _ in range(n)], cfg,

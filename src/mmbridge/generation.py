@@ -67,6 +67,9 @@ class SamplingOptions:
             repetition_penalty=self.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, stop_strings=self.stop_strings(processor) or None,
             max_length=None,
+            # The image placeholder is input-only: generated, it would ask for a soft prompt that does
+            # not exist (and break the next chat turn), so its logit is always -inf.
+            suppress_tokens=[processor.image_token_id],
         )
         if self.do_sample:
             config.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)

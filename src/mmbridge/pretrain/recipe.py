@@ -170,7 +170,8 @@ class Recipe:
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
         lm = build_causal_lm(tokenizer, self.cfg.lm)
-        losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"))
+        losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"),
+                                    evaluate=lambda model: text_qa_accuracy(model, tokenizer, num_scenes=30))
         lm.save_pretrained(self.out / "lm")
         tokenizer.save_pretrained(self.out / "lm")
         accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)

@@ -61,6 +61,10 @@ class LMConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     weight_decay: float = 0.05
+    #: Untied by default: with tied input/output embeddings small LMs here learned to copy a word
+    #: from the context (what answering from a description needs) far more slowly, or not at all.
+    tie_word_embeddings: bool = False
+    eval_every: int = 0  # steps between calls of pretrain_causal_lm's `evaluate` (0: never)
     seed: int = 0
 
 
@@ -70,7 +74,7 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerFast, cfg: LMConfig) -> LlamaF
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_length + 256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=cfg.tie_word_embeddings,
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
@@ -107,11 +111,12 @@ def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample]
 
 def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
                        sample_texts: Callable[[random.Random, int], Sequence[Sample]], cfg: LMConfig,
-                       log: Callable[[dict], None] = print, log_every: int = 50) -> list[float]:
+                       log: Callable[[dict], None] = print, log_every: int = 50,
+                       evaluate: Callable[[LlamaForCausalLM], dict] | None = None) -> list[float]:
     """Next-token training on samples drawn by `sample_texts(rng, batch_size)` (an endless corpus).
 
     Padding is never trained; within a sample, segments marked untrained (see `encode_samples`)
-    are context only.
+    are context only. `evaluate(model)` runs every `cfg.eval_every` steps and its result is logged.
     """
     rng = random.Random(cfg.seed)
     optimizer, schedule = adamw_with_warmup_cosine(model, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
@@ -134,6 +139,10 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
             window = losses[-log_every:]
             log({"step": step + 1, "loss": sum(window) / len(window), "lr": schedule.get_last_lr()[0],
                  "elapsed_s": round(time.perf_counter() - start, 1)})
+        if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            model.eval()
+            log({"step": step + 1, "eval": evaluate(model)})
+            model.train()
     model.eval()
     return losses
 
