@@ -48,6 +48,9 @@ def run(args) -> int:
     samples = _samples()
     if not samples:
         raise CLIError("no bundled sample images found (mmbridge/assets/samples); is the installation complete?")
+    from mmbridge.data.shapes.metrics import caption_triple_f1, parse_triples, vqa_match
+
+    right = asked = 0
     for path, scene in samples:
         print(f"== {path.name}" + (f"  (truth: {scene['caption']})" if scene else ""))
         questions = [("Describe the image.", scene.get("caption") if scene else None)]
@@ -59,9 +62,19 @@ def run(args) -> int:
         results = pipeline.generate(conversations, images=[str(path)] * len(questions),
                                     max_new_tokens=args.max_new_tokens)
         for (question, truth), result in zip(questions, results):
-            expected = f"   [truth: {truth}]" if truth is not None and question != "Describe the image." else ""
-            print(f"  Q: {question}\n  A: {result.text}{expected}")
+            mark = ""
+            if truth is not None and question == "Describe the image.":
+                f1 = caption_triple_f1(result.text, [dict(zip(("size", "color", "shape"), t))
+                                                     for t in parse_triples(truth)])
+                mark = f"   [objects named right: F1 {f1:.2f}]"
+            elif truth is not None:
+                ok = vqa_match(result.text, truth)
+                right, asked = right + ok, asked + 1
+                mark = "   [right]" if ok else f"   [wrong, truth: {truth}]"
+            print(f"  Q: {question}\n  A: {result.text}{mark}")
         print()
+    if asked:
+        print(f"{right} of {asked} answers right.\n")
 
     path, _ = samples[0]
     print(f"== multi-turn chat about {path.name}")
