@@ -77,3 +77,18 @@ def test_encode_samples_trains_only_marked_segments():
     assert tokenizer.decode(row[batch["attention_mask"][0].bool()]) .startswith("###Human: What color?")
     plain = batch["labels"][1][batch["attention_mask"][1].bool()]
     assert (plain != -100).all()  # a plain string trains every token
+
+
+def test_shapes_clip_captions_end_with_eos_so_the_text_tower_pools_them():
+    """Regression: without EOS, CLIP pooled every caption at its first token and ITC sat at log(batch)."""
+    import random as _random
+
+    from mmbridge.pretrain.shapes import vision_batch
+
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    batch = vision_batch(_random.Random(0), 3, tokenizer, patch_size=16)
+    lengths = batch["attention_mask"].sum(dim=1)
+    last = batch["input_ids"][torch.arange(3), lengths - 1]
+    assert (last == tokenizer.eos_token_id).all()
+    assert set(batch["dense_labels"]) == {"color", "shape", "size"}
+    assert batch["dense_labels"]["color"].shape == (3, 16)

@@ -80,7 +80,9 @@ def vision_batch(rng: random.Random, n: int, tokenizer, patch_size: int, split: 
     """Images, their short captions (CLIP text) and per-patch color/shape/size labels."""
     scenes = [make_scene(split, rng.randrange(TRAIN_SCENES), 0) for _ in range(n)]
     pixels = torch.stack([image_tensor(render(s)) for s in scenes])
-    texts = tokenizer([short_caption(s) for s in scenes], return_tensors="pt", padding=True)
+    # CLIP's text tower pools the hidden state at the first EOS: without one every caption pools its
+    # first token, all texts look alike and the contrastive loss sits at log(batch) forever.
+    texts = tokenizer([short_caption(s) + tokenizer.eos_token for s in scenes], return_tensors="pt", padding=True)
     dense = {name: [] for name in DENSE_TARGETS}
     for s in scenes:
         masks = [coverage_map(o) > 0.5 for o in s.objects]
