@@ -92,3 +92,16 @@ def test_shapes_clip_captions_end_with_eos_so_the_text_tower_pools_them():
     assert (last == tokenizer.eos_token_id).all()
     assert set(batch["dense_labels"]) == {"color", "shape", "size"}
     assert batch["dense_labels"]["color"].shape == (3, 16)
+
+
+def test_clip_text_embeddings_differ_between_captions():
+    """Regression: with EOS id 2, transformers' CLIP pools at input_ids.argmax() (OpenAI's layout) — the
+    first word for our tokenizers — so every caption got the same embedding. We pool at the last token."""
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    assert tokenizer.eos_token_id == 2
+    cfg = VisionConfig(image_size=16, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, text_hidden_size=32,
+                       text_layers=1, projection_dim=16)
+    model = CLIPWithDenseHeads(tokenizer, cfg)
+    tok = tokenizer([t + tokenizer.eos_token for t in TEXTS[:3]], return_tensors="pt", padding=True)
+    _, text_embeds, _ = model.embed(torch.randn(3, 3, 16, 16), tok["input_ids"], tok["attention_mask"])
+    assert text_embeds.std(dim=0).mean() > 1e-3

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, PreTrainedTokenizerFast
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from mmbridge.pretrain import adamw_with_warmup_cosine
 
@@ -60,13 +61,27 @@ class CLIPWithDenseHeads(nn.Module):
         self.clip = CLIPModel(config)
         self.dense_heads = nn.ModuleDict({name: nn.Linear(cfg.hidden_size, n) for name, n in cfg.dense_targets.items()})
 
+    def embed(self, pixel_values, input_ids, attention_mask):
+        """(normalised image embeds, normalised text embeds, patch hidden states).
+
+        The text is pooled at its last real token, which callers make the EOS. transformers' CLIP pools
+        at `input_ids.argmax()` whenever `eos_token_id == 2` (OpenAI's vocabulary put EOS last); with
+        our tokenizers (EOS = 2) that picks the first word, so pooling is done here instead."""
+        vision = self.clip.vision_model(pixel_values=pixel_values)
+        text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        last = attention_mask.sum(dim=1) - 1
+        pooled_text = text.last_hidden_state[torch.arange(input_ids.shape[0]), last]
+        image_embeds = nn.functional.normalize(self.clip.visual_projection(vision.pooler_output), dim=-1)
+        text_embeds = nn.functional.normalize(self.clip.text_projection(pooled_text), dim=-1)
+        return image_embeds, text_embeds, vision.last_hidden_state
+
     def forward(self, pixel_values, input_ids, attention_mask, dense_labels: dict | None = None,
                 dense_weight: float = 1.0) -> dict:
-        out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                        return_loss=True, output_hidden_states=False)
-        losses = {"itc": out.loss}
+        image_embeds, text_embeds, hidden = self.embed(pixel_values, input_ids, attention_mask)
+        logits_per_text = text_embeds @ image_embeds.t() * self.clip.logit_scale.exp()
+        losses = {"itc": image_text_contrastive_loss(logits_per_text)}
         if dense_labels:
-            patches = out.vision_model_output.last_hidden_state[:, 1:]
+            patches = hidden[:, 1:]
             for name, labels in dense_labels.items():
                 logits = self.dense_heads[name](patches)
                 losses[name] = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -109,10 +124,11 @@ def pretrain_vision(model: CLIPWithDenseHeads, sample_batch: Callable[[int, int]
 @torch.no_grad()
 def retrieval_recall_at_1(model: CLIPWithDenseHeads, pixel_values, input_ids, attention_mask) -> dict:
     """Image->text and text->image R@1 over one set of aligned pairs (pair i matches i)."""
-    out = model.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    image_embeds, text_embeds, _ = model.embed(pixel_values, input_ids, attention_mask)
+    sim = image_embeds @ text_embeds.t()
     target = torch.arange(pixel_values.shape[0])
-    i2t = (out.logits_per_image.argmax(1) == target).float().mean().item()
-    t2i = (out.logits_per_text.argmax(1) == target).float().mean().item()
+    i2t = (sim.argmax(1) == target).float().mean().item()
+    t2i = (sim.argmax(0) == target).float().mean().item()
     return {"image_to_text_r1": i2t, "text_to_image_r1": t2i}
 
 
