@@ -45,6 +45,9 @@ class MMBridgeConfig(PreTrainedConfig):
         holds an image enters the Q-Former next to the queries (bi-directional self-attention), so
         the queries extract what the question asks for. Needs the text side (`image_text_hidden_size`);
         the processor then returns `qformer_input_ids` / `qformer_attention_mask`, one row per image.
+    llm_lora: peft `LoraConfig` arguments (`r`, `lora_alpha`, `target_modules`, ...) of LoRA adapters on
+        the frozen LLM (MiniGPT-4 v2 / LLaVA fine-tune it this way). The LLM's own weights never change;
+        only the adapters' low-rank matrices train and are saved. `None`: no adapters.
     draw_config / act_config: wave-2 slots (generative vokens, task decoders); `None` for now.
     """
 
@@ -71,6 +74,7 @@ class MMBridgeConfig(PreTrainedConfig):
     qformer_cls_token_id: int | None = None
     qformer_dec_token_id: int | None = None
     qformer_instruction: bool = False
+    llm_lora: dict | None = None
     draw_config: dict | None = None
     act_config: dict | None = None
     initializer_range: float = 0.02

@@ -4,19 +4,21 @@
 - `add_special_tokens`: new tokens (MiniGPT-5 vokens, VisionLLM v2 routing tokens) whose embedding
   rows alone train. The rows are made trainable with peft's `TrainableTokens` layer, which keeps the
   frozen matrix untouched and stores only the new rows.
+- `add_lora`: LoRA adapters (peft) on the frozen LLM; the base weights stay untouched.
 - `hidden_states_at`: the last hidden state at chosen positions (voken / super-link query outputs).
 """
 
 from __future__ import annotations
 
 import torch
-from peft import TrainableTokensConfig, inject_adapter_in_model
+from peft import LoraConfig, TrainableTokensConfig, inject_adapter_in_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mmbridge.config import MMBridgeConfig
 
 ADAPTER_NAME = "added_tokens"
+LORA_ADAPTER_NAME = "lora"
 
 
 class LanguageModel(nn.Module):
@@ -25,6 +27,8 @@ class LanguageModel(nn.Module):
         self.model = model if model is not None else AutoModelForCausalLM.from_config(config.text_config)
         if config.added_tokens:
             self._make_rows_trainable(sorted(config.added_tokens.values()))
+        if config.llm_lora:
+            self._inject_lora(config.llm_lora)
 
     @property
     def hidden_size(self) -> int:
@@ -72,6 +76,22 @@ class LanguageModel(nn.Module):
         config.added_tokens = dict(zip(tokens, ids))
         self._make_rows_trainable(sorted(ids))
         return dict(config.added_tokens)
+
+    def add_lora(self, lora: dict, config: MMBridgeConfig) -> None:
+        """Wrap the LLM's linear layers named in `lora["target_modules"]` with LoRA adapters (peft).
+
+        Records the arguments in `config.llm_lora`, so a saved model rebuilds the adapters on load."""
+        if config.llm_lora:
+            raise ValueError(f"this model's LLM already has LoRA adapters ({config.llm_lora})")
+        self._inject_lora(lora)
+        config.llm_lora = dict(lora)
+
+    def _inject_lora(self, lora: dict) -> None:
+        try:
+            peft_config = LoraConfig(**lora)
+        except TypeError as error:
+            raise ValueError(f"invalid LoRA settings {lora}: {error}") from None
+        inject_adapter_in_model(peft_config, self.model, adapter_name=LORA_ADAPTER_NAME)
 
     def _token_matrices(self) -> list[torch.Tensor]:
         matrices = [self.model.get_input_embeddings().weight]

@@ -28,6 +28,11 @@ from mmbridge.modeling.vision import VisionEncoder
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 
 
+def is_llm_adapter(param_name: str) -> bool:
+    """Parameters that peft adds to the frozen LLM: added-token rows and LoRA matrices."""
+    return "trainable_tokens_delta" in param_name or ".lora_" in param_name
+
+
 class MMBridgeModel(PreTrainedModel):
     config_class = MMBridgeConfig
     config: MMBridgeConfig
@@ -83,11 +88,16 @@ class MMBridgeModel(PreTrainedModel):
             component = getattr(self, name)
             trainable = self.config.trainable[name]
             component.requires_grad_(trainable)
-        # Rows of added special tokens train even inside a frozen LLM.
+        # Rows of added special tokens and LoRA adapters train even inside a frozen LLM.
         for param_name, param in self.llm.named_parameters():
-            if "trainable_tokens_delta" in param_name:
+            if is_llm_adapter(param_name):
                 param.requires_grad_(True)
         self.train(self.training)
+
+    def add_llm_lora(self, lora: dict) -> None:
+        """LoRA adapters on the frozen LLM (peft `LoraConfig` arguments); they train, the LLM does not."""
+        self.llm.add_lora(lora, self.config)
+        self.apply_trainable_policy()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -102,10 +112,11 @@ class MMBridgeModel(PreTrainedModel):
 
     def component_state_dict(self, exclude: set[str]) -> dict[str, torch.Tensor]:
         """State dict without the components in `exclude` (those referenced by path), except their
-        trainable parameters (e.g. rows of added tokens inside a frozen LLM)."""
+        trainable parameters and peft adapters (rows of added tokens, LoRA) inside a frozen LLM,
+        which the referenced directories do not hold."""
         prefixes = tuple(f"{name}." for name in exclude)
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes) or k in trainable}
+        kept = {n for n, p in self.named_parameters() if p.requires_grad or is_llm_adapter(n)}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes) or k in kept}
 
     # -- forward ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
@@ -209,8 +220,11 @@ class MMBridgeModel(PreTrainedModel):
                 )
         if trainable_only or self.config.component_paths:
             self.config.save_pretrained(save_directory)
-            state = self.trainable_state_dict() if trainable_only else self.component_state_dict(
-                set(self.config.component_paths))
+            if trainable_only:  # the trained parameters, and adapters even where this stage froze them
+                kept = {n for n, p in self.named_parameters() if p.requires_grad or is_llm_adapter(n)}
+                state = {k: v for k, v in self.state_dict().items() if k in kept}
+            else:
+                state = self.component_state_dict(set(self.config.component_paths))
             state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(state, str(save_directory / TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
             return

@@ -203,7 +203,11 @@ def to_llava_record(key: str, messages: list[dict]) -> dict:
 
 
 def frozen_parts_identical(before, after) -> bool:
-    """Every parameter and buffer of the frozen components (vision, LLM) is bit-identical."""
-    a, b = before.state_dict(), after.state_dict()
+    """Every parameter and buffer of the frozen components (vision, LLM) is bit-identical. LoRA adapters
+    are not the LLM's own weights: they wrap its layers (`q_proj.weight` -> `q_proj.base_layer.weight`)."""
+    from mmbridge.modeling.model import is_llm_adapter
+
+    a = before.state_dict()
+    b = {k.replace(".base_layer.", "."): v for k, v in after.state_dict().items() if not is_llm_adapter(k)}
     keys = [k for k in a if k.startswith(("vision.", "llm."))]
     return bool(keys) and all(k in b and torch.equal(a[k], b[k]) for k in keys)

@@ -96,6 +96,10 @@ class StageConfig:
     data: DataConfig
     schedule: ScheduleConfig
     losses: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
+    # LoRA adapters on the frozen LLM (peft LoraConfig arguments: r, lora_alpha, target_modules, ...):
+    # added if the model has none, and trained with this stage. Without it, adapters a model already
+    # has stay frozen.
+    llm_lora: dict | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -153,7 +153,12 @@ class Trainer:
         model = MMBridgeModel.from_pretrained(stage.model)
         self.processor = MMBridgeProcessor.from_pretrained(stage.model)
         model.config.trainable = {c: c in stage.train for c in COMPONENTS}
+        if stage.llm_lora and not model.config.llm_lora:
+            model.add_llm_lora(stage.llm_lora)
         model.apply_trainable_policy()
+        for name, param in model.llm.named_parameters():
+            if ".lora_" in name:
+                param.requires_grad_(bool(stage.llm_lora))
         model.train()  # frozen components stay in eval mode (see MMBridgeModel.train)
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self.trainable_names:
