@@ -279,6 +279,7 @@ class Recipe:
 
     def _export(self) -> dict:
         """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts."""
+        from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.shapes import frozen_parts_identical
 
@@ -286,6 +287,10 @@ class Recipe:
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(self.out / "stage3" / "model", final)
+        config = MMBridgeConfig.from_pretrained(final)
+        for sub in (config.vision_config, config.qformer_config, config.text_config):
+            sub._name_or_path = ""  # where stage 0 happened to write its parts means nothing elsewhere
+        config.save_pretrained(final)
         model = MMBridgeModel.from_pretrained(final)
         base = MMBridgeModel.from_pretrained(self.out / "base")
         size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())

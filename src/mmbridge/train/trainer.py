@@ -180,7 +180,8 @@ class Trainer:
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         logger.info("stage %s: training %s (%d of %d parameters), %d process(es), mixed precision %s",
-                    stage.stage, stage.train, n_train, n_all, acc.num_processes, acc.mixed_precision)
+                    stage.stage, stage.train + (["LoRA on the llm"] if stage.llm_lora else []), n_train, n_all,
+                    acc.num_processes, acc.mixed_precision)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         if self.sharded:  # gathers the full state on the main process
