@@ -49,9 +49,3 @@ def test_chat_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path, ca
     assert main(["chat", "--model", str(tiny_model_dir), "--image", str(bad), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "cannot read image" in err and "Traceback" not in err
-
-
-def test_demo_runs_on_bundled_samples(capsys):
-    assert main(["demo", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "Describe the image." in out and "multi-turn chat" in out

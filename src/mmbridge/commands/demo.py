@@ -12,24 +12,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _demo_model(name: str):
-    """The requested model, or — while the trained ShapesWorld model is not shipped — a tiny random one."""
-    from mmbridge.commands.chat import load_pipeline
-    from mmbridge.generation import MMBridgePipeline
-    from mmbridge.models import SHIPPED_MODELS, resolve_model_path
-
-    if name in SHIPPED_MODELS:
-        try:
-            resolve_model_path(name)
-        except FileNotFoundError:
-            from mmbridge.testing import build_tiny
-
-            print(f"note: the trained {name!r} model is not shipped in this version yet; running a tiny RANDOM "
-                  "model to show the pipeline end to end (its answers are noise).\n")
-            return MMBridgePipeline(*build_tiny(init_std=0.5))
-    return load_pipeline(name)
-
-
 def _samples():
     """(image path, scene annotation or None) for every bundled sample."""
     from mmbridge.models import sample_images_dir
@@ -44,7 +26,9 @@ def _samples():
 def run(args) -> int:
     from mmbridge.cli import CLIError
 
-    pipeline = _demo_model(args.model)
+    from mmbridge.commands.chat import load_pipeline
+
+    pipeline = load_pipeline(args.model)
     samples = _samples()
     if not samples:
         raise CLIError("no bundled sample images found (mmbridge/assets/samples); is the installation complete?")

@@ -1,0 +1,56 @@
+"""The shipped `shapes` model: loadable by name, within its size budget, frozen parts untouched by its
+adapters, and answering test-split scenes it never saw. Thresholds sit a little below the numbers
+measured when it was shipped (see docs/recipe.md), so a broken artifact or a regression in loading,
+processing or generation fails here."""
+
+import json
+import re
+
+import pytest
+
+from mmbridge.cli import main
+from mmbridge.models import resolve_model_path, sample_images_dir
+
+# Measured on the shipped artifact with `mmbridge eval` (docs/recipe.md); the tests allow some slack.
+MIN_VQA_ACCURACY_30_SCENES = 0.55  # measured 0.624 (271 questions)
+MIN_DEMO_RIGHT = 6  # measured 8 of 16
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert main(["data", "shapes", "--out", str(out), "--num", "30", "--split", "test", "--format", "eval"]) == 0
+    return out
+
+
+def test_shipped_model_loads_by_name_within_budget():
+    from mmbridge.config import MMBridgeConfig
+
+    path = resolve_model_path("shapes")
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 32 * 2**20
+    config = MMBridgeConfig.from_pretrained(path)
+    assert config.qformer_instruction and config.llm_lora and not config.component_paths
+    assert "/" not in json.dumps([config.vision_config._name_or_path, config.text_config._name_or_path])
+
+
+def test_shipped_model_answers_unseen_test_scenes(eval_files, capsys):
+    assert main(["eval", "vqa", "--model", "shapes", "--questions", str(eval_files / "vqa_test.jsonl"),
+                 "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] > 200 and result["accuracy"] >= MIN_VQA_ACCURACY_30_SCENES, result
+
+
+def test_chat_by_name_answers_a_sample(capsys):
+    sample = json.loads((sample_images_dir() / "samples.json").read_text())[0]
+    count = next(q for q in sample["questions"] if q["question"] == "How many shapes are there?")
+    assert main(["chat", "--model", "shapes", "--image", str(sample_images_dir() / sample["image"]),
+                 "--prompt", count["question"]]) == 0
+    assert capsys.readouterr().out.strip() in {"1", "2", "3", "4"}  # a count; its accuracy is measured above
+
+
+def test_demo_prints_mostly_right_answers(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    right, asked = map(int, re.search(r"(\d+) of (\d+) answers right", out).groups())
+    assert asked >= 12 and right >= MIN_DEMO_RIGHT
+    assert "multi-turn chat" in out and "Traceback" not in out
