@@ -115,8 +115,11 @@ class MMBridgeModel(PreTrainedModel):
         trainable parameters and peft adapters (rows of added tokens, LoRA) inside a frozen LLM,
         which the referenced directories do not hold."""
         prefixes = tuple(f"{name}." for name in exclude)
-        kept = {n for n, p in self.named_parameters() if p.requires_grad or is_llm_adapter(n)}
+        kept = self._trained_or_adapter_names()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes) or k in kept}
+
+    def _trained_or_adapter_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad or is_llm_adapter(n)}
 
     # -- forward ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
@@ -221,7 +224,7 @@ class MMBridgeModel(PreTrainedModel):
         if trainable_only or self.config.component_paths:
             self.config.save_pretrained(save_directory)
             if trainable_only:  # the trained parameters, and adapters even where this stage froze them
-                kept = {n for n, p in self.named_parameters() if p.requires_grad or is_llm_adapter(n)}
+                kept = self._trained_or_adapter_names()
                 state = {k: v for k, v in self.state_dict().items() if k in kept}
             else:
                 state = self.component_state_dict(set(self.config.component_paths))
