@@ -89,7 +89,7 @@ def test_truncation_drops_the_cut_images_instructions(instruct, images):
     long = [user("first"), {"role": "assistant", "content": "x " * 10}, user("second")]
     processor.max_length = 30
     try:
-        batch = processor([long], images=images[:2], return_labels=True, truncation=True)
+        batch = processor([long], images=images[:2], truncation=True)
     finally:
         processor.max_length = None
     assert batch["qformer_input_ids"].shape[0] == batch["pixel_values"].shape[0] == 1

@@ -239,6 +239,11 @@ class MMBridgeProcessor:
             **self.instruction_inputs(instructions),
         }
         if return_labels:
+            empty = [i for i, e in enumerate(encoded) if all(tok == IGNORE_INDEX for tok in e.labels)]
+            if empty:  # a loss over no tokens is NaN; say which sample instead
+                raise ValueError(
+                    f"conversation(s) {empty} have no answer tokens to train on: no assistant turn, an empty "
+                    "answer, a chat template without {% generation %} markers, or cut off by max_length")
             data["labels"] = torch.tensor(labels, dtype=torch.long)
         return BatchFeature(data)
 

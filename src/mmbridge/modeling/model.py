@@ -172,6 +172,9 @@ class MMBridgeModel(PreTrainedModel):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """LM loss over `labels` (the processor masks prompt and image positions with -100)."""
+        if labels is not None and not (labels != -100).any():
+            raise ValueError("every label is -100 (ignored), so the loss would be NaN: no sample in this batch "
+                             "has answer tokens to train on")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
                                               qformer_attention_mask=qformer_attention_mask)
@@ -254,10 +257,16 @@ class MMBridgeModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: torch.dtype | None = None, **kwargs):
+        """Load a saved model (full or small artifact). As after construction, the config's trainable
+        policy holds (frozen parts `requires_grad=False`), and the model is in eval mode as transformers
+        leaves it; `model.train()` then switches only the trainable parts to training mode."""
         path = _local_dir(pretrained_model_name_or_path)
         small_artifact = path / TRAINABLE_WEIGHTS_NAME
         if not small_artifact.exists():
-            return super().from_pretrained(path, *args, dtype=dtype, **kwargs)
+            # transformers' loader swaps in freshly loaded parameters, which forget `requires_grad`.
+            model = super().from_pretrained(path, *args, dtype=dtype, **kwargs)
+            model.apply_trainable_policy()
+            return model.eval()
         config = MMBridgeConfig.from_pretrained(path)
         model = cls.from_components(config, dtype=dtype)
         state = load_file(str(small_artifact))
@@ -272,6 +281,7 @@ class MMBridgeModel(PreTrainedModel):
         model.load_state_dict(state, strict=False)
         if dtype is not None:
             model.to(dtype)
+        model.apply_trainable_policy()
         return model.eval()
 
 
