@@ -52,7 +52,7 @@ def test_loads_resolves_paths_and_types(stage_file, tmp_path):
     ({}, ["schedule.init_lrr=1"], "did you mean 'init_lr'"),
     ({}, ["data.batch_size=two"], "data.batch_size: expected an integer"),
     ({}, ["optim.lr_mult={llm: 2}"], "do not train in this stage"),
-    ({}, ["losses={itc: 1}"], "unknown loss"),
+    ({}, ["losses={fid: 1}"], "unknown loss"),
     ({"data__datasets__0__type": "parquet"}, [], "is not one of"),
     ({}, ["schedule.warmup_steps=11"], "warmup_steps"),
     ({}, ["nokey"], "key=value"),

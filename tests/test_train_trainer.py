@@ -11,7 +11,6 @@ from mmbridge.train.config import stage_config_from_dict
 from mmbridge.train.fixtures import make_base_model, write_llava, write_shards
 from mmbridge.train.trainer import NonFiniteLossError, Trainer
 
-
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
@@ -126,7 +125,7 @@ def _poison_after(trainer, build, bad_call):
             out = original(*args, **kwargs)
             calls["n"] += 1
             if calls["n"] == bad_call:
-                out.loss = out.loss * float("nan")
+                out.losses = {k: v * float("nan") for k, v in out.losses.items()}  # what the trainer sums
             return out
 
         model.forward = forward

@@ -11,8 +11,14 @@ from __future__ import annotations
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-#: Components whose weights can be frozen, trained, or loaded from a separate directory.
+from mmbridge.heads_config import ActConfig, DrawConfig, HeadConfig, build_head_config
+
+#: The see-model's components; heads add theirs (`MMBridgeConfig.components`). Each can be frozen,
+#: trained, or loaded from a separate directory.
 COMPONENTS = ("vision", "qformer", "projection", "llm")
+#: Losses the base model reports: the LM's, and BLIP-2 stage 1's on a Q-Former with a text side.
+BASE_LOSSES = ("lm",)
+QFORMER_LOSSES = ("itc", "itm", "itg")
 
 #: MiniGPT-4 / BLIP-2 default: only the bridge (Q-Former + projection) trains.
 DEFAULT_TRAINABLE = {"vision": False, "qformer": True, "projection": True, "llm": False}
@@ -48,7 +54,11 @@ class MMBridgeConfig(PreTrainedConfig):
     llm_lora: peft `LoraConfig` arguments (`r`, `lora_alpha`, `target_modules`, ...) of LoRA adapters on
         the frozen LLM (MiniGPT-4 v2 / LLaVA fine-tune it this way). The LLM's own weights never change;
         only the adapters' low-rank matrices train and are saved. `None`: no adapters.
-    draw_config / act_config: wave-2 slots (generative vokens, task decoders); `None` for now.
+    draw_config / act_config: the draw head (MiniGPT-5 vokens, `DrawConfig`) and the act head (VisionLLM
+        v2 routing tokens, `ActConfig`), stored as dicts and validated through their typed configs.
+    heads: further output heads, name -> `{"kind": ..., ...}` of a registered head kind.
+    The component list — what `trainable`, `component_paths`, checkpoints and importers key on — is
+    the base four plus the components of every enabled head (`components`).
     """
 
     model_type = "mmbridge"
@@ -77,6 +87,7 @@ class MMBridgeConfig(PreTrainedConfig):
     llm_lora: dict | None = None
     draw_config: dict | None = None
     act_config: dict | None = None
+    heads: dict | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
@@ -85,12 +96,22 @@ class MMBridgeConfig(PreTrainedConfig):
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         if self.image_text_hidden_size:
             self.qformer_config.use_qformer_text_input = True  # text tokens get their own feed-forward
-        self.trainable = {**DEFAULT_TRAINABLE, **(self.trainable or {})}
+        for slot, cls in (("draw_config", DrawConfig), ("act_config", ActConfig)):
+            value = getattr(self, slot)
+            if isinstance(value, HeadConfig):
+                value = value.to_dict()
+            if value is not None:
+                setattr(self, slot, {**value, "kind": cls.kind})
+        self.heads = {name: (h.to_dict() if isinstance(h, HeadConfig) else dict(h))
+                      for name, h in (self.heads or {}).items()}
+        head_configs = self.head_configs  # validates every head now, not at first use
+        head_defaults = {c: t for head in head_configs.values() for c, t in head.components.items()}
+        self.trainable = {**DEFAULT_TRAINABLE, **head_defaults, **(self.trainable or {})}
         self.component_paths = dict(self.component_paths or {})
         self.added_tokens = dict(self.added_tokens or {})
-        unknown = (set(self.trainable) | set(self.component_paths)) - set(COMPONENTS)
+        unknown = (set(self.trainable) | set(self.component_paths)) - set(self.components)
         if unknown:
-            raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(COMPONENTS)}")
+            raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(self.components)}")
         if self.qformer_instruction and not self.image_text_hidden_size:
             raise ValueError("qformer_instruction needs the Q-Former's text side: set image_text_hidden_size")
         if self.num_query_tokens < 1:
@@ -100,5 +121,38 @@ class MMBridgeConfig(PreTrainedConfig):
     def image_token_id(self) -> int | None:
         return self.image_token_index
 
+    @property
+    def head_configs(self) -> dict[str, HeadConfig]:
+        """Every enabled head's typed config, by name (draw, act, then `heads` in order)."""
+        raw = {}
+        if self.draw_config is not None:
+            raw["draw"] = self.draw_config
+        if self.act_config is not None:
+            raw["act"] = self.act_config
+        for name, head in self.heads.items():
+            if name in raw:
+                raise ValueError(f"head name {name!r} is taken by draw_config / act_config")
+            raw[name] = head
+        configs = {name: build_head_config(name, head) for name, head in raw.items()}
+        clash = set(COMPONENTS) & {c for h in configs.values() for c in h.components}
+        if clash:
+            raise ValueError(f"head component name(s) {sorted(clash)} clash with the base components")
+        return configs
 
-__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE"]
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The base four, then each enabled head's components."""
+        extra = [c for head in self.head_configs.values() for c in head.components]
+        return (*COMPONENTS, *dict.fromkeys(extra))
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """Every loss this model can report (what a stage config may weight)."""
+        names = list(BASE_LOSSES)
+        if self.image_text_hidden_size:
+            names += QFORMER_LOSSES
+        return (*names, *(n for head in self.head_configs.values() for n in head.loss_names))
+
+
+__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "QFORMER_LOSSES",
+           "DrawConfig", "ActConfig", "HeadConfig"]

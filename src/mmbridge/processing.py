@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil, PreTrainedTokenizerBase
+
+from mmbridge.tokenization import tokenize_qformer_text
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -85,8 +87,11 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
             raise ValueError(f"message {i}: content must be a string or a list of parts")
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image"):
+            if kind not in ("text", "image", "head"):
                 raise ValueError(f"message {i} part {j}: unknown part type {kind!r} (expected 'text' or 'image')")
+            if kind == "head" and (role != "assistant" or not isinstance(part.get("head"), str)):
+                raise ValueError(f"message {i} part {j}: a head part (a head's output to train on) belongs in an "
+                                 "assistant message and names its head: {'type': 'head', 'head': NAME, 'target': ...}")
             if kind == "text" and not isinstance(part.get("text"), str):
                 raise ValueError(f"message {i} part {j}: a text part needs a string 'text'")
             if kind == "image" and role != "user":
@@ -114,6 +119,7 @@ class EncodedConversation:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    head_targets: list[tuple[str, Any]] = field(default_factory=list)  # (head, target) in reading order
 
 
 class MMBridgeProcessor:
@@ -123,9 +129,13 @@ class MMBridgeProcessor:
                  chat_template: str | None = None, num_query_tokens: int = 32, image_token: str = "<ImageHere>",
                  stop_strings: Sequence[str] = (), max_length: int | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, qformer_cls_token_id: int | None = None,
-                 qformer_max_length: int = 64):
+                 qformer_max_length: int = 64, heads: dict[str, list[str]] | None = None):
         """`qformer_cls_token_id` set: the model's Q-Former is instruction-aware, and every call also
-        returns `qformer_input_ids` / `qformer_attention_mask` (CLS + the text of each image's message)."""
+        returns `qformer_input_ids` / `qformer_attention_mask` (CLS + the text of each image's message).
+        `heads`: head name -> its tokens (trigger, then slots), as the model's `HeadConfig.tokens`; an
+        assistant part `{"type": "head", "head": NAME, "target": T}` is written as those tokens and T is
+        returned in `head_targets[NAME]`."""
+        self.heads = {name: list(tokens) for name, tokens in (heads or {}).items()}
         self.qformer_cls_token_id = qformer_cls_token_id
         self.qformer_max_length = qformer_max_length
         self.image_processor = image_processor
@@ -155,8 +165,6 @@ class MMBridgeProcessor:
         """Q-Former text inputs for an instruction-aware model (empty for a plain one)."""
         if self.qformer_cls_token_id is None:
             return {}
-        from mmbridge.modeling.qformer import tokenize_qformer_text
-
         ids, mask = tokenize_qformer_text(self.tokenizer, list(instructions), self.qformer_cls_token_id,
                                           self.qformer_max_length)
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
@@ -173,8 +181,30 @@ class MMBridgeProcessor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._expand_image_tokens(ids, [0] * len(ids))[0]
 
+    def _write_head_parts(self, messages: list[dict]) -> tuple[list[dict], list[tuple[str, Any]]]:
+        """Head parts -> text parts holding the head's tokens; their targets in reading order."""
+        targets, out = [], []
+        for message in messages:
+            parts = []
+            for part in message["content"]:
+                if part["type"] == "head":
+                    by_trigger = {tokens[0]: name for name, tokens in self.heads.items()}
+                    name = part["head"] if part["head"] in self.heads else by_trigger.get(part["head"])
+                    if name is None:
+                        raise ValueError(f"unknown head {part['head']!r}; this processor knows {sorted(self.heads)}")
+                    targets.append((name, part.get("target")))
+                    part = {"type": "text", "text": "".join(self.heads[name])}
+                parts.append(part)
+            out.append({**message, "content": parts})
+        return out, targets
+
+    @property
+    def slot_token_ids(self) -> set[int]:
+        """Tokens forced after a head's trigger: never a training target (the trigger itself is)."""
+        return set(self.tokenizer.convert_tokens_to_ids([t for tokens in self.heads.values() for t in tokens[1:]]))
+
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> EncodedConversation:
-        messages = normalize_messages(messages)
+        messages, head_targets = self._write_head_parts(normalize_messages(messages))
         rendered = self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
@@ -182,7 +212,8 @@ class MMBridgeProcessor:
         ids = list(rendered["input_ids"])
         assistant = list(rendered.get("assistant_masks") or [0] * len(ids))
         ids, assistant = self._expand_image_tokens(ids, assistant)
-        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, assistant)]
+        slots = self.slot_token_ids if self.heads else set()
+        labels = [tok if keep and tok not in slots else IGNORE_INDEX for tok, keep in zip(ids, assistant)]
         num_images = sum(p["type"] == "image" for m in messages for p in m["content"])
         placeholders = ids.count(self.image_token_id) // self.num_query_tokens
         if placeholders != num_images:
@@ -190,7 +221,7 @@ class MMBridgeProcessor:
                 f"the chat template rendered {placeholders} image placeholder(s) for {num_images} image part(s); "
                 f"the template must write {self.image_token!r} once per image part"
             )
-        return EncodedConversation(ids, labels, num_images)
+        return EncodedConversation(ids, labels, num_images, head_targets)
 
     def _expand_image_tokens(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
         out_ids, out_mask = [], []
@@ -202,11 +233,16 @@ class MMBridgeProcessor:
 
     def __call__(self, conversations: Sequence[dict] | Sequence[Sequence[dict]], images: Sequence[Any] | None = None,
                  add_generation_prompt: bool = False, padding_side: str = "left",
-                 return_labels: bool = False, truncation: bool = False) -> BatchFeature:
+                 return_labels: bool = False, truncation: bool = False,
+                 return_qformer_text: bool = False) -> BatchFeature:
         """One conversation or a batch -> `input_ids`, `attention_mask`, `pixel_values` (+ `labels`).
 
         Images come from the image parts themselves (`{"type": "image", "image": ...}`) or, for
         parts without one, from `images` in order of appearance across the batch.
+        With `return_labels`, a processor with heads also returns `head_targets` (head -> targets of
+        the head parts in reading order, those cut by truncation left out). `return_qformer_text`
+        adds BLIP-2 stage 1's text: `qformer_text_ids` / `qformer_text_mask`, CLS + the answer text + EOS
+        of each conversation (one image each), what ITC / ITM / ITG pair with the image.
         """
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
         encoded = [self.encode(conv, add_generation_prompt) for conv in batch]
@@ -238,6 +274,10 @@ class MMBridgeProcessor:
             "pixel_values": self.preprocess_images(all_images),
             **self.instruction_inputs(instructions),
         }
+        if return_qformer_text:
+            data.update(self.qformer_text_inputs(batch))
+        if return_labels and self.heads:
+            data["head_targets"] = self._collect_head_targets(encoded)
         if return_labels:
             empty = [i for i, e in enumerate(encoded) if all(tok == IGNORE_INDEX for tok in e.labels)]
             if empty:  # a loss over no tokens is NaN; say which sample instead
@@ -246,6 +286,33 @@ class MMBridgeProcessor:
                     "answer, a chat template without {% generation %} markers, or cut off by max_length")
             data["labels"] = torch.tensor(labels, dtype=torch.long)
         return BatchFeature(data)
+
+    def qformer_text_inputs(self, conversations: Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
+        texts = []
+        for i, conversation in enumerate(conversations):
+            messages = normalize_messages(conversation)
+            if len(images_in(messages)) != 1:
+                raise ValueError(f"conversation {i}: Q-Former text pairs with exactly one image, "
+                                 f"found {len(images_in(messages))}")
+            texts.append(" ".join(p["text"] for m in messages if m["role"] == "assistant"
+                                  for p in m["content"] if p["type"] == "text").strip())
+        first = self.qformer_cls_token_id if self.qformer_cls_token_id is not None else self.tokenizer.bos_token_id
+        ids, mask = tokenize_qformer_text(self.tokenizer, texts, first, self.qformer_max_length)
+        return {"qformer_text_ids": ids, "qformer_text_mask": mask}
+
+    def _collect_head_targets(self, encoded: list[EncodedConversation]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in self.heads}
+        trigger_ids = {name: self.tokenizer.convert_tokens_to_ids(tokens[0]) for name, tokens in self.heads.items()}
+        for e in encoded:
+            present = {name: 0 for name in self.heads}
+            for name, target in e.head_targets:
+                # an occurrence survives truncation only with all its slots (as the model reads them)
+                start = [i for i, tok in enumerate(e.input_ids) if tok == trigger_ids[name]]
+                k = present[name]
+                if k < len(start) and start[k] + len(self.heads[name]) - 1 < len(e.input_ids):
+                    out[name].append(target)
+                present[name] += 1
+        return out
 
     def _collect_images(self, batch: list, images: Sequence[Any] | None) -> list[Any]:
         embedded = [img for conv in batch for img in images_in(normalize_messages(conv))]
@@ -267,7 +334,8 @@ class MMBridgeProcessor:
         while cut > 0 and e.input_ids[cut - 1] == self.image_token_id and e.input_ids[cut] == self.image_token_id:
             cut -= 1
         ids = e.input_ids[:cut]
-        return EncodedConversation(ids, e.labels[:cut], ids.count(self.image_token_id) // self.num_query_tokens)
+        return EncodedConversation(ids, e.labels[:cut], ids.count(self.image_token_id) // self.num_query_tokens,
+                                   e.head_targets)
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -277,7 +345,8 @@ class MMBridgeProcessor:
         return {"processor_class": type(self).__name__, "num_query_tokens": self.num_query_tokens,
                 "image_token": self.image_token, "stop_strings": self.stop_strings,
                 "max_length": self.max_length, "max_image_pixels": self.max_image_pixels,
-                "qformer_cls_token_id": self.qformer_cls_token_id, "qformer_max_length": self.qformer_max_length}
+                "qformer_cls_token_id": self.qformer_cls_token_id, "qformer_max_length": self.qformer_max_length,
+                "heads": self.heads}
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         save_directory = Path(save_directory)

@@ -57,25 +57,43 @@ class LanguageModel(nn.Module):
     def add_special_tokens(self, tokens: list[str], tokenizer, config: MMBridgeConfig) -> dict[str, int]:
         """Add `tokens` to tokenizer and LM; new rows start at the mean embedding (MiniGPT-5) and train alone.
 
-        Returns token -> id and records it in `config.added_tokens` so that a saved model rebuilds
-        the same layout.
+        May be called again in a later stage (vokens first, routing tokens later): rows added before keep
+        their trained values and keep training. Returns token -> id of every added token and records it in
+        `config.added_tokens` so that a saved model rebuilds the same layout.
         """
-        if config.added_tokens:
-            raise ValueError("special tokens were already added to this model; add them all in one call")
-        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
-        ids = tokenizer.convert_tokens_to_ids(list(tokens))
-        old_rows = self.vocab_size
-        if max(ids) >= old_rows:
+        new = [t for t in dict.fromkeys(tokens) if t not in (config.added_tokens or {})]
+        if not new:
+            return dict(config.added_tokens)
+        self._fold_trained_rows()
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(new)
+        known_rows = min([*(config.added_tokens or {}).values(), *ids])  # rows of the LM as pretrained
+        if max(ids) >= self.vocab_size:
             # pad to a multiple of 8 like most released LMs; the spare rows are never produced by the tokenizer
             self.model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=False)
         with torch.no_grad():
             for matrix in self._token_matrices():
-                mean = matrix[:old_rows].mean(dim=0)
-                matrix[ids] = mean
+                matrix[ids] = matrix[:known_rows].mean(dim=0)
         config.text_config.vocab_size = self.vocab_size
-        config.added_tokens = dict(zip(tokens, ids))
-        self._make_rows_trainable(sorted(ids))
+        config.added_tokens = {**(config.added_tokens or {}), **dict(zip(new, ids))}
+        self._make_rows_trainable(sorted(config.added_tokens.values()))
         return dict(config.added_tokens)
+
+    def _fold_trained_rows(self) -> None:
+        """Remove the trainable-rows adapter, writing its trained rows into the matrices it wraps (rows of
+        added tokens only, which no pretrained weight holds), so the vocabulary can grow and be re-wrapped."""
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        input_layer, output_layer = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        for layer, setter in ((input_layer, self.model.set_input_embeddings),
+                              (output_layer, self.model.set_output_embeddings)):
+            if not isinstance(layer, TrainableTokensLayer):
+                continue
+            base = layer.get_base_layer()
+            with torch.no_grad():
+                for adapter, indices in layer.token_indices.items():
+                    base.weight[indices] = layer.trainable_tokens_delta[adapter].to(base.weight.dtype)
+            setter(base)
 
     def add_lora(self, lora: dict, config: MMBridgeConfig) -> None:
         """Wrap the LLM's linear layers named in `lora["target_modules"]` with LoRA adapters (peft).

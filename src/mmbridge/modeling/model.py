@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmbridge.config import COMPONENTS, MMBridgeConfig
+from mmbridge.config import COMPONENTS, QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection
+from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
 from mmbridge.modeling.llm import LanguageModel
+from mmbridge.modeling.outputs import MMBridgeOutput
 from mmbridge.modeling.qformer import QFormer, QFormerTextHeads
 from mmbridge.modeling.vision import VisionEncoder
 
@@ -48,8 +49,37 @@ class MMBridgeModel(PreTrainedModel):
         self.qformer = QFormer(config)
         self.projection = build_projection(config)
         self.llm = LanguageModel(config, language_model)
+        # Output heads are top-level modules named like the head, so their components are module paths
+        # ("count", "draw.mapper") like the base four.
+        self.head_names = []
+        for name, head_config in config.head_configs.items():
+            if hasattr(self, name):
+                raise ValueError(f"head name {name!r} is taken by an attribute of the model")
+            self.add_module(name, build_head(head_config, config))
+            self.head_names.append(name)
         self.post_init()
         self.apply_trainable_policy()
+
+    @property
+    def heads(self) -> dict[str, OutputHead]:
+        return {name: getattr(self, name) for name in self.head_names}
+
+    def add_head(self, head_config, tokenizer) -> OutputHead:
+        """Add an output head in a later stage: record its config, add its tokens to the LLM (trainable
+        rows; tokens added before keep theirs) and build its module (trainable per its config)."""
+        name = head_config.name
+        if name in self.config.head_configs:
+            raise ValueError(f"this model already has a head named {name!r}")
+        heads = dict(self.config.heads)
+        heads[name] = head_config.to_dict()
+        self.config.heads = heads
+        self.config.trainable = {**head_config.components, **self.config.trainable}
+        self.llm.add_special_tokens(head_config.tokens, tokenizer, self.config)
+        head = build_head(self.config.head_configs[name], self.config)
+        self.add_module(name, head.to(self.device))
+        self.head_names.append(name)
+        self.apply_trainable_policy()
+        return head
 
     # -- weights ---------------------------------------------------------------------------
     def post_init(self):
@@ -84,10 +114,8 @@ class MMBridgeModel(PreTrainedModel):
 
     def apply_trainable_policy(self) -> None:
         """Freeze components per `config.trainable`; frozen parts also go to eval mode (no dropout)."""
-        for name in COMPONENTS:
-            component = getattr(self, name)
-            trainable = self.config.trainable[name]
-            component.requires_grad_(trainable)
+        for name in self.config.components:
+            self.get_submodule(name).requires_grad_(self.config.trainable[name])
         # Rows of added special tokens and LoRA adapters train even inside a frozen LLM.
         for param_name, param in self.llm.named_parameters():
             if is_llm_adapter(param_name):
@@ -101,9 +129,9 @@ class MMBridgeModel(PreTrainedModel):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in COMPONENTS:
+        for name in self.config.components:
             if not self.config.trainable[name]:
-                getattr(self, name).eval()
+                self.get_submodule(name).eval()
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -123,27 +151,32 @@ class MMBridgeModel(PreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
-                           qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                           qformer_attention_mask: torch.Tensor | None = None,
+                           vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """(num_images, 3, H, W) -> soft prompts (num_images, num_query_tokens, llm_hidden).
 
-        `qformer_input_ids` (one row per image) are the instructions of an instruction-aware Q-Former."""
+        `qformer_input_ids` (one row per image) are the instructions of an instruction-aware Q-Former;
+        `vision_features` skips the vision encoder when its output is already at hand."""
         if self.config.qformer_instruction and qformer_input_ids is None:
             raise ValueError("this model's Q-Former reads the instruction with each image "
                              "(config.qformer_instruction): pass qformer_input_ids, as the processor returns them")
-        image_features = self.vision(pixel_values)
-        query_output = self.qformer(image_features.to(self.qformer.query_tokens.dtype),
+        if vision_features is None:
+            vision_features = self.vision(pixel_values)
+        query_output = self.qformer(vision_features.to(self.qformer.query_tokens.dtype),
                                     instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask)
         return self.projection(query_output.to(self.projection.weight.dtype))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_features: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
-                     qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     qformer_attention_mask: torch.Tensor | None = None,
+                     vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image's soft prompt placed at its placeholder positions."""
         image_token_id = self.config.image_token_index
         inputs_embeds = self.llm.embed(input_ids, image_token_id)
         num_slots = 0 if image_token_id is None else int((input_ids == image_token_id).sum())
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
+            image_features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                                     vision_features=vision_features)
         num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if num_slots != num_features:
             num_images = 0 if image_features is None else image_features.shape[0]
@@ -155,6 +188,20 @@ class MMBridgeModel(PreTrainedModel):
             return inputs_embeds
         mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+    def head_hidden_states(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For every head present in `input_ids`: the last hidden states at its trigger and slots,
+        (occurrences, 1 + num_slots, hidden), occurrences in reading order."""
+        out = {}
+        for name, head in self.heads.items():
+            trigger_id = self.config.added_tokens.get(head.config.trigger)
+            if trigger_id is None:
+                raise ValueError(f"head {name!r}: its trigger {head.config.trigger!r} is not in the vocabulary; "
+                                 "add heads with `model.add_head`")
+            rows, positions = slot_positions(input_ids, trigger_id, head.config.num_slots)
+            if len(rows):
+                out[name] = hidden_states[rows, positions]
+        return out
 
     def forward(
         self,
@@ -169,26 +216,97 @@ class MMBridgeModel(PreTrainedModel):
         output_hidden_states: bool | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        qformer_text_ids: torch.Tensor | None = None,
+        qformer_text_mask: torch.Tensor | None = None,
+        head_targets: dict | None = None,
+        loss_names: tuple[str, ...] | list[str] | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """LM loss over `labels` (the processor masks prompt and image positions with -100)."""
-        if labels is not None and not (labels != -100).any():
-            raise ValueError("every label is -100 (ignored), so the loss would be NaN: no sample in this batch "
-                             "has answer tokens to train on")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
-                                              qformer_attention_mask=qformer_attention_mask)
-        return self.llm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
+    ) -> MMBridgeOutput:
+        """Every loss the inputs allow, by name, or only those in `loss_names`:
+
+        * `lm` — next-token loss over `labels` (the processor masks prompt and image positions with -100);
+        * `itc` / `itm` / `itg` — BLIP-2 stage 1 on `qformer_text_ids` (CLS + text + EOS, one row per
+          image, as the processor returns with `return_qformer_text=True`); the LLM does not run when
+          only these are asked for;
+        * each head's losses, from its slots' hidden states and `head_targets[head_name]`.
+        """
+        wanted = set(self.config.loss_names if loss_names is None else loss_names)
+        unknown = wanted - set(self.config.loss_names)
+        if unknown:
+            raise ValueError(f"this model cannot compute loss(es) {sorted(unknown)}; it has {list(self.config.loss_names)}")
+        losses: dict[str, torch.Tensor] = {}
+        vision_features = None
+        stage1 = sorted(wanted & set(QFORMER_LOSSES)) if qformer_text_ids is not None else []
+        if stage1:
+            vision_features = self.vision(pixel_values)
+            losses.update(self.qformer.stage1_losses(
+                vision_features.to(self.qformer.query_tokens.dtype), qformer_text_ids, qformer_text_mask,
+                cls_token_id=self.config.qformer_cls_token_id, dec_token_id=self.config.qformer_dec_token_id,
+                losses=stage1))
+        run_llm = input_ids is not None or inputs_embeds is not None
+        if loss_names is not None and not wanted - set(QFORMER_LOSSES):
+            run_llm = False  # stage 1: the LLM plays no part
+        llm_out, head_outputs = None, {}
+        if run_llm:
+            if labels is not None and not (labels != -100).any():
+                raise ValueError("every label is -100 (ignored), so the loss would be NaN: no sample in this batch "
+                                 "has answer tokens to train on")
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
+                                                  qformer_attention_mask=qformer_attention_mask,
+                                                  vision_features=vision_features)
+            need_heads = bool(self.head_names) and input_ids is not None and head_targets is not None
+            llm_out = self.llm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels if "lm" in wanted else None,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states or need_heads,
+                return_dict=True,
+                **kwargs,
+            )
+            if llm_out.loss is not None:
+                losses["lm"] = llm_out.loss
+            if need_heads:
+                for name, hidden in self.head_hidden_states(input_ids, llm_out.hidden_states[-1]).items():
+                    if name in head_targets:
+                        head_losses = self.heads[name].loss(hidden, head_targets[name])
+                        losses.update({k: v for k, v in head_losses.items() if k in wanted})
+        return MMBridgeOutput(
+            loss=sum(losses.values()) if losses else None,
+            losses=losses,
+            logits=None if llm_out is None else llm_out.logits,
+            past_key_values=None if llm_out is None else llm_out.past_key_values,
+            hidden_states=None if llm_out is None or not output_hidden_states else llm_out.hidden_states,
+            attentions=None if llm_out is None else llm_out.attentions,
+            head_outputs=head_outputs,
         )
+
+    @torch.no_grad()
+    def decode_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None) -> list[tuple[int, int, str, dict]]:
+        """Run every head found in finished sequences (prompt + answer, left-padded) and return
+        `(row, position of the trigger, head name, decoded tensors of that occurrence)` in reading order."""
+        if not self.head_names:
+            return []
+        embeds = self.embed_inputs(input_ids, image_features=image_features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, return_dict=True).hidden_states[-1]
+        found = []
+        for name, head in self.heads.items():
+            rows, positions = slot_positions(input_ids, self.config.added_tokens[head.config.trigger],
+                                             head.config.num_slots)
+            if not len(rows):
+                continue
+            decoded = head.decode(hidden[rows, positions])
+            for i in range(len(rows)):
+                found.append((int(rows[i, 0]), int(positions[i, 0]), name, {k: v[i] for k, v in decoded.items()}))
+        return sorted(found, key=lambda item: (item[0], item[1]))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -218,7 +336,8 @@ class MMBridgeModel(PreTrainedModel):
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         if trainable_only:
-            missing = [n for n in COMPONENTS if not self.config.trainable[n] and n not in self.config.component_paths]
+            missing = [n for n in self.config.components
+                       if not self.config.trainable[n] and n not in self.config.component_paths]
             if missing:
                 raise ValueError(
                     f"trainable_only=True needs config.component_paths for the frozen component(s) {missing}; "

@@ -14,6 +14,8 @@ cases, so the text side below is written here; `build_qformer_text_mask` is the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,7 @@ from transformers import Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from mmbridge.config import MMBridgeConfig
+from mmbridge.tokenization import tokenize_qformer_text  # noqa: F401  (re-exported for stage-1 code)
 
 MASK_MODES = ("bidirectional", "causal")
 
@@ -46,20 +49,6 @@ def build_qformer_text_mask(num_queries: int, text_attention_mask: torch.Tensor,
         allowed[:, num_queries:, num_queries:] &= causal
     mask = torch.zeros(batch, 1, total, total, dtype=dtype, device=device)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-
-
-def tokenize_qformer_text(tokenizer, texts, first_token_id: int, max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """`first_token` + text + EOS, right-padded: BERT's [CLS] … [SEP] / BLIP-2's [DEC] … [SEP].
-    Returns (input_ids, attention_mask)."""
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length - 2]
-        rows.append([first_token_id] + ids + [tokenizer.eos_token_id])
-    width = max((len(r) for r in rows), default=0)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
-    return ids, mask
 
 
 class QFormerTextHeads(nn.Module):
@@ -180,3 +169,53 @@ class QFormer(nn.Module):
         mask = build_qformer_text_mask(self.num_queries, attention_mask, "causal", embeds.dtype)
         hidden = self._run(embeds, image_features, attention_mask=mask, query_length=self.num_queries)
         return text.lm_head(text.lm_transform(hidden[:, self.num_queries:]))
+
+    # -- BLIP-2 stage 1 ------------------------------------------------------------------------
+    def stage1_losses(self, image_features: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *,
+                      cls_token_id: int, dec_token_id: int, losses: Sequence[str] = ("itc", "itm", "itg"),
+                      label_smoothing: float = 0.1) -> dict[str, torch.Tensor]:
+        """ITC / ITM / ITG for (image i, text i) pairs, following LAVIS' `Blip2Qformer.forward`.
+
+        `text_ids` are CLS + text + EOS (right-padded, one row per image); ITG reads the same text after
+        BLIP-2's DEC token. ITC takes the best-matching query per pair with in-batch negatives and a learned
+        temperature; ITM scores one positive and two hard negatives per sample drawn from the ITC
+        similarity softmax (torch's global RNG, so a resumed run draws the same), logits averaged over the
+        queries; ITG generates the text from the queries under the multimodal-causal mask (label smoothing
+        0.1 as BLIP-2). One deviation, for a world with few distinct captions: in-batch pairs whose texts are
+        identical are both positives (soft ITC targets, never drawn as ITM negatives)."""
+        out: dict[str, torch.Tensor] = {}
+        batch = image_features.shape[0]
+        ids = text_ids.clone()
+        ids[:, 0] = cls_token_id
+        same_text = ((ids[:, None, :] == ids[None, :, :]) | (text_mask[:, None, :] == 0)).all(-1)
+        if "itc" in losses or "itm" in losses:
+            image_embeds = self.image_embeds(image_features)
+            text_embeds = self.text_embeds(ids, text_mask)
+            scale = self._require_text().logit_scale.exp().clamp(max=100.0)
+            sim_i2t = self.similarity(image_embeds, text_embeds) * scale  # (images, texts)
+            sim_t2i = sim_i2t.t()
+            if "itc" in losses:
+                targets = same_text.float() / same_text.float().sum(dim=1, keepdim=True)
+                out["itc"] = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_t2i, targets)) / 2
+        if "itm" in losses:
+            with torch.no_grad():  # hard negatives: likely-but-wrong partners (never a same-text pair)
+                weights_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(same_text, 0) + 1e-9
+                weights_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(same_text, 0) + 1e-9
+                has_negative = ~same_text.all(dim=1)
+                neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)
+                neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)
+            keep = has_negative.nonzero().squeeze(1)
+            itm_images = torch.cat([image_features, image_features[neg_image[keep]], image_features[keep]])
+            itm_ids = torch.cat([ids, ids[keep], ids[neg_text[keep]]])
+            itm_mask = torch.cat([text_mask, text_mask[keep], text_mask[neg_text[keep]]])
+            labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * len(keep), dtype=torch.long)])
+            logits = self.itm_logits(itm_images, itm_ids, itm_mask)
+            out["itm"] = F.cross_entropy(logits, labels.to(logits.device))
+        if "itg" in losses:
+            gen_ids = ids.clone()
+            gen_ids[:, 0] = dec_token_id
+            logits = self.itg_logits(image_features, gen_ids, text_mask)
+            targets = gen_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
+            out["itg"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                         ignore_index=-100, label_smoothing=label_smoothing)
+        return out

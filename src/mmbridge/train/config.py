@@ -21,11 +21,16 @@ from typing import Any
 
 import yaml
 
-from mmbridge.config import COMPONENTS
+from mmbridge.config import BASE_LOSSES, COMPONENTS, QFORMER_LOSSES
+from mmbridge.heads_config import HEAD_CONFIGS
 
-#: Losses a stage can ask for. The see-model's only objective is the LM loss over answer tokens;
-#: wave 2 adds image / task losses under new names here.
-KNOWN_LOSSES = ("lm",)
+#: Losses a stage can ask for, by name: the LM's, BLIP-2 stage 1's, and every registered head kind's.
+#: Which of them a given model reports is checked against its config (`MMBridgeConfig.loss_names`).
+def known_losses() -> tuple[str, ...]:
+    return (*BASE_LOSSES, *QFORMER_LOSSES, *(n for cls in HEAD_CONFIGS.values() for n in cls.loss_names))
+
+
+KNOWN_LOSSES = known_losses()
 DATASET_TYPES = ("webdataset", "llava_json")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -279,21 +284,36 @@ def resolve_paths(cfg: StageConfig, base: Path) -> None:
             ds.shards = [absolute(s) for s in ds.shards]
 
 
+def _model_names(cfg: StageConfig, check_paths: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(components, losses) a stage may name: the model's own when its config can be read, else the
+    base components and every loss some model can report (the trainer checks again on the model)."""
+    if check_paths and (Path(cfg.model) / "config.json").is_file():
+        from mmbridge.config import MMBridgeConfig
+
+        try:
+            config = MMBridgeConfig.from_pretrained(cfg.model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model: cannot read {cfg.model}/config.json: {err}") from err
+        return config.components, config.loss_names
+    return COMPONENTS, known_losses()
+
+
 def validate(cfg: StageConfig, check_paths: bool = True) -> None:
-    unknown = [c for c in cfg.train if c not in COMPONENTS]
+    components, losses = _model_names(cfg, check_paths)
+    unknown = [c for c in cfg.train if c not in components]
     if unknown:
-        raise ConfigError(f"train: unknown component(s) {unknown}; known components: {list(COMPONENTS)}")
+        raise ConfigError(f"train: unknown component(s) {unknown}; known components: {list(components)}")
     if not cfg.train:
         raise ConfigError("train: list at least one component to train (e.g. [qformer, projection])")
-    bad_mult = [c for c in cfg.optim.lr_mult if c not in COMPONENTS]
+    bad_mult = [c for c in cfg.optim.lr_mult if c not in components]
     if bad_mult:
-        raise ConfigError(f"optim.lr_mult: unknown component(s) {bad_mult}; known components: {list(COMPONENTS)}")
+        raise ConfigError(f"optim.lr_mult: unknown component(s) {bad_mult}; known components: {list(components)}")
     frozen_mult = [c for c in cfg.optim.lr_mult if c not in cfg.train]
     if frozen_mult:
         raise ConfigError(f"optim.lr_mult: {frozen_mult} do not train in this stage (train: {cfg.train})")
-    bad_loss = [k for k in cfg.losses if k not in KNOWN_LOSSES]
+    bad_loss = [k for k in cfg.losses if k not in losses]
     if bad_loss:
-        raise ConfigError(f"losses: unknown loss(es) {bad_loss}; known: {list(KNOWN_LOSSES)}")
+        raise ConfigError(f"losses: unknown loss(es) {bad_loss}; known: {list(losses)}")
     if cfg.run.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"run.mixed_precision: {cfg.run.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
     s = cfg.schedule

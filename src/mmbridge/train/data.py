@@ -40,8 +40,10 @@ logger = logging.getLogger("mmbridge.train")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
-#: Present only for instruction-aware Q-Formers (InstructBLIP).
-OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
+#: Present only where they apply: instruction-aware Q-Formers (InstructBLIP), BLIP-2 stage-1 text,
+#: head targets (not tensors: each head reads its own).
+OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask", "qformer_text_ids", "qformer_text_mask",
+                         "head_targets")
 #: A reader that skips this many samples in a row without one good sample stops with an error
 #: instead of spinning forever on a dataset that is corrupt through and through.
 MAX_CONSECUTIVE_SKIPS = 10_000
@@ -99,9 +101,28 @@ def _caption_conversation(image, caption: str, prompt: str) -> list[dict]:
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def llava_to_messages(turns: list[dict], images: list) -> list[dict]:
+def _head_parts(text: str, targets: dict[str, list]) -> list[dict]:
+    """Split assistant text at head triggers; each occurrence becomes a head part with its next target."""
+    import re
+
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(targets, key=len, reverse=True)) + ")"
+    parts, used = [], {t: 0 for t in targets}
+    for piece in re.split(pattern, text):
+        if piece in targets:
+            if used[piece] >= len(targets[piece]):
+                raise SampleError(f"more {piece} in the answers than targets given for it")
+            parts.append({"type": "head", "head": piece, "target": targets[piece][used[piece]]})
+            used[piece] += 1
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def llava_to_messages(turns: list[dict], images: list, targets: dict | None = None) -> list[dict]:
     """LLaVA `conversations` -> messages; each `<image>` in a human turn becomes the next image part.
-    Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention)."""
+    Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention).
+    `targets` (a record's optional `"targets"`: head trigger -> one target per occurrence, in order)
+    turn each trigger written in an answer ("There are [CNT] shapes") into a head part."""
     if not isinstance(turns, list) or not turns:
         raise SampleError("'conversations' must be a non-empty list")
     pending = list(images)
@@ -118,7 +139,10 @@ def llava_to_messages(turns: list[dict], images: list) -> list[dict]:
                     raise SampleError("an <image> tag without an image")
                 parts.append({"type": "image", "image": pending.pop(0)})
             if piece.strip():
-                parts.append({"type": "text", "text": piece.strip()})
+                if role == "assistant" and targets:
+                    parts += _head_parts(piece.strip(), targets)
+                else:
+                    parts.append({"type": "text", "text": piece.strip()})
         messages.append({"role": role, "content": parts or [{"type": "text", "text": ""}]})
     if pending:
         first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -218,7 +242,10 @@ class LlavaJsonDataset(Dataset):
         names = record.get("image") or []
         names = [names] if isinstance(names, str) else names
         images = [load_image(self.image_root / name) for name in names]
-        return llava_to_messages(record.get("conversations"), images)
+        targets = record.get("targets")
+        if targets is not None and not (isinstance(targets, dict) and all(isinstance(v, list) for v in targets.values())):
+            raise SampleError("'targets' must map a head's trigger token to a list of targets")
+        return llava_to_messages(record.get("conversations"), images, targets)
 
 
 class LlavaJsonSource:
@@ -286,8 +313,9 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, cfg: DataConfig, processor: MMBridgeProcessor, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, state: dict | None = None):
+                 seed: int = 0, state: dict | None = None, qformer_text: bool = False):
         self.cfg = cfg
+        self.qformer_text = qformer_text  # BLIP-2 stage 1: the answer is the image's text for ITC/ITM/ITG
         self.processor = processor
         if cfg.max_length:
             processor.max_length = cfg.max_length
@@ -339,7 +367,8 @@ class TrainStream(IterableDataset):
                 in_a_row = 0
                 conversations.append(messages)
                 keys.append(key)
-            batch = self.processor(conversations, return_labels=True, padding_side="right", truncation=True)
+            batch = self.processor(conversations, return_labels=True, padding_side="right", truncation=True,
+                                   return_qformer_text=self.qformer_text)
             out = {name: batch[name] for name in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS) if name in batch}
             out.update(keys=keys, _worker=logical, _position=position, _skipped=dict(stats.counts))
             yield out
@@ -354,8 +383,8 @@ class TrainStream(IterableDataset):
 
 
 def build_dataloader(cfg: DataConfig, processor: MMBridgeProcessor, *, rank: int = 0, world: int = 1,
-                     seed: int = 0, state: dict | None = None) -> DataLoader:
-    stream = TrainStream(cfg, processor, rank=rank, world=world, seed=seed, state=state)
+                     seed: int = 0, state: dict | None = None, qformer_text: bool = False) -> DataLoader:
+    stream = TrainStream(cfg, processor, rank=rank, world=world, seed=seed, state=state, qformer_text=qformer_text)
     return DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers,
         # Our own generator: creating the iterator must not draw from the global torch RNG, or a

@@ -25,14 +25,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from mmbridge.config import COMPONENTS
+from mmbridge.config import QFORMER_LOSSES
 from mmbridge.train import checkpoint as ckpt
-from mmbridge.train.config import StageConfig
+from mmbridge.train.config import ConfigError, StageConfig
 from mmbridge.train.data import MODEL_INPUTS, OPTIONAL_MODEL_INPUTS, build_dataloader
 from mmbridge.train.schedule import build_scheduler
 
 logger = logging.getLogger("mmbridge.train")
 CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "samples", "skipped", "elapsed_s")
+#: Losses normalised by the answer tokens of the whole global batch; every other loss is a per-batch mean.
+TOKEN_LOSSES = ("lm",)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,13 +47,20 @@ def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered or ".ln" in lowered
 
 
+def component_of(param_name: str, components) -> str:
+    """The component (a module path such as `qformer` or `draw.mapper`) a parameter belongs to."""
+    matches = [c for c in components if param_name.startswith(f"{c}.")]
+    return max(matches, key=len) if matches else param_name.split(".", 1)[0]
+
+
 def param_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict]:
     """One AdamW group per (component, decay/no-decay), each with its own lr multiplier."""
     groups = {}
+    components = model.config.components if hasattr(model, "config") else ()
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        component = name.split(".", 1)[0]
+        component = component_of(name, components)
         decay = not no_decay(name, param)
         mult = stage.optim.lr_mult.get(component, 1.0)
         key = (component, decay)
@@ -152,7 +161,8 @@ class Trainer:
         set_seed(stage.run.seed, device_specific=True)  # different dropout per process, reproducible
         model = MMBridgeModel.from_pretrained(stage.model)
         self.processor = MMBridgeProcessor.from_pretrained(stage.model)
-        model.config.trainable = {c: c in stage.train for c in COMPONENTS}
+        self._check_against_model(model.config)
+        model.config.trainable = {c: c in stage.train for c in model.config.components}
         if stage.llm_lora and not model.config.llm_lora:
             model.add_llm_lora(stage.llm_lora)
         model.apply_trainable_policy()
@@ -182,6 +192,19 @@ class Trainer:
         logger.info("stage %s: training %s (%d of %d parameters), %d process(es), mixed precision %s",
                     stage.stage, stage.train + (["LoRA on the llm"] if stage.llm_lora else []), n_train, n_all,
                     acc.num_processes, acc.mixed_precision)
+
+    def _check_against_model(self, config) -> None:
+        """What a stage names must exist in this model: its components and the losses it can report."""
+        stage = self.stage
+        unknown = [c for c in [*stage.train, *stage.optim.lr_mult] if c not in config.components]
+        if unknown:
+            raise ConfigError(f"train: unknown component(s) {unknown}; this model's components: {list(config.components)}")
+        bad = [n for n in stage.losses if n not in config.loss_names]
+        if bad:
+            raise ConfigError(f"losses: this model cannot compute {bad}; it reports {list(config.loss_names)}")
+        self.loss_names = [n for n, w in stage.losses.items() if w]
+        if not self.loss_names:
+            raise ConfigError("losses: give at least one loss a non-zero weight")
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         if self.sharded:  # gathers the full state on the main process
@@ -230,7 +253,7 @@ class Trainer:
         with path.open() as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=self.csv_fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -241,7 +264,7 @@ class Trainer:
         path = self.run_dir / "metrics.csv"
         new = not path.is_file()
         csv_file = path.open("a", newline="")
-        writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(csv_file, fieldnames=self.csv_fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         try:
@@ -258,9 +281,12 @@ class Trainer:
         acc, stage = self.accelerator, self.stage
         self._data_seed_offset = 0
         self._build()
+        # one column per weighted loss next to the total (`loss_itc`, ...), so a curve per objective
+        self.csv_fields = (*CSV_FIELDS, *(f"loss_{n}" for n in self.loss_names))
         data_state = self._restore()
         loader = build_dataloader(stage.data, self.processor, rank=acc.process_index, world=acc.num_processes,
-                                  seed=stage.run.seed + self._data_seed_offset, state=data_state)
+                                  seed=stage.run.seed + self._data_seed_offset, state=data_state,
+                                  qformer_text=any(n in QFORMER_LOSSES for n in self.loss_names))
         self.data_batches = int(data_state.get("batches", 0))
         self.positions = {int(k): v for k, v in data_state.get("positions", {}).items()}
         self.skipped = {int(k): v for k, v in data_state.get("skipped", {}).items()}
@@ -281,12 +307,14 @@ class Trainer:
                     row = {"step": self.step, "loss": f"{last['loss']:.6f}", "lr": f"{last['lr']:.6g}",
                            "grad_norm": f"{last['grad_norm']:.6f}", "samples_per_s": f"{last['samples_per_s']:.2f}",
                            "samples": self.samples, "skipped": last["skipped"],
-                           "elapsed_s": f"{time.perf_counter() - start:.2f}"}
+                           "elapsed_s": f"{time.perf_counter() - start:.2f}",
+                           **{f"loss_{n}": f"{v:.6f}" for n, v in last["losses"].items()}}
                     if self.step % stage.run.log_every == 0 or self.step == self.stop_at:
                         csv_pair[1].writerow(row)
                         csv_pair[0].flush()
                         if tb is not None:
-                            for key in ("loss", "lr", "grad_norm", "samples_per_s", "skipped"):
+                            for key in ("loss", "lr", "grad_norm", "samples_per_s", "skipped",
+                                        *(f"loss_{n}" for n in last["losses"])):
                                 tb.add_scalar(f"train/{key}", float(row[key]), self.step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
@@ -319,19 +347,29 @@ class Trainer:
         # Target tokens of the whole global batch (labels are shifted by one inside the LM loss).
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
-        loss_sum = torch.zeros((), device=acc.device)
+        names = self.loss_names
+        part_sums = torch.zeros(len(names), device=acc.device)
+        extra = {"num_items_in_batch": max(global_tokens, 1.0)} if "lm" in names else {}
         for i, batch in enumerate(micro):
-            inputs = {k: v.to(acc.device) for k, v in batch.items() if k in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS)}
+            inputs = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()
+                      if k in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS)}
             last_micro = i == len(micro) - 1
             sync = nullcontext() if last_micro else acc.no_sync(self.model)
             with sync:
                 with acc.autocast():
-                    out = self.model(**inputs, num_items_in_batch=max(global_tokens, 1.0))
-                loss = out.loss * stage.losses["lm"]  # = this micro-batch's share of the global mean
+                    out = self.model(**inputs, loss_names=names, **extra)
+                # Each part as its share of the global value: token losses are already divided by the
+                # global token count; mean losses are averaged over micro-batches and processes.
+                shares = torch.stack([
+                    out.losses[n] if n in TOKEN_LOSSES else out.losses[n] / (len(micro) * acc.num_processes)
+                    if n in out.losses else torch.zeros((), device=acc.device) for n in names])
+                weights = torch.tensor([stage.losses[n] for n in names], device=acc.device)
+                loss = (shares * weights).sum()
                 self._check_finite(loss, i, batch["keys"])
                 # DDP/FSDP average gradients over processes; scale so the result is the global mean.
-                acc.backward(loss * acc.num_processes)
-            loss_sum += loss.detach()
+                if loss.requires_grad:
+                    acc.backward(loss * acc.num_processes)
+            part_sums += shares.detach().float()
         grad_norm = float("nan")
         if stage.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), stage.optim.max_grad_norm))
@@ -347,10 +385,12 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         skipped_local = sum(sum(c.values()) for c in self.skipped.values())
-        stats = acc.reduce(torch.stack([loss_sum.float(), torch.tensor(float(skipped_local), device=acc.device)]),
+        stats = acc.reduce(torch.cat([part_sums, torch.tensor([float(skipped_local)], device=acc.device)]),
                            reduction="sum")
+        parts = {n: stats[k].item() for k, n in enumerate(names)}
         global_batch = len(micro) * micro[0]["input_ids"].shape[0] * acc.num_processes
-        return {"loss": stats[0].item(), "skipped": int(stats[1].item()), "lr": lr, "grad_norm": grad_norm,
+        return {"loss": sum(stage.losses[n] * v for n, v in parts.items()), "losses": parts,
+                "skipped": int(stats[-1].item()), "lr": lr, "grad_norm": grad_norm,
                 "global_batch": global_batch, "samples_per_s": global_batch / (time.perf_counter() - t0)}
 
     def _check_finite(self, loss: torch.Tensor, micro_index: int, keys: list[str]) -> None:
@@ -413,7 +453,7 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         paths = model.config.component_paths
-        small = all(model.config.trainable[c] or c in paths for c in COMPONENTS)
+        small = all(model.config.trainable[c] or c in paths for c in model.config.components)
         if self.sharded:
             if not small:
                 raise ValueError("exporting a sharded (FSDP/DeepSpeed) run needs every frozen component "

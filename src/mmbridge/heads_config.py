@@ -1,0 +1,155 @@
+"""Typed configs of the output heads (plain data: nothing here imports modeling, torch or diffusers).
+
+A head is a small module on top of the frozen LLM: the LLM emits the head's *trigger* token, the head's
+*slot* tokens follow (forced during generation), and their last hidden states feed the head, which
+returns tensors (a loss in training, a prediction at inference). MiniGPT-5's vokens are a trigger
+`[IMG0]` with slots `[IMG1]…[IMG7]`; VisionLLM v2's routing token `[DET]` with its super-link queries
+is a trigger with query slots — a learned embedding row per slot token is exactly a learned query.
+
+Configs are stored in `MMBridgeConfig` as JSON dicts (`{"kind": ..., ...}`) and validated through the
+dataclass registered for their kind, so a typo fails when the config is built, not in a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+#: kind -> config class; `register_head_config` adds kinds (the draw / act issues, tests' toy heads).
+HEAD_CONFIGS: dict[str, type[HeadConfig]] = {}
+
+
+def register_head_config(cls: type[HeadConfig]) -> type[HeadConfig]:
+    HEAD_CONFIGS[cls.kind] = cls
+    return cls
+
+
+@dataclass
+class HeadConfig:
+    """What every head declares. `name` is the head's key in the model (its module lives at `heads.<name>`)."""
+
+    kind: ClassVar[str] = ""
+    #: names of the losses this head reports in `MMBridgeOutput.losses` (stage configs weight them)
+    loss_names: ClassVar[tuple[str, ...]] = ()
+    name: str = ""
+    trigger: str = ""  # the token the LLM emits to call the head
+    num_slots: int = 0  # tokens forced after the trigger; their hidden states (with the trigger's) feed the head
+    trainable: bool = True  # default for the head's own component in `MMBridgeConfig.trainable`
+
+    @property
+    def slot_tokens(self) -> list[str]:
+        return [f"{self.trigger[:-1]}_{i}]" if self.trigger.endswith("]") else f"{self.trigger}_{i}"
+                for i in range(self.num_slots)]
+
+    @property
+    def tokens(self) -> list[str]:
+        """Special tokens this head adds to the LLM's vocabulary (their rows train)."""
+        return [self.trigger, *self.slot_tokens]
+
+    @property
+    def components(self) -> dict[str, bool]:
+        """Component -> trainable by default. A component is a module path in the composed model: the
+        head itself (`name`) or, for heads with frozen parts, its sub-modules (`name.mapper`, ...)."""
+        return {self.name: self.trainable}
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError(f"a {self.kind} head needs a name")
+        if not self.trigger:
+            raise ValueError(f"head {self.name!r}: set its trigger token (e.g. '[DET]')")
+        if self.num_slots < 0:
+            raise ValueError(f"head {self.name!r}: num_slots must be >= 0, got {self.num_slots}")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+@register_head_config
+@dataclass
+class DrawConfig(HeadConfig):
+    """MiniGPT-5: vokens `[IMG0]`…`[IMG7]` -> feature mapper -> conditioning of a frozen diffusion UNet.
+
+    The frozen image generator (VAE, UNet, scheduler, text encoder) is referenced by `pipeline_path`, a
+    diffusers `StableDiffusionPipeline` directory; it loads through diffusers (the `mmbridge[draw]` extra)."""
+
+    kind: ClassVar[str] = "draw"
+    loss_names: ClassVar[tuple[str, ...]] = ("draw_ldm", "draw_caption")
+    name: str = "draw"
+    trigger: str = "[IMG0]"
+    num_slots: int = 7  # [IMG1]…[IMG7], forced after [IMG0]
+    pipeline_path: str | None = None
+    mapper_hidden_size: int = 1024  # Linear(llm -> 1024)-GELU-Linear(1024 -> 1024)
+    mapper_layers: tuple[int, int] = (4, 4)  # nn.Transformer encoder / decoder layers
+    num_condition_queries: int = 77  # learned decoder queries = the UNet's cross-attention length
+    condition_dropout: float = 0.1  # classifier-free guidance: voken features -> zeros in training
+    guidance_scale: float = 7.5
+    snr_gamma: float | None = 5.0  # Min-SNR loss weighting
+
+    @property
+    def slot_tokens(self) -> list[str]:
+        return [f"[IMG{i}]" for i in range(1, self.num_slots + 1)]
+
+    @property
+    def components(self) -> dict[str, bool]:
+        # the mapper trains; the diffusion stack is frozen like the vision encoder and the LLM
+        return {f"{self.name}.mapper": True, f"{self.name}.generator": False}
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"draw: condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.num_condition_queries < 1 or self.mapper_hidden_size < 1:
+            raise ValueError("draw: num_condition_queries and mapper_hidden_size must be >= 1")
+
+
+ACT_ROUTES = ("det", "seg", "grd", "pose", "gen", "edit")
+
+
+@register_head_config
+@dataclass
+class ActConfig(HeadConfig):
+    """VisionLLM v2: routing tokens `[DET]`, `[SEG]`, … each followed by its task's super-link queries."""
+
+    kind: ClassVar[str] = "act"
+    loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_mask", "act_dice",
+                                             "act_keypoints")
+    name: str = "act"
+    trigger: str = "[DET]"
+    routes: list[str] = field(default_factory=lambda: ["det", "seg", "grd"])
+    queries_per_task: int = 4
+    queries_per_generation_task: int = 64  # [GEN] / [EDIT]
+    shared_queries: bool = False  # the seed's ablation: one table for every task instead of one per task
+
+    @property
+    def components(self) -> dict[str, bool]:
+        return {f"{self.name}.decoders": True, f"{self.name}.region_encoder": True}
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = [r for r in self.routes if r not in ACT_ROUTES]
+        if unknown:
+            raise ValueError(f"act: unknown route(s) {unknown}; known: {list(ACT_ROUTES)}")
+        if self.queries_per_task < 1 or self.queries_per_generation_task < 1:
+            raise ValueError("act: queries per task must be >= 1")
+
+
+def build_head_config(name: str, raw: dict) -> HeadConfig:
+    """A stored `{"kind": ..., ...}` dict -> its validated, typed config."""
+    raw = dict(raw)
+    kind = raw.pop("kind", None)
+    if kind not in HEAD_CONFIGS:
+        raise ValueError(f"head {name!r}: unknown kind {kind!r}; known kinds: {sorted(HEAD_CONFIGS)}")
+    cls = HEAD_CONFIGS[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"head {name!r} ({kind}): unknown setting(s) {unknown}; known: {sorted(fields)}")
+    raw.setdefault("name", name)
+    if raw["name"] != name:
+        raise ValueError(f"head {name!r}: its config says name {raw['name']!r}")
+    config = cls(**raw)
+    if isinstance(config.__dict__.get("mapper_layers"), list):
+        config.mapper_layers = tuple(config.mapper_layers)
+    config.validate()
+    return config

@@ -1,0 +1,64 @@
+"""The output-head protocol: how draw, act (and any head of a user's) plug into the composed model.
+
+A head owns a trigger token and `num_slots` slot tokens (its `HeadConfig`). Wherever the trigger appears
+in a sequence, the slot tokens follow it — written by the processor in training data, forced by the
+generation loop at inference — and the LLM's last hidden states at the trigger and its slots are the
+head's input: `(occurrences, 1 + num_slots, llm_hidden)`. The head returns tensors only:
+
+* `loss(hidden, targets)` -> `{loss_name: scalar}` for the occurrences of a training batch, where
+  `targets` is what the processor collected for this head (one entry per occurrence, in reading order);
+* `decode(hidden)` -> `{name: tensor}` with a leading occurrence dimension, at inference.
+
+Turning decoded tensors into user-facing parts (an image, boxes, a count) is `mmbridge.generation`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmbridge.config import MMBridgeConfig
+from mmbridge.heads_config import HeadConfig
+
+#: head kind -> module class; `register_head` adds one (the draw / act issues, tests' toy heads).
+HEAD_MODULES: dict[str, type[OutputHead]] = {}
+
+
+def register_head(cls: type[OutputHead]) -> type[OutputHead]:
+    HEAD_MODULES[cls.kind] = cls
+    return cls
+
+
+class OutputHead(nn.Module):
+    kind: str = ""
+
+    def __init__(self, config: HeadConfig, model_config: MMBridgeConfig):
+        super().__init__()
+        self.config = config
+        self.llm_hidden_size = model_config.text_config.hidden_size
+
+    def loss(self, hidden: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def build_head(config: HeadConfig, model_config: MMBridgeConfig) -> OutputHead:
+    if config.kind not in HEAD_MODULES:
+        raise NotImplementedError(
+            f"head {config.name!r}: no module is registered for kind {config.kind!r} "
+            f"(registered: {sorted(HEAD_MODULES) or 'none'}); import the module that registers it first")
+    return HEAD_MODULES[config.kind](config, model_config)
+
+
+def slot_positions(input_ids: torch.Tensor, trigger_id: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) of every trigger + its slots, in reading order: both (occurrences, 1 + num_slots).
+    Occurrences whose slots run past the end of the sequence are left out (cut by truncation)."""
+    rows, starts = (input_ids == trigger_id).nonzero(as_tuple=True)
+    keep = starts + num_slots < input_ids.shape[1]
+    rows, starts = rows[keep], starts[keep]
+    offsets = torch.arange(num_slots + 1, device=input_ids.device)
+    return rows[:, None].expand(-1, num_slots + 1), starts[:, None] + offsets

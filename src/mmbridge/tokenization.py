@@ -1,0 +1,64 @@
+"""Tokenizer training and tokenizer helpers, with no model code: used by stage-0 pretraining, the
+processor, evaluation and the test kit alike (so none of them has to import another layer for it).
+
+`train_tokenizer` is the byte-level BPE the shipped ShapesWorld model was trained with;
+`tokenize_qformer_text` builds the Q-Former's text inputs (BERT's [CLS] … [SEP] / BLIP-2's [DEC] … [SEP]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+#: "[DEC]" starts the Q-Former's text in ITG (BLIP-2 adds it to BERT's vocabulary); the LM never sees it.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>", "[DEC]"]
+
+
+def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Words keep their *trailing* whitespace ("Assistant: " -> "Assistant:Ġ").
+
+    GPT-2-style pre-tokenization glues a space to the *next* word, so a prompt ending in a space
+    ("###Assistant: ", MiniGPT-4's template) tokenizes differently from the same prompt followed by
+    its answer ("…:", "Ġred" vs "…:", "Ġ"), and a model trained on whole conversations then never
+    sees the prompt's last token. With trailing whitespace the prompt's tokens are a prefix of the
+    conversation's tokens.
+
+    Punctuation is split from words ("circle." -> "circle", ".Ġ") so a word is the same token at the
+    end of a sentence, before a question mark and in a list — one less thing a small LM must learn.
+    """
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\w+\s*|[^\w\s]+\s*|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=["<ImageHere>", "[DEC]"])
+
+
+def tokenize_qformer_text(tokenizer, texts: Sequence[str], first_token_id: int,
+                          max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`first_token` + text + EOS, right-padded: BERT's [CLS] … [SEP] / BLIP-2's [DEC] … [SEP].
+    Returns (input_ids, attention_mask)."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length - 2]
+        rows.append([first_token_id] + ids + [tokenizer.eos_token_id])
+    width = max((len(r) for r in rows), default=0)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
+                        dtype=torch.long).reshape(len(rows), width)
+    return ids, mask
