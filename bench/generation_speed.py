@@ -37,8 +37,8 @@ def main() -> None:
 
     model, processor = build_tiny(seed=0, init_std=0.5, num_query_tokens=32)
     # widen the tiny LM so timings mean something, keeping everything else tiny
-    from mmbridge.testing import tiny_config
     from mmbridge.modeling import MMBridgeModel
+    from mmbridge.testing import tiny_config
     config = tiny_config(len(processor.tokenizer), processor.image_token_id, num_query_tokens=32, init_std=0.5)
     config.text_config.update(dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                    num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8))

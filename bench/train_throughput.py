@@ -29,12 +29,12 @@ import torch  # noqa: E402
 
 def tiny_pair(seed: int = 0):
     """(mmbridge model, HF Blip2 model, one batch of 8) on the same tiny configuration."""
+    import random
+
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     from mmbridge.testing import build_tiny
     from mmbridge.train.fixtures import scene
-
-    import random
 
     model, processor = build_tiny(seed=seed)
     cfg = model.config
@@ -93,9 +93,9 @@ def bench_models(steps: int) -> dict:
 
 
 def bench_launch(steps: int, work: Path) -> dict:
-    from mmbridge.train.fixtures import make_base_model, write_llava
-
     import yaml
+
+    from mmbridge.train.fixtures import make_base_model, write_llava
 
     make_base_model(work / "base")
     write_llava(work / "llava", n=256)
@@ -121,7 +121,8 @@ def bench_launch(steps: int, work: Path) -> dict:
         results[f"{procs}_process"] = {
             "global_batch": 8 * procs,
             "samples_per_s": round(statistics.median(float(r["samples_per_s"]) for r in rows), 1)}
-    results["speedup_2_over_1"] = round(results["2_process"]["samples_per_s"] / results["1_process"]["samples_per_s"], 2)
+    speeds = {name: results[name]["samples_per_s"] for name in ("1_process", "2_process")}
+    results["speedup_2_over_1"] = round(speeds["2_process"] / speeds["1_process"], 2)
     results["note"] = (f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
                        f"8 samples per process per step; median over steps 4..{steps}")
     return results

@@ -30,8 +30,8 @@ def test_chat_with_prompt_prints_the_answer(tiny_model_dir, tiny_pipeline, image
     code = main(["chat", "--model", str(tiny_model_dir), "--image", str(image_file), "--prompt", "What is this?",
                  "--max-new-tokens", "8"])
     assert code == 0
-    expected = tiny_pipeline.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
-                                      images=[str(image_file)], max_new_tokens=8)[0].text
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    expected = tiny_pipeline.generate(question, images=[str(image_file)], max_new_tokens=8)[0].text
     assert capsys.readouterr().out == expected + "\n"
 
 

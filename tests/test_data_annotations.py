@@ -4,16 +4,29 @@ import re
 
 import pytest
 
-from mmbridge.data.shapes.annotations import (QSpec, RELATIONS, annotate, answer, answer_question, askable,
-                                              conversation, corpus_line, description, parse_question,
-                                              qa_pairs, referring_expressions, short_caption, text_corpus)
+from mmbridge.data.shapes.annotations import (
+    RELATIONS,
+    QSpec,
+    annotate,
+    answer,
+    answer_question,
+    askable,
+    conversation,
+    corpus_line,
+    description,
+    parse_question,
+    qa_pairs,
+    referring_expressions,
+    short_caption,
+    text_corpus,
+)
 from mmbridge.data.shapes.metrics import caption_triple_f1, parse_triples
 from mmbridge.data.shapes.world import COLORS, SHAPES, Scene, ShapeObject, make_scene, relation
 
 SCENES = [make_scene("val", i) for i in range(150)]
 
 C, S = "|".join(COLORS), "|".join(SHAPES)
-CANONICAL_FORMS = [  # ROADMAP §2, verbatim
+CANONICAL_FORMS = [  # docs/world.md, verbatim
     r"How many shapes are there\?",
     rf"What color is the ({S})\?",
     rf"What shape is the ({C}) object\?",

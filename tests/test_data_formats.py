@@ -10,8 +10,18 @@ import pytest
 from PIL import Image
 
 from mmbridge.data.build import generate
-from mmbridge.data.formats import (ReadStats, decode_mask, iter_shards, load_coco, read_coco, read_eval_jsonl,
-                                   read_llava, to_messages, webdataset_pipeline, write_shards)
+from mmbridge.data.formats import (
+    ReadStats,
+    decode_mask,
+    iter_shards,
+    load_coco,
+    read_coco,
+    read_eval_jsonl,
+    read_llava,
+    to_messages,
+    webdataset_pipeline,
+    write_shards,
+)
 from mmbridge.data.formats.coco import evaluate, gt_as_detections
 from mmbridge.data.shapes.world import Scene, make_scene, png_bytes, render
 

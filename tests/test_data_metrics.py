@@ -2,8 +2,13 @@
 
 import pytest
 
-from mmbridge.data.shapes.metrics import (caption_triple_f1, caption_triple_scores, normalize_answer,
-                                          parse_triples, vqa_match)
+from mmbridge.data.shapes.metrics import (
+    caption_triple_f1,
+    caption_triple_scores,
+    normalize_answer,
+    parse_triples,
+    vqa_match,
+)
 from mmbridge.data.shapes.world import ShapeObject
 
 

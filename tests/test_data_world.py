@@ -1,12 +1,29 @@
-"""ShapesWorld v1 scenes and rendering follow ROADMAP §2 exactly."""
+"""ShapesWorld v1 scenes and rendering follow docs/world.md exactly."""
 
 import numpy as np
 import pytest
 
-from mmbridge.data.shapes.world import (BACKGROUNDS, COLORS, IMAGE_SIZE, MAX_JITTER, RELATION_MARGIN, SHAPES,
-                                        SIZES, SPLITS, Scene, ShapeObject, boxes_apart, coverage_map,
-                                        make_scene, relation, render, sample_scene, scene_seed,
-                                        spec_violations, split_of_seed)
+from mmbridge.data.shapes.world import (
+    BACKGROUNDS,
+    COLORS,
+    IMAGE_SIZE,
+    MAX_JITTER,
+    RELATION_MARGIN,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    Scene,
+    ShapeObject,
+    boxes_apart,
+    coverage_map,
+    make_scene,
+    relation,
+    render,
+    sample_scene,
+    scene_seed,
+    spec_violations,
+    split_of_seed,
+)
 
 N = 300
 
@@ -79,7 +96,8 @@ def test_splits_never_share_a_seed():
     assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
     assert all(split_of_seed(s) == sp for sp in SPLITS for s in seeds[sp])
     # and the scenes differ too: same index in two splits gives different content
-    same = sum(make_scene("train", i).to_dict()["objects"] == make_scene("test", i).to_dict()["objects"] for i in range(50))
+    same = sum(make_scene("train", i).to_dict()["objects"] == make_scene("test", i).to_dict()["objects"]
+               for i in range(50))
     assert same == 0
     with pytest.raises(ValueError):
         scene_seed("dev", 0)

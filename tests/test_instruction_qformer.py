@@ -54,7 +54,8 @@ def test_padding_the_instruction_changes_nothing(instruct, images):
     batched = processor([[user("How many?")], [user("What color is the large blue square on the left?")]],
                         images=images[:2])
     with torch.no_grad():
-        fa = model.get_image_features(alone["pixel_values"], alone["qformer_input_ids"], alone["qformer_attention_mask"])
+        fa = model.get_image_features(alone["pixel_values"], alone["qformer_input_ids"],
+                                      alone["qformer_attention_mask"])
         fb = model.get_image_features(batched["pixel_values"], batched["qformer_input_ids"],
                                       batched["qformer_attention_mask"])
     torch.testing.assert_close(fa[0], fb[0], atol=1e-5, rtol=1e-5)

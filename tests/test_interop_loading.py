@@ -11,8 +11,16 @@ import pytest
 import torch
 
 import mmbridge
-from mmbridge.interop.loading import (ShapeMismatchError, ShardWriter, UnsafeCheckpointError, checkpoint_files,
-                                      iter_tensors, load_state_dict, quantization_config, resolve_dtype)
+from mmbridge.interop.loading import (
+    ShapeMismatchError,
+    ShardWriter,
+    UnsafeCheckpointError,
+    checkpoint_files,
+    iter_tensors,
+    load_state_dict,
+    quantization_config,
+    resolve_dtype,
+)
 
 
 class _Payload:

@@ -98,7 +98,8 @@ def test_minigpt4_parity_with_hand_composed_reference(minigpt4_dirs, link_llm):
     import_minigpt4(root / "blip2", root / "pretrained_minigpt4.pth", root / "vicuna", out, link_llm=link_llm)
     mm = MMBridgeModel.from_pretrained(out, dtype=torch.float32).eval()
     processor = MMBridgeProcessor.from_pretrained(out)
-    assert processor.stop_strings == ["###"] and mm.config.trainable["projection"] and not mm.config.trainable["qformer"]
+    assert processor.stop_strings == ["###"]
+    assert mm.config.trainable["projection"] and not mm.config.trainable["qformer"]
     assert ("llm" in mm.config.component_paths) == link_llm
 
     question = "What color is the circle?"
@@ -128,8 +129,8 @@ def test_minigpt4_parity_with_hand_composed_reference(minigpt4_dirs, link_llm):
     assert diff <= TOLERANCE
 
     settings = dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    ref_tokens = llama.generate(inputs_embeds=ref_embeds, attention_mask=torch.ones(ref_embeds.shape[:2], dtype=torch.long),
-                                **settings)
+    ref_mask = torch.ones(ref_embeds.shape[:2], dtype=torch.long)
+    ref_tokens = llama.generate(inputs_embeds=ref_embeds, attention_mask=ref_mask, **settings)
     our_tokens = mm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              pixel_values=batch["pixel_values"], **settings)
     assert our_tokens.tolist() == ref_tokens.tolist()

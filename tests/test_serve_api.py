@@ -1,5 +1,5 @@
 """The OpenAI-compatible API on a real uvicorn server, driven by the official `openai` client
-(plain and streaming) and by raw httpx for requests no client would send (ROADMAP §5 rows)."""
+(plain and streaming) and by raw httpx for requests no client would send (docs/serving.md, Hardening)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_typed_output_parts_only_when_requested(base_url):
     assert message["parts"] == [{"type": "text", "text": message["content"]}]
 
 
-# -- hardening (ROADMAP §5): status, param, envelope; the server stays healthy ----------------------
+# -- hardening (docs/serving.md): status, param, envelope; the server stays healthy ----------------------
 
 def _png_header_claiming(width: int, height: int) -> bytes:
     def chunk(kind, data):

@@ -1,8 +1,10 @@
 """`mmbridge …` — the command line.
 
-Each command lives next to the code it drives and exposes ``register(subparsers)``; this module only
-collects them. Command modules keep heavy imports (torch, transformers) inside their handlers so
-that ``mmbridge --help`` stays instant.
+Each command module exposes ``register(subparsers)``; this module only collects them. Commands live in
+``mmbridge.commands`` (the data, interop and serve commands still sit beside the code they drive); a
+command may import any layer, no library layer may import a command (see docs/architecture.md).
+Command modules keep heavy imports (torch, transformers) inside their handlers so that
+``mmbridge --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ COMMAND_MODULES = (
     "mmbridge.commands.chat",
     "mmbridge.interop.cli",  # build, import
     "mmbridge.data.cli",
-    "mmbridge.train.cli",
+    "mmbridge.commands.train",
     "mmbridge.commands.eval",
     "mmbridge.serve.cli",  # serve, ui
 )

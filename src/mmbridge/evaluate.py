@@ -1,4 +1,4 @@
-"""Evaluation on the eval JSON-lines format of ROADMAP §2: VQA accuracy, caption triple F1, ITC retrieval.
+"""Evaluation on the eval JSON-lines format of docs/world.md: VQA accuracy, caption triple F1, ITC retrieval.
 
 VQA is exact match after the official VQA answer normalisation (`data.shapes.metrics`); captions are
 scored by the F1 of the (size, color, shape) triples they name; retrieval ranks every caption of the
@@ -9,13 +9,14 @@ All three batch their work and report per question type where the file has types
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from mmbridge.data.shapes.metrics import caption_triple_scores, vqa_match
 from mmbridge.processing import load_image
+from mmbridge.tokenization import tokenize_qformer_text
 
 CAPTION_PROMPT = "Describe the image."
 
@@ -69,8 +70,6 @@ def evaluate_caption(pipeline, records: Iterable[dict], batch_size: int = 32, ma
 def evaluate_retrieval(model, processor, records: Iterable[dict], batch_size: int = 128,
                        progress: bool = True) -> tuple[dict, list[dict]]:
     """Records need `image_path` and `caption` (caption eval files written by `mmbridge data` have both)."""
-    from mmbridge.pretrain.qformer import recall_at_1, tokenize_for_qformer
-
     records = list(records)
     missing = [r.get("id", i) for i, r in enumerate(records) if not isinstance(r.get("caption"), str)]
     if missing:
@@ -86,7 +85,7 @@ def evaluate_retrieval(model, processor, records: Iterable[dict], batch_size: in
         pixels = processor.image_processor([load_image(r["image_path"]) for r in chunk],
                                            return_tensors="pt")["pixel_values"].to(model.dtype)
         image_embeds.append(model.qformer.image_embeds(model.vision(pixels)))
-        ids, mask = tokenize_for_qformer(processor.tokenizer, [r["caption"] for r in chunk], cls)
+        ids, mask = tokenize_qformer_text(processor.tokenizer, [r["caption"] for r in chunk], cls)
         text_embeds.append(model.qformer.text_embeds(ids, mask))
     texts = [r["caption"] for r in records]
     i2t, t2i, best_text = recall_at_1(model.qformer.similarity(torch.cat(image_embeds), torch.cat(text_embeds)), texts)
@@ -95,6 +94,15 @@ def evaluate_retrieval(model, processor, records: Iterable[dict], batch_size: in
     summary = {"metric": "itc_retrieval_r1", "image_to_text_r1": i2t.float().mean().item(),
                "text_to_image_r1": t2i.float().mean().item(), "n": len(records)}
     return summary, predictions
+
+
+def recall_at_1(sim: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-item R@1 hits from an (images, texts) similarity of aligned pairs: (image->text hits,
+    text->image hits, best text per image). Identical texts are equally right answers."""
+    same_text = torch.tensor([[a == b for b in texts] for a in texts])
+    rows = torch.arange(len(texts))
+    best_text = sim.argmax(dim=1)
+    return same_text[rows, best_text], same_text[sim.argmax(dim=0), rows], best_text
 
 
 def _mean(values: Sequence) -> float:

@@ -12,6 +12,7 @@ from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 from mmbridge.config import MMBridgeConfig
 from mmbridge.modeling import MMBridgeModel
 from mmbridge.processing import PRESET_STOP_STRINGS, MMBridgeProcessor, chat_template_preset
+from mmbridge.tokenization import train_tokenizer
 
 _CORPUS = [
     "###Human: <Img><ImageHere></Img> What color is the circle? ###Assistant: red###",
@@ -23,8 +24,6 @@ _CORPUS = [
 
 
 def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    from mmbridge.pretrain.text import train_tokenizer
-
     return train_tokenizer(_CORPUS * 4, vocab_size=vocab_size)
 
 
@@ -43,8 +42,8 @@ def tiny_config(vocab_size: int, image_token_index: int, *, num_query_tokens: in
         text.pop("intermediate_size")
     vision = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "intermediate_size": 64, "image_size": 32, "patch_size": 8, "initializer_range": init_std}
-    qformer = {"initializer_range": init_std, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-               "cross_attention_frequency": 1, "vocab_size": vocab_size, "pad_token_id": 3}
+    qformer = {"initializer_range": init_std, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "intermediate_size": 64, "cross_attention_frequency": 1, "vocab_size": vocab_size, "pad_token_id": 3}
     return MMBridgeConfig(vision_config=vision, qformer_config=qformer, text_config=text,
                           num_query_tokens=num_query_tokens, image_token_index=image_token_index,
                           initializer_range=init_std, **overrides)

@@ -25,7 +25,6 @@ def _samples():
 
 def run(args) -> int:
     from mmbridge.cli import CLIError
-
     from mmbridge.commands.chat import load_pipeline
 
     pipeline = load_pipeline(args.model)

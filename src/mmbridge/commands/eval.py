@@ -14,7 +14,7 @@ TASKS = ("vqa", "caption", "retrieval")
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a model: VQA accuracy, caption triple F1, ITC retrieval R@1",
-        description="Evaluate on an eval JSON-lines file (ROADMAP §2 format; `mmbridge data shapes --format eval` "
+        description="Evaluate on an eval JSON-lines file (format: docs/world.md; `mmbridge data shapes --format eval` "
                     "writes vqa_SPLIT.jsonl and caption_SPLIT.jsonl). retrieval reads a caption file.")
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")

@@ -7,7 +7,7 @@ Layout of ``out/`` (every path inside a file is relative to that file's director
     annotations_{split}.jsonl          the full annotation of every scene (+ "image")
     llava_{split}.json                 LLaVA conversations
     coco_{split}.json                  COCO boxes + RLE masks (+ color/size attributes)
-    vqa_{split}.jsonl caption_{split}.jsonl   eval files (ROADMAP §2), canonical questions only
+    vqa_{split}.jsonl caption_{split}.jsonl   eval files (docs/world.md), canonical questions only
     text_{split}.txt text_{split}.jsonl       text-only corpus for the language model
     pose/ edits/ stories/              wave-2 sets (format "wave2" or "all")
     manifest_{split}.json              what was written, with counts and timing
@@ -19,10 +19,10 @@ order, so the output is identical for any number of workers.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
 from contextlib import ExitStack
-import multiprocessing
 
 from tqdm import tqdm
 
@@ -114,7 +114,8 @@ def generate(out: str, num: int, seed: int = 0, split: str = "train", formats=("
                                                  shard_size)) if "wds" in formats else None
         ann_f = stack.enter_context(open(os.path.join(out, f"annotations_{split}.jsonl"), "w")) if need_images else None
         text_f = stack.enter_context(open(os.path.join(out, f"text_{split}.txt"), "w")) if "text" in formats else None
-        textj_f = stack.enter_context(open(os.path.join(out, f"text_{split}.jsonl"), "w")) if "text" in formats else None
+        textj_f = (stack.enter_context(open(os.path.join(out, f"text_{split}.jsonl"), "w"))
+                   if "text" in formats else None)
         bar = stack.enter_context(tqdm(total=num, desc=f"shapes {split}", unit="scene", disable=not progress))
         jobs = ((split, i, seed, formats) for i in range(num))
         for rec in _imap(_scene_job, jobs, workers):

@@ -18,8 +18,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
     shapes = sub.add_parser("shapes", help="render ShapesWorld scenes into dataset files",
-                            description="Render ShapesWorld scenes (ROADMAP §2) and write them in the "
-                                        "ecosystem formats. Same --seed/--split/--num → same files.")
+                            description="Render ShapesWorld scenes (world spec v1, docs/world.md) and write them "
+                                        "in the ecosystem formats. Same --seed/--split/--num → same files.")
     shapes.add_argument("--out", required=True, help="output directory")
     shapes.add_argument("--num", type=int, default=1000, help="number of scenes (default 1000)")
     shapes.add_argument("--seed", type=int, default=0, help="base seed (default 0)")

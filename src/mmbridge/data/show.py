@@ -7,8 +7,8 @@ from __future__ import annotations
 import glob
 import os
 import textwrap
+from collections.abc import Iterator
 from itertools import islice
-from typing import Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 

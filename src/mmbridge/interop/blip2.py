@@ -33,7 +33,8 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 
 # BLIP-2 is not a chat model: each user turn is "<image tokens><bos>{text}", an answer follows with a
 # leading space and ends in EOS. __IMAGE__ is replaced by the checkpoint's image token.
-BLIP2_TEMPLATE = """{#- BLIP-2 (HF Blip2Processor layout): image tokens, BOS, then the text, e.g. "Question: … Answer:". -#}
+BLIP2_TEMPLATE = """{#- BLIP-2 (HF Blip2Processor layout): image tokens, BOS, then the text,
+    e.g. "Question: … Answer:". -#}
 {%- for message in messages -%}
 {%- if message.role == 'system' -%}
 {{ message.content[0].text if message.content is not string else message.content }}

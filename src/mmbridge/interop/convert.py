@@ -8,8 +8,8 @@ transformers re-ties when it loads the dir.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -36,8 +36,8 @@ def target_layout(config: MMBridgeConfig) -> tuple[dict[str, tuple[int, ...]], s
     return shapes, aliases
 
 
-def write_model_dir(out: str | Path, config: MMBridgeConfig, processor, tensors: Iterable[tuple[str, torch.Tensor, str]],
-                    dtype: torch.dtype | None = None) -> dict:
+def write_model_dir(out: str | Path, config: MMBridgeConfig, processor,
+                    tensors: Iterable[tuple[str, torch.Tensor, str]], dtype: torch.dtype | None = None) -> dict:
     """Stream `(target_key, tensor, source_label)` into `out` and save config + processor.
 
     Components listed in `config.component_paths` are referenced, not stored: the remaining weights
@@ -78,7 +78,8 @@ def write_model_dir(out: str | Path, config: MMBridgeConfig, processor, tensors:
 
     missing = sorted(set(expected) - written - aliases)
     if missing:
-        raise ShapeMismatchError(f"the source provides no weights for {len(missing)} key(s) of the model, e.g. {missing[:8]}")
+        raise ShapeMismatchError(f"the source provides no weights for {len(missing)} key(s) of the model, "
+                                 f"e.g. {missing[:8]}")
     if dtype is not None:
         config.dtype = dtype  # `from_pretrained(dtype="auto")` then loads in the written dtype
     config.save_pretrained(out)

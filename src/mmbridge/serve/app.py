@@ -18,9 +18,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,8 +33,19 @@ from mmbridge.serve.batching import Batcher, Cancelled, Overloaded
 from mmbridge.serve.errors import APIError, envelope
 from mmbridge.serve.images import DEFAULT_FORMATS, ImageInputError, ImagePolicy, RemoteFetcher, load_image_url
 from mmbridge.serve.schemas import (
-    REFUSED_FIELDS, UNSUPPORTED_WHEN_SET, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChunkChoice, Delta, ModelCard, ModelList, ResponseMessage, Usage, dump,
+    REFUSED_FIELDS,
+    UNSUPPORTED_WHEN_SET,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    dump,
 )
 from mmbridge.serve.security import APIKeyMiddleware, BodyLimitMiddleware
 
@@ -207,8 +219,8 @@ def _prepare(body: ChatCompletionRequest, state: ServerState) -> tuple[list[dict
     if num_images > settings.max_images:  # counted before anything is decoded
         raise APIError(400, f"the request has {num_images} images, over this server's limit of "
                        f"{settings.max_images}", param="messages", code="too_many_images")
-    policy = ImagePolicy(settings.max_image_bytes, min(settings.max_image_pixels, state.pipeline.processor.max_image_pixels),
-                         settings.image_formats, settings.image_fetcher)
+    max_pixels = min(settings.max_image_pixels, state.pipeline.processor.max_image_pixels)
+    policy = ImagePolicy(settings.max_image_bytes, max_pixels, settings.image_formats, settings.image_fetcher)
     conversation = [_convert_message(i, m, policy) for i, m in enumerate(body.messages)]
     if conversation[-1]["role"] != "user":
         raise APIError(400, "the last message must come from the user", param="messages", code="invalid_messages")

@@ -27,8 +27,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -97,7 +97,7 @@ class Batcher:
         self.stats = collections.Counter(active=0)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="mmbridge-batcher", daemon=True)
         self._thread.start()
@@ -187,7 +187,7 @@ class Batcher:
                 return batch
             deadline = time.monotonic() + self.max_wait
             while rows < self.max_batch_size:
-                job = self._pop_live(lambda j: not j.stream and j.key == first.key
+                job = self._pop_live(lambda j, rows=rows: not j.stream and j.key == first.key
                                      and rows + j.n <= self.max_batch_size)
                 if job is not None:
                     batch.append(job)

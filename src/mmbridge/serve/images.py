@@ -21,8 +21,8 @@ import re
 import socket
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 from urllib.parse import urljoin
 
 from PIL import Image, UnidentifiedImageError
@@ -40,7 +40,7 @@ class ImagePolicy:
     max_bytes: int = 8 * 1024 * 1024          # encoded size of one image
     max_pixels: int = 4096 * 4096              # width * height, checked from the header
     formats: Sequence[str] = DEFAULT_FORMATS   # Pillow format names
-    fetcher: "RemoteFetcher | None" = None     # None: remote URLs are refused
+    fetcher: RemoteFetcher | None = None     # None: remote URLs are refused
 
 
 def load_image_url(url: str, policy: ImagePolicy) -> Image.Image:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hmac
 import os
 import queue
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import gradio as gr
 
@@ -133,8 +133,8 @@ def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: 
         gr.Markdown(f"## {title} — chat about an image")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image (sent with the next question)",
-                                 elem_id="mmb-image")
+                image = gr.Image(type="filepath", sources=["upload", "clipboard"],
+                                 label="Image (sent with the next question)", elem_id="mmb-image")
                 with gr.Accordion("Sampling", open=False):
                     max_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
@@ -169,7 +169,8 @@ def launch_ui(pipeline, host: str = "127.0.0.1", port: int = 7860, api_key: str 
               keep_uploads: bool = False, max_batch_size: int = 8, max_queue: int = 32) -> None:
     """Standalone UI (`mmbridge ui`): its own batcher, Gradio's own server, never shared publicly."""
     batcher = Batcher(pipeline, max_batch_size=max_batch_size, max_queue=max_queue).start()
-    context = pipeline.processor.max_length or getattr(pipeline.model.config.text_config, "max_position_embeddings", 2048)
+    context = (pipeline.processor.max_length
+               or getattr(pipeline.model.config.text_config, "max_position_embeddings", 2048))
     demo = build_ui(BatcherBackend(lambda: batcher, lambda: context), keep_uploads=keep_uploads)
     try:
         demo.launch(server_name=host, server_port=port, share=False, auth=password_auth(api_key), show_error=False)

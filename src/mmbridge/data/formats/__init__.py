@@ -1,5 +1,5 @@
 """Writers and readers for the ecosystem's data formats: webdataset shards, LLaVA conversation
-JSON, COCO JSON and the eval JSON lines of ROADMAP §2.  Readers skip and count bad samples."""
+JSON, COCO JSON and the eval JSON lines of docs/world.md.  Readers skip and count bad samples."""
 
 from .coco import CocoBuilder, decode_mask, encode_mask, load_coco, read_coco
 from .common import ReadStats

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from pycocotools import mask as mask_utils

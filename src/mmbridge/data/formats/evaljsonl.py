@@ -1,4 +1,4 @@
-"""The eval JSON-lines format of ROADMAP §2 (what ``mmbridge eval vqa|caption`` reads).
+"""The eval JSON-lines format of docs/world.md (what ``mmbridge eval vqa|caption`` reads).
 
 VQA:     ``{"image": "images/0001.png", "question": "…", "answer": "red"}``
 caption: ``{"image": "…", "objects": [{"shape": "circle", "color": "red", "size": "small"}, …]}``
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .common import ReadStats
 

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import tarfile
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from PIL import Image
 
@@ -75,7 +75,7 @@ class ShardWriter:
         self._close()
         return self.shards
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,12 +1,34 @@
-"""ShapesWorld: the embedded default world (ROADMAP §2) — scenes, renderer, annotations, oracle."""
+"""ShapesWorld: the embedded default world (docs/world.md) — scenes, renderer, annotations, oracle."""
 
-from .annotations import (QSpec, annotate, answer, answer_question, conversation, description,
-                          parse_question, qa_pairs, referring_expressions, short_caption, text_corpus)
+from .annotations import (
+    QSpec,
+    annotate,
+    answer,
+    answer_question,
+    conversation,
+    description,
+    parse_question,
+    qa_pairs,
+    referring_expressions,
+    short_caption,
+    text_corpus,
+)
 from .dataset import ShapesSample, ShapesWorldDataset, make_sample, sample_key
 from .metrics import caption_triple_f1, caption_triple_scores, normalize_answer, vqa_match
 from .oracle import analyse, compare, read_scene
-from .world import (COLORS, SHAPES, SIZES, WORLD_VERSION, Scene, ShapeObject, make_scene, render,
-                    sample_scene, scene_seed, spec_violations)
+from .world import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    WORLD_VERSION,
+    Scene,
+    ShapeObject,
+    make_scene,
+    render,
+    sample_scene,
+    scene_seed,
+    spec_violations,
+)
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "WORLD_VERSION", "QSpec", "Scene", "ShapeObject", "ShapesSample",

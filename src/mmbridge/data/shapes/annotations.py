@@ -1,7 +1,7 @@
 """Language annotations of a ShapesWorld scene: captions, VQA, referring expressions, conversations and
 the text-only corpus for pretraining the language model.
 
-The canonical question forms (ROADMAP §2) are produced verbatim and can be parsed back
+The canonical question forms (docs/world.md) are produced verbatim and can be parsed back
 (:func:`parse_question`) and answered from any scene (:func:`answer`) — which is how the tests check
 the rendered pixels against the questions, via the oracle.  The detailed description states every
 fact a canonical question can ask (count, size/color/shape of every object and every pairwise
@@ -88,7 +88,7 @@ def description(scene: Scene) -> str:
 # ----------------------------------------------------------------------------------------------
 # questions
 
-TEMPLATES: dict[str, tuple[str, ...]] = {  # index 0 is the canonical form, verbatim from ROADMAP §2
+TEMPLATES: dict[str, tuple[str, ...]] = {  # index 0 is the canonical form, verbatim from docs/world.md
     "count": ("How many shapes are there?", "How many objects are in the image?",
               "Count the shapes in the picture.", "What is the number of shapes?"),
     "color": ("What color is the {shape}?", "What is the color of the {shape}?",

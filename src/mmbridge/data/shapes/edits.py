@@ -12,8 +12,21 @@ from dataclasses import replace
 import numpy as np
 
 from .annotations import region, short_caption
-from .world import (BORDER, COLORS, IMAGE_SIZE, SIZES, Scene, boxes_apart, jitter_rgb, rng_for, sample_object,
-                    sample_scene, scene_seed, spec_violations)
+from .world import (
+    BORDER,
+    COLORS,
+    IMAGE_SIZE,
+    SIZES,
+    Scene,
+    ShapeObject,
+    boxes_apart,
+    jitter_rgb,
+    rng_for,
+    sample_object,
+    sample_scene,
+    scene_seed,
+    spec_violations,
+)
 
 EDIT_KINDS = ("recolor", "move", "add", "remove", "resize")
 MIN_MOVE = 10  # pixels (L1) a moved object travels at least
@@ -29,7 +42,7 @@ def _fits(box, others) -> bool:
             and box[3] <= IMAGE_SIZE - BORDER and all(boxes_apart(box, b) for b in others))
 
 
-def _recolor(scene: Scene, i: int, rng) -> tuple[list[ShapeObject], str, str] | None:
+def _recolor(scene: Scene, i: int, rng) -> tuple[ShapeObject, str, str] | None:
     o = scene.objects[i]
     taken = {(p.shape, p.color) for p in scene.objects}
     free = [c for c in COLORS if (o.shape, c) not in taken]
@@ -49,7 +62,8 @@ def _move(scene: Scene, i: int, rng):
             new = replace(o, x0=x0, y0=y0)
             moved = abs(new.x0 - o.x0) + abs(new.y0 - o.y0) >= MIN_MOVE  # visibly, not across a region line
             if moved and region(new) == target and _fits(new.box, others):
-                return new, f"Move the {o.color} {o.shape} {_to(target)}.", f"the {o.color} {o.shape} moved {_to(target)}"
+                return (new, f"Move the {o.color} {o.shape} {_to(target)}.",
+                        f"the {o.color} {o.shape} moved {_to(target)}")
     return None
 
 

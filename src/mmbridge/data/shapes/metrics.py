@@ -1,10 +1,10 @@
-"""Scoring helpers shared by data checks and the eval code (ROADMAP §2):
+"""Scoring helpers shared by data checks and the eval code (docs/world.md):
 official-VQA-style answer normalisation and the (size, color, shape) triple F1 of captions."""
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from .world import COLORS, SHAPES, SIZES
 

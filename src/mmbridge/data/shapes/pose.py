@@ -77,7 +77,7 @@ class PoseScene:
                 "seed": self.seed, "box": list(self.box)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PoseScene":
+    def from_dict(cls, d: dict) -> PoseScene:
         return cls({k: tuple(v) for k, v in d["keypoints"].items()}, d["head_radius"], d["color"],
                    tuple(d["rgb"]), d["background"], d.get("seed"))
 

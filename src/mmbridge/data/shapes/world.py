@@ -1,4 +1,4 @@
-"""ShapesWorld v1: scene sampling and rendering (ROADMAP §2 "World spec v1").
+"""ShapesWorld v1: scene sampling and rendering (docs/world.md, world spec v1).
 
 Other tools render this world independently, so every constant here is part of a contract: change
 nothing without bumping ``WORLD_VERSION``.
@@ -12,8 +12,8 @@ annotated box exactly (the oracle relies on that).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -103,7 +103,7 @@ class ShapeObject:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShapeObject":
+    def from_dict(cls, d: dict) -> ShapeObject:
         x0, y0, x1, _ = d["box"]
         rgb = d.get("rgb")
         return cls(d["shape"], d["color"], d["size"], int(d.get("extent", x1 - x0)), int(x0), int(y0),
@@ -123,7 +123,7 @@ class Scene:
                 "objects": [o.to_dict() for o in self.objects], **({"meta": self.meta} if self.meta else {})}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         return cls([ShapeObject.from_dict(o) for o in d["objects"]], d.get("background", "black"),
                    d.get("seed"), d.get("version", WORLD_VERSION), dict(d.get("meta", {})))
 
