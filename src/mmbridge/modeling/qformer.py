@@ -187,7 +187,8 @@ class QFormer(nn.Module):
         batch = image_features.shape[0]
         ids = text_ids.clone()
         ids[:, 0] = cls_token_id
-        same_text = ((ids[:, None, :] == ids[None, :, :]) | (text_mask[:, None, :] == 0)).all(-1)
+        both_pad = (text_mask[:, None, :] == 0) & (text_mask[None, :, :] == 0)
+        same_text = ((ids[:, None, :] == ids[None, :, :]) | both_pad).all(-1)
         if "itc" in losses or "itm" in losses:
             image_embeds = self.image_embeds(image_features)
             text_embeds = self.text_embeds(ids, text_mask)

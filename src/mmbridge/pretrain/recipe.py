@@ -1,12 +1,12 @@
 """The ShapesWorld see recipe: every stage of BLIP-2 / MiniGPT-4 in miniature, from nothing to a model dir.
 
     stage 0  tokenizer -> causal LM (text-only chats) -> ViT (CLIP + dense patch targets)   frozen after
-    stage 1  Q-Former ITC + ITM + ITG on the frozen ViT                                       (BLIP-2 stage 1)
+    stage 1  Q-Former ITC + ITM + ITG on the frozen ViT, trainer                              (BLIP-2 stage 1)
     stage 2  Q-Former + projection -> frozen LM on image-caption shards   (BLIP-2 stage 2 / MiniGPT-4 stage 1)
     stage 3  template fine-tune on instruction chats (LLaVA JSON)                     (MiniGPT-4 stage 2)
 
-The recipe is a YAML file (`recipes/shapes.yaml`); stages 2 and 3 are ordinary trainer stage configs
-run by `mmbridge.train`. Each stage writes its result under the output directory and a line in
+The recipe is a YAML file (`recipes/shapes.yaml`); stages 1-3 are ordinary trainer stage configs
+run by `mmbridge.train` (stage 1 with the named losses itc / itm / itg). Each stage writes its result under the output directory and a line in
 `report.json` (seconds, final losses, checks); re-running skips finished stages, so an interrupted
 recipe resumes at the stage it was in.
 """
@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 import yaml
 
-from mmbridge.pretrain.qformer import QFormerStageConfig
 from mmbridge.pretrain.text import LMConfig
 from mmbridge.pretrain.vision import VisionConfig
 from mmbridge.train.config import ConfigError, _build, apply_overrides
@@ -34,7 +33,7 @@ from mmbridge.train.config import ConfigError, _build, apply_overrides
 logger = logging.getLogger("mmbridge.recipe")
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-STAGES = ("tokenizer", "lm", "vision", "compose", "stage1", "data", "stage2", "stage3", "export")
+STAGES = ("tokenizer", "lm", "vision", "compose", "data", "stage1", "stage2", "stage3", "export")
 
 
 @dataclass
@@ -76,7 +75,7 @@ class RecipeConfig:
     lm: LMConfig
     vision: VisionConfig
     qformer: QFormerShape
-    stage1: QFormerStageConfig
+    stage1: TrainerStage
     data: DataStage
     stage2: TrainerStage
     stage3: TrainerStage
@@ -229,23 +228,22 @@ class Recipe:
     # -- stage 1 ---------------------------------------------------------------------------------
     def _stage1(self) -> dict:
         from mmbridge.modeling import MMBridgeModel
-        from mmbridge.pretrain.qformer import pretrain_qformer, retrieval_recall
-        from mmbridge.pretrain.shapes import qformer_batches, scene_features
+        from mmbridge.pretrain.qformer import retrieval_recall
+        from mmbridge.pretrain.shapes import scene_features
         from mmbridge.processing import MMBridgeProcessor
 
-        model = MMBridgeModel.from_pretrained(self.out / "base")
-        processor = MMBridgeProcessor.from_pretrained(self.out / "base")
-        tokenizer, config = processor.tokenizer, model.config
-        history = pretrain_qformer(
-            model.qformer, qformer_batches(model, random.Random(self.cfg.seed + 2), self.cfg.stage1.batch_size),
-            tokenizer, self.cfg.stage1, cls_token_id=config.qformer_cls_token_id,
-            dec_token_id=config.qformer_dec_token_id, log=lambda d: self.log(f"  stage1 {d}"))
-        model.save_pretrained(self.out / "stage1" / "model")
-        processor.save_pretrained(self.out / "stage1" / "model")
+        result = self._trainer_stage(self.cfg.stage1, self.out / "base", self.out / "stage1", self._shard_overrides())
+        model = MMBridgeModel.from_pretrained(self.out / "stage1" / "model")
+        processor = MMBridgeProcessor.from_pretrained(self.out / "stage1" / "model")
         features, texts = scene_features(model, "val", 1000)
-        recall = retrieval_recall(model.qformer, features, texts, tokenizer, cls_token_id=config.qformer_cls_token_id)
-        final = {k: _tail_mean([h[k] for h in history]) for k in history[-1]}
-        return {"final_losses": final, "itc_recall_at_1_val1000": recall}
+        recall = retrieval_recall(model.qformer, features, texts, processor.tokenizer,
+                                  cls_token_id=model.config.qformer_cls_token_id)
+        return {**result, "itc_recall_at_1_val1000": recall}
+
+    def _shard_overrides(self) -> list[str]:
+        data = self.out / "data"
+        return [f"data.datasets.0.shards={data / 'captions' / 'shard-*.tar'}",
+                f"data.datasets.1.shards={data / 'descriptions' / 'shard-*.tar'}"]
 
     # -- data for stages 2 and 3 -----------------------------------------------------------------
     def _data(self) -> dict:
@@ -265,13 +263,12 @@ class Recipe:
         cfg.run.progress_bar = False
         result = Trainer(cfg, run_dir, resume=True).fit()
         torch.set_num_threads(self.cfg.threads)  # the trainer may have lowered it for its data workers
-        return {"final_loss": result["loss"], "steps": result["step"], "samples": result["samples"]}
+        return {"final_loss": result["loss"], "final_losses": result.get("losses"), "steps": result["step"],
+                "samples": result["samples"]}
 
     def _stage2(self) -> dict:
-        data = self.out / "data"
-        return self._trainer_stage(self.cfg.stage2, self.out / "stage1" / "model", self.out / "stage2", [
-            f"data.datasets.0.shards={data / 'captions' / 'shard-*.tar'}",
-            f"data.datasets.1.shards={data / 'descriptions' / 'shard-*.tar'}"])
+        return self._trainer_stage(self.cfg.stage2, self.out / "stage1" / "model", self.out / "stage2",
+                                   self._shard_overrides())
 
     def _stage3(self) -> dict:
         return self._trainer_stage(self.cfg.stage3, self.out / "stage2" / "model", self.out / "stage3", [

@@ -148,18 +148,6 @@ def scene_features(model, split: str, num: int, start: int = 0, batch_size: int 
     return torch.cat(feats), texts
 
 
-def qformer_batches(model, rng: random.Random, batch_size: int):
-    """Endless stage-1 batches: frozen-ViT features (computed here, without gradients), the short
-    caption for ITC/ITM and the detailed description for ITG (so the queries learn positions too)."""
-    model.vision.eval()
-    while True:
-        scenes = [make_scene("train", rng.randrange(TRAIN_SCENES), 0) for _ in range(batch_size)]
-        with torch.no_grad():
-            features = model.vision(torch.stack([image_tensor(render(s)) for s in scenes]))
-        yield {"image_features": features, "texts": [short_caption(s) for s in scenes],
-               "generation_texts": [description(s) for s in scenes]}
-
-
 def write_stage_data(out, num_scenes: int, qa_per_scene: int, single_qa_per_scene: int = 0, seed: int = 0) -> dict:
     """Training files for stages 2 and 3, in the formats users bring their own data in:
     webdataset shards of (image, short caption) and (image, detailed description) for alignment,

@@ -14,16 +14,21 @@ COLORS = {"red": (220, 40, 40), "green": (50, 180, 70), "blue": (50, 90, 230), "
 SHAPES = ("circle", "square")
 
 
-def make_base_model(out: str | Path, seed: int = 0, dropout: float | None = None, init_std: float = 0.2) -> Path:
+def make_base_model(out: str | Path, seed: int = 0, dropout: float | None = None, init_std: float = 0.2,
+                    qformer_text: bool = False) -> Path:
     """Save a tiny random `MMBridgeModel` whose frozen parts live in their own HF dirs
     (`out/vision`, `out/llm`) and are referenced through `config.component_paths` — the layout the
-    small trainable-only artifact sits on. `dropout` overrides the Q-Former's dropout."""
+    small trainable-only artifact sits on. `dropout` overrides the Q-Former's dropout; `qformer_text`
+    gives the Q-Former BLIP-2's text side (stage 1: ITC / ITM / ITG)."""
     from torch import nn
 
     from mmbridge.testing import build_tiny
 
     out = Path(out)
-    model, processor = build_tiny(seed=seed, init_std=init_std)
+    model, processor = build_tiny(seed=seed, init_std=init_std, **({"image_text_hidden_size": 16} if qformer_text else {}))
+    if qformer_text:
+        model.config.qformer_cls_token_id = processor.tokenizer.bos_token_id
+        model.config.qformer_dec_token_id = processor.tokenizer.convert_tokens_to_ids("[DEC]")
     if dropout is not None:
         model.config.qformer_config.hidden_dropout_prob = dropout
         model.config.qformer_config.attention_probs_dropout_prob = dropout

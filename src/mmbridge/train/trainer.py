@@ -334,7 +334,8 @@ class Trainer:
                 logger.removeHandler(self._log_file)
                 self._log_file.close()
         acc.wait_for_everyone()
-        return {"step": self.step, "samples": self.samples, "loss": last.get("loss"), "run_dir": str(self.run_dir)}
+        return {"step": self.step, "samples": self.samples, "loss": last.get("loss"), "losses": last.get("losses"),
+                "run_dir": str(self.run_dir)}
 
     def _train_step(self, batches) -> dict:
         acc, stage = self.accelerator, self.stage
