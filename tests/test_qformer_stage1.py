@@ -145,6 +145,7 @@ def test_stage1_runs_through_the_trainer_with_named_losses_and_resumes(tmp_path)
 
     from mmbridge.modeling import MMBridgeModel
 
-    base, trained = MMBridgeModel.from_pretrained(tmp_path / "base"), MMBridgeModel.from_pretrained(tmp_path / "straight" / "model")
+    base = MMBridgeModel.from_pretrained(tmp_path / "base")
+    trained = MMBridgeModel.from_pretrained(tmp_path / "straight" / "model")
     assert not torch.equal(base.qformer.text.itm_head.weight, trained.qformer.text.itm_head.weight)
     assert torch.equal(base.projection.weight, trained.projection.weight)  # not in this stage's `train`

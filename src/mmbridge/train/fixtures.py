@@ -25,7 +25,8 @@ def make_base_model(out: str | Path, seed: int = 0, dropout: float | None = None
     from mmbridge.testing import build_tiny
 
     out = Path(out)
-    model, processor = build_tiny(seed=seed, init_std=init_std, **({"image_text_hidden_size": 16} if qformer_text else {}))
+    extra = {"image_text_hidden_size": 16} if qformer_text else {}
+    model, processor = build_tiny(seed=seed, init_std=init_std, **extra)
     if qformer_text:
         model.config.qformer_cls_token_id = processor.tokenizer.bos_token_id
         model.config.qformer_dec_token_id = processor.tokenizer.convert_tokens_to_ids("[DEC]")
