@@ -58,10 +58,19 @@ def register(subparsers) -> None:
 
 
 def _stream_turn(session, text, images, options) -> None:
+    from mmbridge.generation import part_to_text
+
     stream = session.ask_stream(text, images=images, **vars(options))
-    for piece in stream:
-        print(piece, end="", flush=True)
+    while True:
+        try:
+            print(next(stream), end="", flush=True)
+        except StopIteration as done:
+            result = done.value
+            break
     print()
+    for part in result.parts:  # what the model's heads produced, after the streamed text
+        if part.type != "text":
+            print(part_to_text(part))
 
 
 def run(args) -> int:

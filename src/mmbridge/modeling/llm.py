@@ -94,6 +94,10 @@ class LanguageModel(nn.Module):
                 for adapter, indices in layer.token_indices.items():
                     base.weight[indices] = layer.trainable_tokens_delta[adapter].to(base.weight.dtype)
             setter(base)
+        peft_configs = getattr(self.model, "peft_config", {})
+        peft_configs.pop(ADAPTER_NAME, None)  # re-injected below with every added row
+        if not peft_configs and hasattr(self.model, "peft_config"):
+            del self.model.peft_config
 
     def add_lora(self, lora: dict, config: MMBridgeConfig) -> None:
         """Wrap the LLM's linear layers named in `lora["target_modules"]` with LoRA adapters (peft).

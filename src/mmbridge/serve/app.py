@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmbridge.generation import GenerationResult, SamplingOptions
+from mmbridge.generation import GenerationResult, SamplingOptions, part_to_dict
 from mmbridge.serve.batching import Batcher, Cancelled, Overloaded
 from mmbridge.serve.errors import APIError, envelope
 from mmbridge.serve.images import DEFAULT_FORMATS, ImageInputError, ImagePolicy, RemoteFetcher, load_image_url
@@ -392,10 +392,10 @@ def _usage(results: list[GenerationResult], prompt_tokens: int) -> Usage:
 
 
 def _parts(result: GenerationResult, body: ChatCompletionRequest) -> list[dict] | None:
-    """Typed output parts, only when asked for (`output_parts: true`); wave 2 adds image parts."""
+    """Typed output parts (text and head outputs), only when asked for (`output_parts: true`)."""
     if not body.output_parts:
         return None
-    return [{"type": p.type, **{k: v for k, v in vars(p).items() if k != "type"}} for p in result.parts]
+    return [part_to_dict(p) for p in result.parts]
 
 
 def _new_id() -> str:

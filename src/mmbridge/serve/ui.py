@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from mmbridge.generation import GenerationResult, SamplingOptions
+from mmbridge.generation import GenerationResult, SamplingOptions, part_to_text
 from mmbridge.serve.batching import Batcher, Overloaded
 from mmbridge.serve.images import ImageInputError, ImagePolicy, open_image
 
@@ -66,8 +66,9 @@ def password_auth(api_key: str | None):
 
 
 def render_parts(result: GenerationResult) -> list[dict]:
-    """Output parts -> chatbot messages. Wave 2: image/detections parts map to gr components here."""
-    return [{"role": "assistant", "content": part.text} for part in result.parts if part.type == "text"]
+    """Output parts -> chatbot messages, through the parts' one serializer (`part_to_text`).
+    Image / detection parts map to gr components here as their heads land."""
+    return [{"role": "assistant", "content": part_to_text(part)} for part in result.parts]
 
 
 def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: ImagePolicy | None = None,

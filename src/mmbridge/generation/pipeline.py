@@ -1,8 +1,15 @@
 """Generation: batched and streaming answers, chat sessions that keep their KV cache across turns.
 
-`generate` returns typed output parts (text now; images, detections and keypoints join in wave 2),
-so callers — the CLI, the server, the UI — never parse strings to learn what the model produced.
-Decoding itself is transformers' `generate` (greedy / sampling / beam, stop strings, streamers).
+`generate` returns typed output parts (text, and what the model's heads decoded), so callers — the CLI,
+the server, the UI — never parse strings to learn what the model produced. Decoding itself is
+transformers' `generate` (greedy / sampling / beam, stop strings, streamers) in all three paths (batched,
+streaming, chat sessions), each with the same head hook:
+
+1. a logits processor forces a head's slot tokens right after its trigger (and suppresses them anywhere
+   else), so the slots sit in the KV cache exactly as in training and the answer simply continues;
+2. after generation, rows that hold a trigger get one forward pass over prompt + answer (a post-pass,
+   batched) whose hidden states at trigger + slots go to the head's `decode`;
+3. the decoded tensors become parts (`generation.parts`) in the order they were written.
 """
 
 from __future__ import annotations
@@ -10,23 +17,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig, TextIteratorStreamer
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
+from mmbridge.generation.parts import OutputPart, TextPart, build_part
 from mmbridge.modeling import MMBridgeModel
 from mmbridge.processing import MMBridgeProcessor, image_instructions, images_in, normalize_messages
-
-
-@dataclass
-class TextPart:
-    text: str
-    type: Literal["text"] = "text"
-
-
-#: Wave 2 adds ImagePart, DetectionsPart, KeypointsPart to this union.
-OutputPart = TextPart
 
 
 @dataclass
@@ -68,8 +67,9 @@ class SamplingOptions:
             eos_token_id=tokenizer.eos_token_id, stop_strings=self.stop_strings(processor) or None,
             max_length=None,
             # The image placeholder is input-only: generated, it would ask for a soft prompt that does
-            # not exist (and break the next chat turn), so its logit is always -inf.
-            suppress_tokens=[processor.image_token_id],
+            # not exist (and break the next chat turn), so its logit is always -inf. Head slot tokens are
+            # only ever forced after their trigger (`HeadSlotForcer`).
+            suppress_tokens=[processor.image_token_id, *sorted(processor.slot_token_ids)],
         )
         if self.do_sample:
             config.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
@@ -95,12 +95,46 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+class HeadSlotForcer(LogitsProcessor):
+    """After a head's trigger token, force its slot tokens one by one (per row, so batches and beams
+    work). transformers applies custom processors after its own (suppression included), so a forced
+    slot wins over the suppression that keeps slots out of free text."""
+
+    def __init__(self, slots_after: dict[int, list[int]]):
+        self.slots_after = slots_after
+        self.longest = max((len(v) for v in slots_after.values()), default=0)
+
+    def next_forced(self, row: list[int]) -> int | None:
+        for back in range(1, self.longest + 1):  # is the token `back` places ago a trigger still owed slots?
+            if len(row) < back:
+                break
+            slots = self.slots_after.get(row[-back])
+            if slots is not None and back <= len(slots) and row[len(row) - back + 1:] == slots[:back - 1]:
+                return slots[back - 1]
+        return None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tails = input_ids[:, -self.longest:].tolist() if self.longest else []
+        for row, tail in enumerate(tails):
+            forced = self.next_forced(tail)
+            if forced is not None:
+                scores[row] = float("-inf")
+                scores[row, forced] = 0.0
+        return scores
+
+
 class MMBridgePipeline:
     """Model + processor -> answers. Components are passed in, as in diffusers pipelines."""
 
     def __init__(self, model: MMBridgeModel, processor: MMBridgeProcessor):
         self.model = model.eval()
         self.processor = processor
+        _check_processor_matches(model, processor)
+        heads = model.config.head_configs
+        self.trigger_ids = {model.config.added_tokens[h.trigger]: name for name, h in heads.items()}
+        self.slot_forcer = HeadSlotForcer({
+            model.config.added_tokens[h.trigger]: [model.config.added_tokens[t] for t in h.slot_tokens]
+            for h in heads.values()})
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "MMBridgePipeline":
@@ -112,6 +146,24 @@ class MMBridgePipeline:
 
     def _options(self, options: SamplingOptions | None, kwargs: dict) -> SamplingOptions:
         return SamplingOptions(**kwargs) if options is None else options
+
+    def _logits_processors(self) -> LogitsProcessorList:
+        return LogitsProcessorList([self.slot_forcer] if self.trigger_ids else [])
+
+    def _decode_heads(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_ids: torch.Tensor,
+                      image_features: Callable[[], torch.Tensor | None]) -> list[list[tuple[int, str, dict]]]:
+        """Per row: (position in the answer, head name, decoded tensors) of every head it triggered.
+        One batched forward over the rows that need it; `image_features` is computed only then."""
+        found: list[list[tuple[int, str, dict]]] = [[] for _ in range(len(new_ids))]
+        if not self.trigger_ids or not any(int(t) in self.trigger_ids for t in new_ids.flatten().tolist()):
+            return found
+        full = torch.cat([prompt_ids, new_ids], dim=1)
+        mask = torch.cat([prompt_mask, torch.ones_like(new_ids)], dim=1)
+        width = prompt_ids.shape[1]
+        for row, position, name, tensors in self.model.decode_heads(full, mask, image_features()):
+            if position >= width:  # triggers in the prompt (earlier turns) were decoded then
+                found[row].append((position - width, name, tensors))
+        return found
 
     # -- one shot, batched -----------------------------------------------------------------
     @torch.no_grad()
@@ -127,20 +179,60 @@ class MMBridgePipeline:
         config = options.generation_config(self.model.llm.model.generation_config, self.processor)
         with _rng(options.seed):
             new_tokens = self.model.generate(**inputs, generation_config=config, tokenizer=self.processor.tokenizer,
-                                             stopping_criteria=stopping_criteria)
+                                             stopping_criteria=stopping_criteria,
+                                             logits_processor=self._logits_processors())
+        heads = self._decode_heads(inputs["input_ids"], inputs["attention_mask"], new_tokens,
+                                   lambda: self._image_features(inputs))
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        return [self._result(row.tolist(), options, n) for row, n in zip(new_tokens, prompt_lengths)]
+        return [self._result(row.tolist(), options, n, found)
+                for row, n, found in zip(new_tokens, prompt_lengths, heads)]
 
-    def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int) -> GenerationResult:
+    def _image_features(self, inputs) -> torch.Tensor | None:
+        if inputs["pixel_values"].shape[0] == 0:
+            return None
+        return self.model.get_image_features(inputs["pixel_values"], inputs.get("qformer_input_ids"),
+                                             inputs.get("qformer_attention_mask"))
+
+    def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int,
+                heads: Sequence[tuple[int, str, dict]] = ()) -> GenerationResult:
         tokenizer = self.processor.tokenizer
         finished = tokenizer.eos_token_id in new_ids
         kept = new_ids[: new_ids.index(tokenizer.eos_token_id)] if finished else list(new_ids)
         while kept and kept[-1] == tokenizer.pad_token_id:  # rows that stopped early are padded
             kept.pop()
         raw = tokenizer.decode(kept, skip_special_tokens=True)
-        answer, stopped = _cut_at_stop(raw, options.stop_strings(self.processor))
+        stops = options.stop_strings(self.processor)
+        answer, stopped = _cut_at_stop(raw, stops)
         reason = "stop" if finished or stopped else "length"
-        return GenerationResult([TextPart(answer.strip())], reason, prompt_tokens, len(kept), kept, answer)
+        parts = self._parts(kept, heads, stops) if heads else [TextPart(answer.strip())]
+        return GenerationResult(parts, reason, prompt_tokens, len(kept), kept, answer)
+
+    def _parts(self, kept: list[int], heads: Sequence[tuple[int, str, dict]], stops: Sequence[str]) -> list:
+        """Text and head parts in reading order, cut at the first stop string like the plain answer."""
+        configs = self.model.config.head_configs
+        pieces, cursor = [], 0
+        for position, name, tensors in heads:
+            if position >= len(kept):
+                continue
+            pieces.append(self.processor.tokenizer.decode(kept[cursor:position], skip_special_tokens=True))
+            pieces.append(build_part(configs[name].kind, name, tensors))
+            cursor = position + 1 + configs[name].num_slots
+        pieces.append(self.processor.tokenizer.decode(kept[cursor:], skip_special_tokens=True))
+        parts = []
+        for piece in pieces:
+            if not isinstance(piece, str):
+                parts.append(piece)
+                continue
+            text, stopped = _cut_at_stop(piece, stops)
+            if text:
+                parts.append(TextPart(text))
+            if stopped:
+                break
+        if parts and parts[0].type == "text":
+            parts[0].text = parts[0].text.lstrip()
+        if parts and parts[-1].type == "text":
+            parts[-1].text = parts[-1].text.rstrip()
+        return [p for p in parts if p.type != "text" or p.text]
 
     # -- streaming -------------------------------------------------------------------------
     def stream(self, conversation: Sequence[dict], images: Sequence[Any] | None = None,
@@ -160,12 +252,17 @@ class MMBridgePipeline:
                 holder["ids"] = self.model.generate(**inputs, generation_config=config,
                                                     tokenizer=self.processor.tokenizer,
                                                     streamer=None if beams else streamer,
-                                                    stopping_criteria=stopping_criteria)[0].tolist()
+                                                    stopping_criteria=stopping_criteria,
+                                                    logits_processor=self._logits_processors())[0].tolist()
             if beams:
                 _emit_all(streamer, holder["ids"])
 
         yield from self._stream_text(run, options)
-        return self._result(holder["ids"], options, int(inputs["attention_mask"].sum()))
+        new = torch.tensor([holder["ids"]], device=self.device)
+        with torch.no_grad():
+            heads = self._decode_heads(inputs["input_ids"], inputs["attention_mask"], new,
+                                       lambda: self._image_features(inputs))[0]
+        return self._result(holder["ids"], options, int(inputs["attention_mask"].sum()), heads)
 
     def _stream_text(self, run, options: SamplingOptions) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -292,7 +389,8 @@ class ChatSession:
                 embeds = model.embed_inputs(ids, image_features=features)
                 if options.num_beams > 1:  # beams need a cache per beam: encode from scratch
                     out = model.llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                                                   generation_config=config, tokenizer=pipeline.processor.tokenizer)
+                                                   generation_config=config, tokenizer=pipeline.processor.tokenizer,
+                                                   logits_processor=pipeline._logits_processors())
                     holder["new"], self._cache, self._cached_ids = out[0].tolist(), None, []
                     _emit_all(streamer, holder["new"])
                     return
@@ -303,11 +401,15 @@ class ChatSession:
                 text_ids = ids.masked_fill(ids == model.config.image_token_index, pipeline.processor.tokenizer.pad_token_id)
                 out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),
                                                past_key_values=cache, generation_config=config, streamer=streamer,
-                                               tokenizer=pipeline.processor.tokenizer)
+                                               tokenizer=pipeline.processor.tokenizer,
+                                               logits_processor=pipeline._logits_processors())
                 holder["new"], self._cache = out[0, len(target):].tolist(), cache
 
         yield from pipeline._stream_text(run, options)
-        result = pipeline._result(holder["new"], options, len(target))
+        with torch.no_grad():
+            heads = pipeline._decode_heads(ids, torch.ones_like(ids), torch.tensor([holder["new"]], device=ids.device),
+                                           lambda: features)[0]
+        result = pipeline._result(holder["new"], options, len(target), heads)
         if self._cache is not None:
             self._cached_ids = target + result.token_ids
             _crop_to(self._cache, len(self._cached_ids))
@@ -336,3 +438,14 @@ def _crop_to(cache: DynamicCache, length: int) -> None:
     excess = cache.get_seq_length() - length
     if excess > 0:
         cache.crop(-excess)
+
+
+def _check_processor_matches(model: MMBridgeModel, processor: MMBridgeProcessor) -> None:
+    """The model config is the one source of truth; a processor saved beside it must agree with it."""
+    config = model.config
+    if processor.num_query_tokens != config.num_query_tokens:
+        raise ValueError(f"the processor expands each image to {processor.num_query_tokens} tokens but the model "
+                         f"has {config.num_query_tokens} queries; save the processor with the model")
+    expected = {name: head.tokens for name, head in config.head_configs.items()}
+    if processor.heads != expected:
+        raise ValueError(f"the processor's heads {processor.heads} differ from the model's {expected}")

@@ -1,0 +1,69 @@
+"""Typed output parts of an answer, and the one serializer every front end uses.
+
+`generate` answers with a list of parts — text, and whatever the model's heads produced (an image, boxes,
+keypoints, …) in the order they were written — so the CLI, the API and the web UI never parse strings
+to find out what the model did. A head kind registers how its decoded tensors become a part
+(`register_part`); without one, its tensors come back as a generic `HeadPart`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+
+@dataclass
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass
+class HeadPart:
+    """A head's output with no dedicated part type: its decoded tensors as plain lists / numbers."""
+
+    head: str
+    data: dict[str, Any]
+    type: Literal["head"] = "head"
+
+
+#: Text, then each head kind's part types (draw: ImagePart, act: DetectionsPart, ... as they land).
+OutputPart = Any
+
+#: head kind -> fn(head name, decoded tensors of one occurrence) -> part
+PART_BUILDERS: dict[str, Callable[[str, dict[str, torch.Tensor]], Any]] = {}
+
+
+def register_part(kind: str, build: Callable[[str, dict[str, torch.Tensor]], Any]) -> None:
+    PART_BUILDERS[kind] = build
+
+
+def build_part(kind: str, head: str, tensors: dict[str, torch.Tensor]):
+    if kind in PART_BUILDERS:
+        return PART_BUILDERS[kind](head, tensors)
+    return HeadPart(head, {k: _plain(v) for k, v in tensors.items()})
+
+
+def _plain(value):
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def part_to_dict(part) -> dict[str, Any]:
+    """JSON-ready dict with `type` first — what the API returns in `message.parts` and the UI shows."""
+    fields = {k: _plain(v) for k, v in dataclasses.asdict(part).items() if k != "type"}
+    return {"type": part.type, **fields}
+
+
+def part_to_text(part) -> str:
+    """A one-line rendering for terminals and chat bubbles."""
+    if part.type == "text":
+        return part.text
+    fields = ", ".join(f"{k}={v}" for k, v in part_to_dict(part).items() if k != "type")
+    return f"[{part.type}: {fields}]"
