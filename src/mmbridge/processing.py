@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -258,13 +259,16 @@ class MMBridgeProcessor:
         elif self.max_length:
             for i, e in enumerate(encoded):
                 if len(e.input_ids) > self.max_length:
-                    raise ValueError(f"conversation {i} is {len(e.input_ids)} tokens, over max_length {self.max_length}")
+                    raise ValueError(f"conversation {i} is {len(e.input_ids)} tokens, "
+                                     f"over max_length {self.max_length}")
         width = max(len(e.input_ids) for e in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids, attention, labels = [], [], []
         for e in encoded:
             n = width - len(e.input_ids)
-            fill = (lambda seq, value: [value] * n + seq) if padding_side == "left" else (lambda seq, value: seq + [value] * n)
+
+            def fill(seq: list, value: int, n: int = n) -> list:
+                return [value] * n + seq if padding_side == "left" else seq + [value] * n
             input_ids.append(fill(e.input_ids, pad))
             attention.append(fill([1] * len(e.input_ids), 0))
             labels.append(fill(e.labels, IGNORE_INDEX))
@@ -357,7 +361,7 @@ class MMBridgeProcessor:
         (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "MMBridgeProcessor":
+    def from_pretrained(cls, directory: str | Path) -> MMBridgeProcessor:
         directory = Path(directory)
         config_file = directory / PROCESSOR_CONFIG_NAME
         if not config_file.is_file():

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from collections.abc import Callable
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
@@ -137,7 +137,7 @@ class MMBridgePipeline:
             for h in heads.values()})
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "MMBridgePipeline":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> MMBridgePipeline:
         return cls(MMBridgeModel.from_pretrained(path, dtype=dtype), MMBridgeProcessor.from_pretrained(path))
 
     @property
@@ -283,7 +283,7 @@ class MMBridgePipeline:
             raise errors[0]
 
     # -- sessions --------------------------------------------------------------------------
-    def chat(self, system: str | None = None, reuse_cache: bool = True, **defaults) -> "ChatSession":
+    def chat(self, system: str | None = None, reuse_cache: bool = True, **defaults) -> ChatSession:
         return ChatSession(self, system=system, reuse_cache=reuse_cache, **defaults)
 
 
@@ -363,7 +363,9 @@ class ChatSession:
                 self._image_features.append(self.pipeline.model.get_image_features(
                     pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()}))
         # Images are kept as soft prompts only; the messages keep bare image parts.
-        self.messages.append({"role": "user", "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in message["content"]]})
+        bare = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
+                for p in message["content"]]
+        self.messages.append({"role": "user", "content": bare})
 
     def ask(self, content: str | list[dict], images: Sequence[Any] | None = None, **kwargs) -> GenerationResult:
         stream = self.ask_stream(content, images, **kwargs)
@@ -398,7 +400,8 @@ class ChatSession:
                 if start < len(target) - 1:
                     model.llm(inputs_embeds=embeds[:, start:-1], past_key_values=cache, use_cache=True,
                               position_ids=torch.arange(start, len(target) - 1, device=ids.device)[None])
-                text_ids = ids.masked_fill(ids == model.config.image_token_index, pipeline.processor.tokenizer.pad_token_id)
+                pad = pipeline.processor.tokenizer.pad_token_id
+                text_ids = ids.masked_fill(ids == model.config.image_token_index, pad)
                 out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),
                                                past_key_values=cache, generation_config=config, streamer=streamer,
                                                tokenizer=pipeline.processor.tokenizer,

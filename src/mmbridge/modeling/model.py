@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from mmbridge.config import COMPONENTS, QFORMER_LOSSES, MMBridgeConfig
+from mmbridge.config import QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
 from mmbridge.modeling.llm import LanguageModel
@@ -233,7 +233,8 @@ class MMBridgeModel(PreTrainedModel):
         wanted = set(self.config.loss_names if loss_names is None else loss_names)
         unknown = wanted - set(self.config.loss_names)
         if unknown:
-            raise ValueError(f"this model cannot compute loss(es) {sorted(unknown)}; it has {list(self.config.loss_names)}")
+            raise ValueError(f"this model cannot compute loss(es) {sorted(unknown)}; "
+                             f"it has {list(self.config.loss_names)}")
         losses: dict[str, torch.Tensor] = {}
         vision_features = None
         stage1 = sorted(wanted & set(QFORMER_LOSSES)) if qformer_text_ids is not None else []
@@ -356,7 +357,7 @@ class MMBridgeModel(PreTrainedModel):
         super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
-    def from_components(cls, config: MMBridgeConfig, dtype: torch.dtype | None = None) -> "MMBridgeModel":
+    def from_components(cls, config: MMBridgeConfig, dtype: torch.dtype | None = None) -> MMBridgeModel:
         """Build with the components of `config.component_paths` loaded from their own HF dirs."""
         paths = config.component_paths
         unsupported = set(paths) - {"vision", "llm"}

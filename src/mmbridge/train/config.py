@@ -24,6 +24,7 @@ import yaml
 from mmbridge.config import BASE_LOSSES, COMPONENTS, QFORMER_LOSSES
 from mmbridge.heads_config import HEAD_CONFIGS
 
+
 #: Losses a stage can ask for, by name: the LM's, BLIP-2 stage 1's, and every registered head kind's.
 #: Which of them a given model reports is checked against its config (`MMBridgeConfig.loss_names`).
 def known_losses() -> tuple[str, ...]:
@@ -324,7 +325,8 @@ def validate(cfg: StageConfig, check_paths: bool = True) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if not 0 <= s.warmup_steps <= s.total_steps:
-        raise ConfigError(f"schedule.warmup_steps must be between 0 and total_steps ({s.total_steps}), got {s.warmup_steps}")
+        raise ConfigError(f"schedule.warmup_steps must be between 0 and total_steps ({s.total_steps}), "
+                          f"got {s.warmup_steps}")
     if s.iters_per_epoch is not None and s.iters_per_epoch < 1:
         raise ConfigError(f"schedule.iters_per_epoch must be >= 1, got {s.iters_per_epoch}")
     if min(s.init_lr, s.min_lr, s.warmup_lr) < 0 or s.init_lr == 0:

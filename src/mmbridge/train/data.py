@@ -26,9 +26,10 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -243,7 +244,8 @@ class LlavaJsonDataset(Dataset):
         names = [names] if isinstance(names, str) else names
         images = [load_image(self.image_root / name) for name in names]
         targets = record.get("targets")
-        if targets is not None and not (isinstance(targets, dict) and all(isinstance(v, list) for v in targets.values())):
+        well_formed = isinstance(targets, dict) and all(isinstance(v, list) for v in targets.values())
+        if targets is not None and not well_formed:
             raise SampleError("'targets' must map a head's trigger token to a list of targets")
         return llava_to_messages(record.get("conversations"), images, targets)
 

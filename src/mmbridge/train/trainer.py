@@ -198,7 +198,8 @@ class Trainer:
         stage = self.stage
         unknown = [c for c in [*stage.train, *stage.optim.lr_mult] if c not in config.components]
         if unknown:
-            raise ConfigError(f"train: unknown component(s) {unknown}; this model's components: {list(config.components)}")
+            raise ConfigError(f"train: unknown component(s) {unknown}; "
+                              f"this model's components: {list(config.components)}")
         bad = [n for n in stage.losses if n not in config.loss_names]
         if bad:
             raise ConfigError(f"losses: this model cannot compute {bad}; it reports {list(config.loss_names)}")
@@ -472,7 +473,8 @@ class Trainer:
         logger.info("exported the trained model to %s", out)
 
 
-def train(stage: StageConfig, run_dir: str | os.PathLike, *, resume: bool = False, max_steps: int | None = None) -> dict:
+def train(stage: StageConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+          max_steps: int | None = None) -> dict:
     return Trainer(stage, run_dir, resume=resume, max_steps=max_steps).fit()
 
 
