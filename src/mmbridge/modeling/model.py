@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from mmbridge.config import QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection
+from mmbridge.modeling.components import load_component
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
 from mmbridge.modeling.llm import LanguageModel
 from mmbridge.modeling.outputs import MMBridgeOutput
@@ -362,14 +363,16 @@ class MMBridgeModel(PreTrainedModel):
         paths = config.component_paths
         unsupported = set(paths) - {"vision", "llm"}
         if unsupported:
+            # A head's frozen parts (the draw head's diffusion stack) are loaded by that head through
+            # `modeling.components.load_component`; no head that does so is registered yet.
             raise ValueError(f"component_paths supports 'vision' and 'llm', not {sorted(unsupported)}")
         vision_model = language_model = None
         if "vision" in paths:
-            vision_model = AutoModel.from_pretrained(_local_dir(paths["vision"]), dtype=dtype)
+            vision_model = load_component("vision", _local_dir(paths["vision"]), dtype=dtype)
             config.vision_config = vision_model.config
             config.qformer_config.encoder_hidden_size = vision_model.config.hidden_size
         if "llm" in paths:
-            language_model = AutoModelForCausalLM.from_pretrained(_local_dir(paths["llm"]), dtype=dtype)
+            language_model = load_component("llm", _local_dir(paths["llm"]), dtype=dtype)
             if config.added_tokens:
                 language_model.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=False)
             config.text_config = language_model.config
