@@ -83,3 +83,28 @@ def test_resume_position_with_workers_gives_the_same_batches(data, processor):
              "skipped": {b["_worker"]: b["_skipped"] for b in first}}
     rest = [b["keys"] for b in itertools.islice(iter(build_dataloader(cfg, processor, seed=7, state=state)), 4)]
     assert [b["keys"] for b in first] + rest == full
+
+
+def test_llava_json_lines_train_through_the_same_reader(data, processor, tmp_path):
+    """The trainer reads LLaVA data with the `data.formats` reader: JSON lines work, a broken line
+    costs one record, and `targets` turn head triggers in answers into head parts."""
+    import json
+
+    from mmbridge.train.data import llava_to_messages
+
+    records = json.loads((data / "llava" / "llava.json").read_text())
+    lines = [json.dumps(r) for r in records[:4]]
+    lines.insert(2, "{not json")
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(datasets=[DatasetConfig(name="jl", type="llava_json", path=str(tmp_path / "chats.jsonl"),
+                                             image_root=str(data / "llava"))], batch_size=2)
+    batch = next(iter(TrainStream(cfg, processor)))
+    assert batch["input_ids"].shape[0] == 2 and (batch["labels"] != -100).any()
+    source = LlavaJsonSource(cfg.datasets[0], seed=0)
+    assert len(source.dataset) == 4
+
+    turns = [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "There are [CNT] shapes."}]
+    messages = llava_to_messages(turns, ["img"], targets={"[CNT]": [3]})
+    assert messages[1]["content"] == [{"type": "text", "text": "There are "},
+                                      {"type": "head", "head": "[CNT]", "target": 3},
+                                      {"type": "text", "text": " shapes."}]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from mmbridge.data.formats.llava import load_records, record_problem, to_messages
 from mmbridge.processing import IGNORE_INDEX, ImageLoadError, MMBridgeProcessor, load_image, normalize_messages
 from mmbridge.train.config import DataConfig, DatasetConfig, expand_shards
 
@@ -99,9 +100,6 @@ def _caption_conversation(image, caption: str, prompt: str) -> list[dict]:
             {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
 def _head_parts(text: str, targets: dict[str, list]) -> list[dict]:
     """Split assistant text at head triggers; each occurrence becomes a head part with its next target."""
     import re
@@ -124,27 +122,23 @@ def llava_to_messages(turns: list[dict], images: list, targets: dict | None = No
     Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention).
     `targets` (a record's optional `"targets"`: head trigger -> one target per occurrence, in order)
     turn each trigger written in an answer ("There are [CNT] shapes") into a head part."""
-    if not isinstance(turns, list) or not turns:
-        raise SampleError("'conversations' must be a non-empty list")
+    problem = record_problem({"conversations": turns})
+    if problem:
+        raise SampleError(f"{problem}: {str(turns)[:80]}")
     pending = list(images)
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
-            raise SampleError(f"bad conversation turn {str(turn)[:80]}")
-        role, text = _ROLES[turn["from"]], turn["value"]
+    messages = to_messages(turns)  # the one LLaVA reader's conversion (data/formats)
+    for message in messages:
         parts = []
-        pieces = text.split("<image>")
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                if role != "user" or not pending:
+        for part in message["content"]:
+            if part["type"] == "image":
+                if message["role"] != "user" or not pending:
                     raise SampleError("an <image> tag without an image")
                 parts.append({"type": "image", "image": pending.pop(0)})
-            if piece.strip():
-                if role == "assistant" and targets:
-                    parts += _head_parts(piece.strip(), targets)
-                else:
-                    parts.append({"type": "text", "text": piece.strip()})
-        messages.append({"role": role, "content": parts or [{"type": "text", "text": ""}]})
+            elif part["text"].strip():
+                text = part["text"].strip()
+                heads = message["role"] == "assistant" and targets
+                parts += _head_parts(text, targets) if heads else [{"type": "text", "text": text}]
+        message["content"] = parts or [{"type": "text", "text": ""}]
     if pending:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
@@ -222,11 +216,13 @@ class LlavaJsonDataset(Dataset):
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root else self.path.parent
         try:
-            records = json.loads(self.path.read_text())
+            records, stats = load_records(str(self.path))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
+            raise ValueError(f"{path}: expected a JSON list of records (or JSON lines)")
+        if stats.skipped:
+            logger.warning("%s: %d unreadable JSON line(s) skipped", path, stats.skipped)
         self.records = records
 
     def __len__(self) -> int:

@@ -62,7 +62,8 @@ def to_messages(conversations: list[dict]) -> list[dict]:
     return out
 
 
-def _load(path: str) -> tuple[list, ReadStats]:
+def load_records(path: str) -> tuple[list, ReadStats]:
+    """The records of a LLaVA file (a JSON array, or JSON lines where one bad line costs one record)."""
     stats = ReadStats()
     with open(path, encoding="utf-8") as f:
         head = f.read(1)
@@ -81,7 +82,8 @@ def _load(path: str) -> tuple[list, ReadStats]:
         return rows, stats
 
 
-def _problem(rec) -> str | None:
+def record_problem(rec) -> str | None:
+    """Why a record cannot be used (None when it can)."""
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
         return "no conversations"
     for turn in rec["conversations"]:
@@ -100,12 +102,12 @@ def read_llava(path: str, image_folder: str | None = None, stats: ReadStats | No
     from PIL import Image
 
     stats = stats if stats is not None else ReadStats()
-    rows, load_stats = _load(path)
+    rows, load_stats = load_records(path)
     stats.skipped += load_stats.skipped
     stats.reasons.update(load_stats.reasons)
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
     for n, rec in enumerate(rows):
-        problem = _problem(rec)
+        problem = record_problem(rec)
         if problem:
             stats.skip(problem, f"record {n}")
             continue
