@@ -41,7 +41,15 @@ def load_pipeline(model: str, dtype: str = "float32"):
         path = resolve_model_path(model)
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
-    return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+    try:
+        return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+    except Exception as err:  # corrupt/truncated weights, unreadable disk: one line naming the file
+        from mmbridge.interop.loading import explain_load_error
+
+        line = explain_load_error(path, err)
+        if line is None:
+            raise
+        raise CLIError(line) from None
 
 
 def register(subparsers) -> None:

@@ -58,6 +58,7 @@ def handle(args) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps must be >= 1, got {args.max_steps}")
 
+    from mmbridge.train.checkpoint import CheckpointWriteError, CorruptCheckpointError
     from mmbridge.train.trainer import NonFiniteLossError, Trainer, limit_cpu_threads
 
     limit_cpu_threads(stage.data.num_workers)
@@ -66,10 +67,21 @@ def handle(args) -> int:
         trainer = Trainer(stage, args.out, resume=args.resume, max_steps=args.max_steps)
     except FileExistsError as err:
         raise CLIError(str(err)) from None
+    except OSError as err:  # --out on a read-only file system, or not writable
+        from mmbridge.train.checkpoint import describe_os_error
+
+        raise CLIError(f"cannot write the run directory {args.out}: {describe_os_error(err)}") from None
     try:
         result = trainer.fit()
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CorruptCheckpointError, CheckpointWriteError) as err:
         raise CLIError(str(err)) from None
+    except Exception as err:  # damaged base-model weights, a full disk or read-only --out elsewhere
+        from mmbridge.interop.loading import explain_load_error
+
+        line = explain_load_error(stage.model, err)
+        if line is None:
+            raise
+        raise CLIError(line) from None
     if trainer.accelerator.is_main_process:
         loss = "n/a (nothing left to train)" if result["loss"] is None else f"{result['loss']:.4f}"
         print(f"stage {stage.stage}: step {result['step']}, {result['samples']} samples, "

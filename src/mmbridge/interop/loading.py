@@ -35,6 +35,71 @@ class ShapeMismatchError(ValueError):
     """A tensor from a checkpoint does not fit the model it is imported into."""
 
 
+class CorruptWeightsError(ValueError):
+    """A weights file that cannot be read as what it claims to be (truncated, damaged); names the file."""
+
+
+class WeightsWriteError(ValueError):
+    """Weights could not be written (disk full, read-only directory); names the path and the cause."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _is_corruption(err: BaseException) -> bool:
+    """Errors safetensors / torch.load raise on damaged bytes (not a missing file, not a refused pickle)."""
+    if isinstance(err, (EOFError, UnicodeDecodeError)):
+        return True
+    name = type(err).__name__
+    if name in ("SafetensorError", "BadZipFile", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader"):
+        return True
+    text = str(err)
+    return isinstance(err, (RuntimeError, ValueError, OSError)) and not isinstance(err, FileNotFoundError) and any(
+        word in text for word in ("PytorchStreamReader", "invalid header", "header", "incomplete metadata",
+                                  "file might be corrupted", "out of bounds", "truncated", "invalid load key",
+                                  "unexpected EOF", "central directory"))
+
+
+def corrupt_weights_error(path: str | Path, err: BaseException) -> CorruptWeightsError:
+    return CorruptWeightsError(f"{path}: corrupt or truncated weights file ({_first_line(err)})")
+
+
+def explain_load_error(directory: str | Path, err: BaseException) -> str | None:
+    """One line for a model directory that failed to load because of its files: names the damaged
+    weights file (safetensors headers are checked, cheaply) or the unwritable/full disk. None when the
+    error is something else."""
+    if isinstance(err, (CorruptWeightsError, WeightsWriteError)):
+        return _first_line(err)
+    if isinstance(err, OSError) and err.errno in (28, 30, 13, 122):
+        from mmbridge.train.checkpoint import describe_os_error
+
+        return f"cannot load {directory}: {describe_os_error(err)}"
+    if not _is_corruption(err):
+        return None
+    try:
+        files = checkpoint_files(directory)
+    except (OSError, ValueError, KeyError):
+        files = []
+    for file in files:
+        try:
+            if file.suffix in SAFE_SUFFIXES:
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    list(handle.keys())
+        except Exception as file_err:
+            return _first_line(corrupt_weights_error(file, file_err))
+    return _first_line(corrupt_weights_error(directory, err))
+
+
+def write_error(path: str | Path, err: OSError) -> WeightsWriteError:
+    from mmbridge.train.checkpoint import describe_os_error
+
+    return WeightsWriteError(f"cannot write {path}: {describe_os_error(err)}")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -51,18 +116,28 @@ def load_pickle_checkpoint(path: str | Path) -> object:
         # mmap: large .bin shards are paged in lazily instead of read whole into memory.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
+        if _is_corruption(err):
+            raise corrupt_weights_error(path, err) from err
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it contains pickled objects other than tensors, which could execute "
             f"code when loaded ({str(err).splitlines()[0]}). Convert it to safetensors with a trusted tool."
         ) from err
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
     except RuntimeError as err:
         # Non-zip legacy files cannot be mmapped; retry without mmap, still weights_only=True.
         if "mmap" not in str(err):
-            raise
+            raise corrupt_weights_error(path, err) from err
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err2:
+            if _is_corruption(err2):
+                raise corrupt_weights_error(path, err2) from err2
             raise UnsafeCheckpointError(f"refusing to load {path}: {str(err2).splitlines()[0]}") from err2
+        except Exception as err2:
+            raise corrupt_weights_error(path, err2) from err2
+    except (OSError, EOFError, ValueError) as err:  # a truncated zip archive reads as EINVAL
+        raise corrupt_weights_error(path, err) from err
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,7 +146,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix in SAFE_SUFFIXES:
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # SafetensorError: bad header, truncated data
+            raise corrupt_weights_error(path, err) from err
     if path.suffix in PICKLE_SUFFIXES:
         state = load_pickle_checkpoint(path)
         if not isinstance(state, dict):
@@ -102,10 +182,19 @@ def iter_tensors(directory: str | Path, wanted: Callable[[str], bool] = lambda k
         if file.suffix in SAFE_SUFFIXES:
             from safetensors import safe_open
 
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+                keys = list(handle.keys())
+            except Exception as err:  # SafetensorError: bad header, truncated file
+                raise corrupt_weights_error(file, err) from err
+            with handle:
+                for key in keys:
                     if wanted(key):
-                        yield key, handle.get_tensor(key)
+                        try:
+                            tensor = handle.get_tensor(key)
+                        except Exception as err:
+                            raise corrupt_weights_error(file, err) from err
+                        yield key, tensor
         else:
             for key, tensor in load_state_dict(file).items():
                 if wanted(key):
@@ -157,7 +246,15 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         index = len(self._shards)
-        save_file(self._pending, str(self.directory / f"_shard{index}.tmp"), metadata={"format": "pt"})
+        target = self.directory / f"_shard{index}.tmp"
+        try:
+            save_file(self._pending, str(target), metadata={"format": "pt"})
+        except OSError as err:
+            target.unlink(missing_ok=True)
+            raise write_error(target, err) from err
+        except Exception as err:  # safetensors reports I/O failures as SafetensorError with the errno text
+            target.unlink(missing_ok=True)
+            raise WeightsWriteError(f"cannot write {target}: {_first_line(err)}") from err
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -221,7 +318,13 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, bi
 
     dtype = resolve_dtype(dtype)
     quantization = quantization_config(bits)  # raises with a clear message on CPU
-    if quantization is None:
-        return MMBridgeModel.from_pretrained(directory, dtype=dtype).eval()
-    return MMBridgeModel.from_pretrained(directory, dtype=dtype, quantization_config=quantization,
-                                         device_map="auto").eval()
+    try:
+        if quantization is None:
+            return MMBridgeModel.from_pretrained(directory, dtype=dtype).eval()
+        return MMBridgeModel.from_pretrained(directory, dtype=dtype, quantization_config=quantization,
+                                             device_map="auto").eval()
+    except Exception as err:
+        line = explain_load_error(directory, err)
+        if line is not None:
+            raise CorruptWeightsError(line) from err
+        raise

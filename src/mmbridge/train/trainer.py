@@ -11,7 +11,6 @@ split into processes and accumulation steps, which is what makes 1-vs-N-process 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -99,12 +98,7 @@ def limit_cpu_threads(num_workers: int) -> int | None:
     return threads
 
 
-def _checksum(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+_checksum = ckpt.param_checksum  # per-process parameter digest stored in (and verified from) trainer_state.json
 
 
 class Trainer:
@@ -219,10 +213,23 @@ class Trainer:
         self.step, self.samples = 0, 0
         if not self.resume:
             return {}
-        path = ckpt.latest_checkpoint(self.ckpt_root)
         partial = ckpt.partial_checkpoints(self.ckpt_root)
         if partial:
             logger.warning("ignoring incomplete checkpoint(s) %s", [p.name for p in partial])
+        # Every file is re-hashed against COMPLETE before anything is loaded; a corrupt newest
+        # checkpoint is named, set aside (checkpoint-N.corrupt) and the previous intact one is used.
+        path, rejected = ckpt.newest_verified_checkpoint(self.ckpt_root)
+        if path is None and rejected:  # left in place: a later --resume must not start from step 0
+            raise ckpt.CorruptCheckpointError(
+                "no intact checkpoint to resume from: " + "; ".join(str(e) for _, e in rejected))
+        for _bad, err in rejected:
+            logger.error("%s; falling back to the previous checkpoint", err)
+        if rejected:
+            self.accelerator.wait_for_everyone()  # every process has verified before the rename
+            if self.accelerator.is_main_process:
+                for bad, _ in rejected:
+                    logger.error("moved the corrupt checkpoint aside to %s", ckpt.set_aside(bad))
+            self.accelerator.wait_for_everyone()
         if path is None:
             logger.info("--resume: no complete checkpoint in %s, starting from step 0", self.ckpt_root)
             return {}
