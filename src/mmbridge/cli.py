@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "mmbridge.data.cli",
     "mmbridge.commands.train",
     "mmbridge.commands.eval",
+    "mmbridge.commands.export",
     "mmbridge.serve.cli",  # serve, ui
 )
 
