@@ -107,7 +107,8 @@ class MMBridgeConfig(PreTrainedConfig):
         head_configs = self.head_configs  # validates every head now, not at first use
         head_defaults = {c: t for head in head_configs.values() for c, t in head.components.items()}
         self.trainable = {**DEFAULT_TRAINABLE, **head_defaults, **(self.trainable or {})}
-        self.component_paths = dict(self.component_paths or {})
+        head_paths = {c: p for head in head_configs.values() for c, p in head.component_paths.items()}
+        self.component_paths = {**head_paths, **(self.component_paths or {})}
         self.added_tokens = dict(self.added_tokens or {})
         unknown = (set(self.trainable) | set(self.component_paths)) - set(self.components)
         if unknown:

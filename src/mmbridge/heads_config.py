@@ -53,6 +53,12 @@ class HeadConfig:
         head itself (`name`) or, for heads with frozen parts, its sub-modules (`name.mapper`, ...)."""
         return {self.name: self.trainable}
 
+    @property
+    def component_paths(self) -> dict[str, str]:
+        """Frozen components this head loads from their own directory (like the vision encoder and
+        the LLM can be): they are referenced by path, never copied into the model's weights."""
+        return {}
+
     def validate(self) -> None:
         if not self.name:
             raise ValueError(f"a {self.kind} head needs a name")
@@ -78,12 +84,15 @@ class DrawConfig(HeadConfig):
     name: str = "draw"
     trigger: str = "[IMG0]"
     num_slots: int = 7  # [IMG1]…[IMG7], forced after [IMG0]
-    pipeline_path: str | None = None
+    pipeline_path: str | None = None  # a local diffusers StableDiffusionPipeline directory
     mapper_hidden_size: int = 1024  # Linear(llm -> 1024)-GELU-Linear(1024 -> 1024)
     mapper_layers: tuple[int, int] = (4, 4)  # nn.Transformer encoder / decoder layers
-    num_condition_queries: int = 77  # learned decoder queries = the UNet's cross-attention length
+    mapper_heads: int = 8
+    num_condition_queries: int | None = None  # learned decoder queries; None: the text encoder's length (SD: 77)
     condition_dropout: float = 0.1  # classifier-free guidance: voken features -> zeros in training
     guidance_scale: float = 7.5
+    num_inference_steps: int = 25  # DDIM steps when the model draws
+    sample_seed: int = 0  # the initial noise of a drawing (same prompt, same image)
     snr_gamma: float | None = 5.0  # Min-SNR loss weighting
 
     @property
@@ -95,12 +104,21 @@ class DrawConfig(HeadConfig):
         # the mapper trains; the diffusion stack is frozen like the vision encoder and the LLM
         return {f"{self.name}.mapper": True, f"{self.name}.generator": False}
 
+    @property
+    def component_paths(self) -> dict[str, str]:
+        return {f"{self.name}.generator": self.pipeline_path} if self.pipeline_path else {}
+
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"draw: condition_dropout must be in [0, 1), got {self.condition_dropout}")
-        if self.num_condition_queries < 1 or self.mapper_hidden_size < 1:
+        if (self.num_condition_queries is not None and self.num_condition_queries < 1) or self.mapper_hidden_size < 1:
             raise ValueError("draw: num_condition_queries and mapper_hidden_size must be >= 1")
+        if self.mapper_hidden_size % self.mapper_heads:
+            raise ValueError(f"draw: mapper_hidden_size {self.mapper_hidden_size} must be a multiple of "
+                             f"mapper_heads {self.mapper_heads}")
+        if self.num_inference_steps < 1:
+            raise ValueError("draw: num_inference_steps must be >= 1")
 
 
 ACT_ROUTES = ("det", "seg", "grd", "pose", "gen", "edit")

@@ -61,3 +61,33 @@ def build_tiny(seed: int = 0, template: str = "minigpt4", num_query_tokens: int 
     torch.manual_seed(seed)
     model = MMBridgeModel(config).eval()
     return model, processor
+
+
+def build_tiny_sd(directory, image_size: int = 16, condition_dim: int = 16, max_length: int = 8, seed: int = 0):
+    """A tiny random Stable-Diffusion-layout directory (`StableDiffusionPipeline.save_pretrained`:
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) — the draw head's frozen
+    generator in tests. Needs diffusers (the `draw` extra)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = max_length
+    vae = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=image_size)
+    unet = UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=4, cross_attention_dim=condition_dim,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=condition_dim, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(directory)
+    return pipeline

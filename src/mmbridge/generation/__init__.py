@@ -1,13 +1,21 @@
 """Generation: batched / streaming answers, chat sessions with KV reuse, heads decoded into typed parts."""
 
-from mmbridge.generation.parts import HeadPart, OutputPart, TextPart, part_to_dict, part_to_text, register_part
+from mmbridge.generation.parts import (
+    HeadPart,
+    ImagePart,
+    OutputPart,
+    TextPart,
+    part_to_dict,
+    part_to_text,
+    register_part,
+)
 from mmbridge.generation.pipeline import (
-                                          ChatSession,
-                                          GenerationResult,
-                                          MMBridgePipeline,
-                                          SamplingOptions,
-                                          StopStringFilter,
+    ChatSession,
+    GenerationResult,
+    MMBridgePipeline,
+    SamplingOptions,
+    StopStringFilter,
 )
 
-__all__ = ["ChatSession", "GenerationResult", "HeadPart", "MMBridgePipeline", "OutputPart", "SamplingOptions",
-           "StopStringFilter", "TextPart", "part_to_dict", "part_to_text", "register_part"]
+__all__ = ["ChatSession", "GenerationResult", "HeadPart", "ImagePart", "MMBridgePipeline", "OutputPart",
+           "SamplingOptions", "StopStringFilter", "TextPart", "part_to_dict", "part_to_text", "register_part"]

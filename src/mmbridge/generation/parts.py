@@ -31,7 +31,26 @@ class HeadPart:
     type: Literal["head"] = "head"
 
 
-#: Text, then each head kind's part types (draw: ImagePart, act: DetectionsPart, ... as they land).
+@dataclass
+class ImagePart:
+    """An image the model drew (the draw head), as a PIL image; serialized as a PNG data URL."""
+
+    image: Any  # PIL.Image.Image
+    head: str = "draw"
+    type: Literal["image"] = "image"
+
+    def to_dict(self) -> dict[str, Any]:
+        import base64
+        import io
+
+        buffer = io.BytesIO()
+        self.image.save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return {"type": "image", "head": self.head, "url": url, "width": self.image.width,
+                "height": self.image.height}
+
+
+#: Text, images, and each head kind's part types (act: DetectionsPart, ... as they land).
 OutputPart = Any
 
 #: head kind -> fn(head name, decoded tensors of one occurrence) -> part
@@ -57,6 +76,8 @@ def _plain(value):
 
 def part_to_dict(part) -> dict[str, Any]:
     """JSON-ready dict with `type` first — what the API returns in `message.parts` and the UI shows."""
+    if hasattr(part, "to_dict"):
+        return part.to_dict()
     fields = {k: _plain(v) for k, v in dataclasses.asdict(part).items() if k != "type"}
     return {"type": part.type, **fields}
 
@@ -65,5 +86,17 @@ def part_to_text(part) -> str:
     """A one-line rendering for terminals and chat bubbles."""
     if part.type == "text":
         return part.text
+    if part.type == "image":
+        return f"[image {part.image.width}x{part.image.height}]"
     fields = ", ".join(f"{k}={v}" for k, v in part_to_dict(part).items() if k != "type")
     return f"[{part.type}: {fields}]"
+
+
+def _image_part(head: str, tensors: dict[str, torch.Tensor]) -> ImagePart:
+    from PIL import Image
+
+    array = (tensors["image"].detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return ImagePart(Image.fromarray(array), head)
+
+
+register_part("draw", _image_part)

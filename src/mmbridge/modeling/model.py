@@ -75,6 +75,7 @@ class MMBridgeModel(PreTrainedModel):
         heads[name] = head_config.to_dict()
         self.config.heads = heads
         self.config.trainable = {**head_config.components, **self.config.trainable}
+        self.config.component_paths = {**head_config.component_paths, **self.config.component_paths}
         self.llm.add_special_tokens(head_config.tokens, tokenizer, self.config)
         head = build_head(self.config.head_configs[name], self.config)
         self.add_module(name, head.to(self.device))
@@ -361,11 +362,12 @@ class MMBridgeModel(PreTrainedModel):
     def from_components(cls, config: MMBridgeConfig, dtype: torch.dtype | None = None) -> MMBridgeModel:
         """Build with the components of `config.component_paths` loaded from their own HF dirs."""
         paths = config.component_paths
-        unsupported = set(paths) - {"vision", "llm"}
+        # A head's frozen parts (the draw head's diffusion stack) are loaded by that head itself.
+        head_parts = {c for head in config.head_configs.values() for c in head.components}
+        unsupported = set(paths) - {"vision", "llm"} - head_parts
         if unsupported:
-            # A head's frozen parts (the draw head's diffusion stack) are loaded by that head through
-            # `modeling.components.load_component`; no head that does so is registered yet.
-            raise ValueError(f"component_paths supports 'vision' and 'llm', not {sorted(unsupported)}")
+            raise ValueError(f"component_paths supports 'vision', 'llm' and the heads' components, "
+                             f"not {sorted(unsupported)}")
         vision_model = language_model = None
         if "vision" in paths:
             vision_model = load_component("vision", _local_dir(paths["vision"]), dtype=dtype)

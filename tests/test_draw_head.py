@@ -1,0 +1,126 @@
+"""The draw head on a tiny random Stable-Diffusion-layout generator: loads from a standard diffusers
+dir, trains its mapper (named losses draw_ldm / draw_caption, frozen generator untouched), draws
+through the pipeline with classifier-free guidance, saves and loads with the generator referenced."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from PIL import Image
+
+from mmbridge.generation import ImagePart, MMBridgePipeline, part_to_dict
+from mmbridge.heads_config import DrawConfig
+from mmbridge.testing import build_tiny, build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(directory)
+    return directory
+
+
+def draw_config(sd_dir, **kw):
+    return DrawConfig(pipeline_path=str(sd_dir), mapper_hidden_size=32, mapper_layers=(1, 1), mapper_heads=2,
+                      num_inference_steps=3, **kw)
+
+
+def with_draw_head(sd_dir, seed=0, **kw):
+    model, processor = build_tiny(seed=seed)
+    config = draw_config(sd_dir, **kw)
+    model.add_head(config, processor.tokenizer)
+    processor.heads["draw"] = config.tokens
+    return model, processor
+
+
+def drawing(color=(220, 40, 40), caption="a red square", text="Here it is: "):
+    return {"role": "assistant", "content": [*([{"type": "text", "text": text}] if text else []),
+                                             {"type": "head", "head": "draw",
+                                              "target": {"image": Image.new("RGB", (16, 16), color),
+                                                         "caption": caption}}]}
+
+
+def test_real_sd_layout_loads_and_samples_in_diffusers(sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    image = pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="pil").images[0]
+    assert image.size == (16, 16)
+
+
+def test_draw_head_components_vokens_and_losses(sd_dir, images):
+    model, processor = with_draw_head(sd_dir)
+    config = model.config
+    assert config.head_configs["draw"].tokens == ["[IMG0]", *(f"[IMG{i}]" for i in range(1, 8))]
+    assert {"draw.mapper", "draw.generator"} <= set(config.components)
+    assert config.trainable["draw.mapper"] and not config.trainable["draw.generator"]
+    assert config.component_paths["draw.generator"] == str(sd_dir)
+    assert not any(p.requires_grad for p in model.draw.generator.parameters())
+
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Draw a red square."}]}
+    batch = processor([[user, drawing()]], images=images[:1], return_labels=True)
+    model.train()
+    out = model(**batch)
+    assert set(out.losses) == {"lm", "draw_ldm", "draw_caption"}
+    out.loss.backward()
+    assert model.draw.mapper.out.weight.grad is not None
+    assert all(p.grad is None for p in model.draw.generator.parameters())
+
+
+def test_mapper_learns_and_the_pipeline_draws_an_image_part(sd_dir, tmp_path):
+    model, processor = with_draw_head(sd_dir, condition_dropout=0.0)
+    user = {"role": "user", "content": "Draw a red square."}
+    batch = processor([[user, drawing(text="")]], return_labels=True)  # the frozen LM can only learn [IMG0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    caption_losses = []
+    for _ in range(30):
+        out = model(**batch, loss_names=["lm", "draw_caption", "draw_ldm"])
+        caption_losses.append(out.losses["draw_caption"].item())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert caption_losses[-1] < caption_losses[0] / 2  # the mapper learns the text encoder's space
+    model.eval()
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert not any(f.name == "model.safetensors" for f in tmp_path.iterdir())  # generator referenced, not copied
+    pipe = MMBridgePipeline.from_pretrained(tmp_path)
+    [result] = pipe.generate([user], max_new_tokens=12)
+    images = [p for p in result.parts if isinstance(p, ImagePart)]
+    assert images, f"the trained model should draw: {result.raw_text!r}"
+    assert images[0].image.size == (16, 16)
+    assert part_to_dict(images[0])["url"].startswith("data:image/png;base64,")
+    # the vokens after [IMG0] were forced, in order
+    ids = result.token_ids
+    start = ids.index(model.config.added_tokens["[IMG0]"])
+    assert ids[start:start + 8] == [model.config.added_tokens[f"[IMG{i}]"] for i in range(8)]
+    # same prompt, same image (seeded noise), and identical through a chat session
+    again = pipe.chat().ask("Draw a red square.", max_new_tokens=12)
+    assert [p for p in again.parts if isinstance(p, ImagePart)][0].image.tobytes() == images[0].image.tobytes()
+
+
+def test_draw_head_needs_its_generator():
+    model, processor = build_tiny()
+    with pytest.raises(ValueError, match="StableDiffusionPipeline directory"):
+        model.add_head(DrawConfig(mapper_hidden_size=32, mapper_heads=2), processor.tokenizer)
+
+
+def test_cfg_runs_cond_and_uncond_in_one_batched_unet_call(sd_dir):
+    from mmbridge.modeling.draw.diffusion import DiffusionGenerator
+
+    generator = DiffusionGenerator.from_pretrained(sd_dir)
+    calls = []
+    generator.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    condition = torch.randn(2, 8, 16)
+    images = generator.sample(condition, guidance_scale=7.5, num_inference_steps=3,
+                              generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and calls == [4, 4, 4]
+    calls.clear()
+    generator.sample(condition, guidance_scale=1.0, num_inference_steps=3)
+    assert calls == [2, 2, 2]  # no guidance: no unconditional branch
