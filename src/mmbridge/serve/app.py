@@ -4,10 +4,15 @@ Routes: `POST /v1/chat/completions` (plain and SSE streaming), `GET /v1/models`,
 (liveness: the process answers) and `GET /health/ready` (readiness: 503 until the model is loaded;
 loading runs in a background thread so the port opens at once).
 
-Every request is checked completely *before* it takes a generation slot: fields, content parts,
-image decoding (in a worker thread), image and token limits. Every failure is the OpenAI error
-envelope with a 4xx status naming the offending `param`; unexpected failures are a bare 500
-envelope (the traceback goes to the server log, never to the client).
+Every request is checked completely *before* it takes a generation slot, cheapest first:
+1. on the event loop, costing microseconds: strict field types, lone surrogates, stop strings (count,
+   length), penalties, `n`, image count, and a lower bound on the prompt's tokens from its UTF-8 size
+   (`bytes / longest token`), so a 25 MB message is refused without being tokenized;
+2. in a small image pool (never the generation thread), under a deadline: every image's header is read
+   and the request's declared pixels summed *before* any image is decoded, then the images decoded;
+3. in a worker thread: the chat template and tokenizer, the exact token and context limits.
+Every failure is the OpenAI error envelope with a 4xx status naming the offending `param`; unexpected
+failures are a bare 500 envelope (the traceback goes to the server log, never to the client).
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +39,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mmbridge.generation import GenerationResult, SamplingOptions, part_to_dict
 from mmbridge.serve.batching import Batcher, Cancelled, Overloaded
 from mmbridge.serve.errors import APIError, envelope
-from mmbridge.serve.images import DEFAULT_FORMATS, ImageInputError, ImagePolicy, RemoteFetcher, load_image_url
+from mmbridge.serve.images import (
+    DEFAULT_FORMATS,
+    ImageInputError,
+    ImagePolicy,
+    RemoteFetcher,
+    image_bytes,
+    image_size,
+    open_image,
+)
 from mmbridge.serve.schemas import (
+    ADDITIVE_PENALTIES,
     REFUSED_FIELDS,
     UNSUPPORTED_WHEN_SET,
     ChatCompletion,
@@ -66,8 +83,13 @@ class ServeSettings:
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 8 * MiB
     max_image_pixels: int = 4096 * 4096
+    max_request_image_pixels: int = 4096 * 4096  # all of a request's images together, from their headers
     image_formats: tuple[str, ...] = DEFAULT_FORMATS
     image_fetcher: RemoteFetcher | None = None  # None: http(s) image URLs are refused
+    image_workers: int = 2                  # threads decoding images (bounds their memory and CPU)
+    image_timeout_s: float = 10.0           # to fetch and decode one request's images
+    max_input_tokens: int | None = None     # prompt tokens per request (None: up to the context)
+    max_stop_chars: int = 128               # characters per stop string
     # batching / admission
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
@@ -87,6 +109,8 @@ class ServerState:
         self.error: str | None = None
         self.created = int(time.time())
         self.context_length = 0
+        self.max_token_bytes = 1
+        self.image_pool = ThreadPoolExecutor(max(1, settings.image_workers), thread_name_prefix="mmbridge-images")
 
     def start(self, pipeline_or_loader) -> None:
         if hasattr(pipeline_or_loader, "generate"):
@@ -105,12 +129,14 @@ class ServerState:
         s = self.settings
         text_config = pipeline.model.config.text_config
         self.context_length = pipeline.processor.max_length or getattr(text_config, "max_position_embeddings", 2048)
+        self.max_token_bytes = _max_token_bytes(pipeline.processor.tokenizer)
         self.batcher = Batcher(pipeline, s.max_batch_size, s.batch_wait_ms, s.max_queue).start()
         self.pipeline = pipeline  # set last: readiness flips only when everything is in place
 
     def stop(self) -> None:
         if self.batcher:
             self.batcher.stop()
+        self.image_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -165,9 +191,11 @@ def create_app(pipeline_or_loader, settings: ServeSettings | None = None) -> Fas
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.require_ready()
         _check_fields(body, settings)
+        _check_cheap_limits(body, state)
         if state.batcher.queued >= state.batcher.max_queue:  # cheap early refusal, before decoding images
             _submit_refused(state)
-        conversation, prompt_tokens, options = await asyncio.to_thread(_prepare, body, state)
+        conversation = await _convert(body, state)
+        prompt_tokens, options = await asyncio.to_thread(_tokenize, body, conversation, state)
         if body.stream:
             return _stream(body, conversation, options, state, request)
         job = _submit(state, conversation, options, body.n)
@@ -210,28 +238,156 @@ def _check_fields(body: ChatCompletionRequest, settings: ServeSettings) -> None:
                        code="limit_exceeded")
 
 
-def _prepare(body: ChatCompletionRequest, state: ServerState) -> tuple[list[dict], int, SamplingOptions]:
-    """Messages -> mmbridge conversation with decoded images, prompt length, sampling options.
-    Runs in a worker thread (image decoding and tokenising are CPU work)."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes any single token stands for (decoded, or as its vocabulary string)."""
+    longest = 1
+    for token_id in range(len(tokenizer)):
+        for text in (tokenizer.decode([token_id]), tokenizer.convert_ids_to_tokens(token_id) or ""):
+            longest = max(longest, len(text.encode("utf-8", "surrogatepass")))
+    return longest
+
+
+def _find_surrogate(value, path: str) -> str | None:
+    """Path of the first string holding a lone UTF-16 surrogate (valid JSON escapes, not text)."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return child
+            found = _find_surrogate(item, child)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _image_parts(body: ChatCompletionRequest):
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    yield i, j, message, part
+
+
+def _check_cheap_limits(body: ChatCompletionRequest, state: ServerState) -> None:
+    """Limits that cost nothing, on the event loop, before any decoding or tokenizing."""
     settings = state.settings
-    num_images = sum(1 for m in body.messages if isinstance(m.content, list)
-                     for p in m.content if isinstance(p, dict) and p.get("type") == "image_url")
-    if num_images > settings.max_images:  # counted before anything is decoded
+    where = _find_surrogate(body.model_dump(exclude_none=True), "")
+    if where:
+        raise APIError(400, f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+                       param=where, code="invalid_string")
+    for name in ADDITIVE_PENALTIES:
+        if getattr(body, name):
+            raise APIError(400, f"'{name}' is not supported (OpenAI's additive penalty); use 'repetition_penalty' "
+                           "(multiplicative, > 1 discourages repeats) or leave it at 0", param=name,
+                           code="unsupported_parameter")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > settings.max_stop or not all(stop):
+        raise APIError(400, f"stop takes at most {settings.max_stop} non-empty strings", param="stop")
+    for k, text in enumerate(stop):
+        if len(text) > settings.max_stop_chars:
+            raise APIError(400, f"stop strings are limited to {settings.max_stop_chars} characters, this one has "
+                           f"{len(text)}", param="stop" if isinstance(body.stop, str) else f"stop[{k}]",
+                           code="limit_exceeded")
+    num_images = sum(1 for _ in _image_parts(body))
+    if num_images > settings.max_images:
         raise APIError(400, f"the request has {num_images} images, over this server's limit of "
                        f"{settings.max_images}", param="messages", code="too_many_images")
+    # A token stands for at most `max_token_bytes` bytes of text, so the prompt has at least
+    # text_bytes / max_token_bytes tokens (halved again for normalizers that shrink text).
+    text_bytes = 0
+    for message in body.messages:
+        if isinstance(message.content, str):
+            text_bytes += len(message.content.encode())
+        elif isinstance(message.content, list):
+            text_bytes += sum(len(p["text"].encode()) for p in message.content
+                              if isinstance(p, dict) and isinstance(p.get("text"), str))
+    at_least = math.ceil(text_bytes / (2 * state.max_token_bytes))
+    at_least += num_images * state.pipeline.processor.num_query_tokens
+    limit, code = state.context_length, "context_length_exceeded"
+    if settings.max_input_tokens is not None and settings.max_input_tokens < limit:
+        limit, code = settings.max_input_tokens + 1, "input_tokens_exceeded"
+    if at_least >= limit:
+        raise APIError(400, f"the prompt is at least {at_least} tokens ({text_bytes} bytes of text, "
+                       f"{num_images} images), over this server's limit of {limit - 1} prompt tokens",
+                       param="messages", code=code)
+
+
+async def _convert(body: ChatCompletionRequest, state: ServerState) -> list[dict]:
+    """Messages -> conversation with decoded images, in the image pool under a deadline."""
+    settings = state.settings
     max_pixels = min(settings.max_image_pixels, state.pipeline.processor.max_image_pixels)
     policy = ImagePolicy(settings.max_image_bytes, max_pixels, settings.image_formats, settings.image_fetcher)
-    conversation = [_convert_message(i, m, policy) for i, m in enumerate(body.messages)]
+    if not any(True for _ in _image_parts(body)):
+        return [_convert_message(i, m, policy, {}) for i, m in enumerate(body.messages)]
+    started = threading.Event()
+
+    def work():
+        started.set()
+        return _convert_messages(body, policy, settings.max_request_image_pixels)
+
+    future = asyncio.get_running_loop().run_in_executor(state.image_pool, work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), settings.image_timeout_s)
+    except asyncio.TimeoutError:
+        future.cancel()  # a queued job never starts; a running decode finishes and is dropped
+        if started.is_set():
+            raise APIError(400, f"the images took longer than {settings.image_timeout_s:g} s to decode",
+                           param="messages", code="image_decode_timeout") from None
+        raise APIError(503, "the image decoders are busy; retry later", type="server_error",
+                       code="server_overloaded", headers={"Retry-After": "1"}) from None
+
+
+def _convert_messages(body: ChatCompletionRequest, policy: ImagePolicy, max_total_pixels: int) -> list[dict]:
+    # Pass 1: every image's bytes and header; the request's pixels are summed before any is decoded.
+    blobs, total = {}, 0
+    for i, j, message, part in _image_parts(body):
+        if message.role != "user":
+            continue  # refused by _convert_message before anything is decoded
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str):
+            continue
+        try:
+            data = image_bytes(url, policy)
+            width, height = image_size(data, policy)
+        except ImageInputError as err:
+            raise APIError(400, str(err), param=f"messages[{i}].content[{j}].image_url", code="invalid_image") from None
+        total += width * height
+        blobs[i, j] = data
+    if total > max_total_pixels:
+        raise APIError(400, f"the request's images have {total} pixels together, over this server's limit of "
+                       f"{max_total_pixels}", param="messages", code="too_many_pixels")
+    # Pass 2: decode.
+    return [_convert_message(i, m, policy, blobs) for i, m in enumerate(body.messages)]
+
+
+def _tokenize(body: ChatCompletionRequest, conversation: list[dict], state: ServerState
+              ) -> tuple[int, SamplingOptions]:
+    """Prompt length and sampling options (worker thread: the chat template and tokenizer are CPU work)."""
     if conversation[-1]["role"] != "user":
         raise APIError(400, "the last message must come from the user", param="messages", code="invalid_messages")
     try:
         prompt_tokens = len(state.pipeline.processor.encode(conversation, add_generation_prompt=True).input_ids)
     except ValueError as err:
         raise APIError(400, str(err), param="messages", code="invalid_messages") from None
-    return conversation, prompt_tokens, _options(body, prompt_tokens, state)
+    limit = state.settings.max_input_tokens
+    if limit is not None and prompt_tokens > limit:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens, over this server's limit of {limit}",
+                       param="messages", code="input_tokens_exceeded")
+    return prompt_tokens, _options(body, prompt_tokens, state)
 
 
-def _convert_message(i: int, message, policy: ImagePolicy) -> dict:
+def _convert_message(i: int, message, policy: ImagePolicy, blobs: dict) -> dict:
     role = "system" if message.role == "developer" else message.role
     if role not in ("system", "user", "assistant"):
         raise APIError(400, f"unsupported role {message.role!r} (expected system, developer, user or assistant)",
@@ -259,7 +415,7 @@ def _convert_message(i: int, message, policy: ImagePolicy) -> dict:
             if not isinstance(url, str):
                 raise APIError(400, "an image_url part needs image_url.url", param=f"{where}.image_url")
             try:
-                parts.append({"type": "image", "image": load_image_url(url, policy)})
+                parts.append({"type": "image", "image": open_image(blobs[i, j], policy)})
             except ImageInputError as err:
                 raise APIError(400, str(err), param=f"{where}.image_url", code="invalid_image") from None
         else:
@@ -289,7 +445,8 @@ def _options(body: ChatCompletionRequest, prompt_tokens: int, state: ServerState
         raise APIError(400, f"stop takes at most {settings.max_stop} non-empty strings", param="stop")
     temperature = settings.default_temperature if body.temperature is None else body.temperature
     return SamplingOptions(max_new_tokens=max_new, do_sample=temperature > 0, temperature=temperature or 1.0,
-                           top_p=body.top_p or 1.0, stop=tuple(stop), seed=body.seed)
+                           top_p=body.top_p or 1.0, stop=tuple(stop), seed=body.seed,
+                           repetition_penalty=body.repetition_penalty or 1.0)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -404,10 +561,16 @@ def _new_id() -> str:
 
 # -- errors --------------------------------------------------------------------------------------
 
+#: pydantic puts the union member it tried into the location (`content.str`, `stop.list[str]`): not a field.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|[a-z-]+\[.*\]|function-[a-z-]+|constrained-[a-z]+)$")
+
+
 def _loc_to_param(loc) -> str | None:
     param = ""
     for item in loc:
         if item == "body" and not param:
+            continue
+        if isinstance(item, str) and _UNION_MEMBER.match(item):
             continue
         param += f"[{item}]" if isinstance(item, int) else (f".{item}" if param else str(item))
     return param or None

@@ -25,6 +25,12 @@ def register(subparsers) -> None:
     serve.add_argument("--max-images", type=int, default=8, help="images per request")
     serve.add_argument("--max-n", type=int, default=4, help="choices (n) per request")
     serve.add_argument("--default-max-tokens", type=int, default=256)
+    serve.add_argument("--max-input-tokens", type=int, default=None,
+                       help="prompt tokens per request (default: up to the model's context); bigger prompts are "
+                            "refused, most without being tokenized")
+    serve.add_argument("--max-stop-chars", type=int, default=128, help="characters per stop string")
+    serve.add_argument("--max-request-image-pixels", type=int, default=4096 * 4096,
+                       help="pixels of all a request's images together, read from their headers before decoding")
     serve.add_argument("--allow-remote-images", metavar="HOST", action="append", default=[],
                        help="allow http(s) image URLs from HOST (repeatable; '*.example.com' for subdomains); "
                             "private/loopback addresses stay blocked")
@@ -89,7 +95,9 @@ def _serve(args) -> int:
     except ImportError as err:
         raise CLIError(f"serving needs the 'serve' extra: pip install 'mmbridge[serve]' ({err.name} missing)") from None
     for value, name in ((args.max_batch_size, "--max-batch-size"), (args.max_images, "--max-images"),
-                        (args.max_n, "--max-n"), (args.default_max_tokens, "--default-max-tokens")):
+                        (args.max_n, "--max-n"), (args.default_max_tokens, "--default-max-tokens"),
+                        (args.max_input_tokens or 1, "--max-input-tokens"), (args.max_stop_chars, "--max-stop-chars"),
+                        (args.max_request_image_pixels, "--max-request-image-pixels")):
         if value < 1:
             raise CLIError(f"{name} must be >= 1")
     settings = ServeSettings(
@@ -97,6 +105,8 @@ def _serve(args) -> int:
         max_n=args.max_n, default_max_tokens=args.default_max_tokens, max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, ui=args.ui, keep_uploads=args.keep_uploads,
         image_fetcher=RemoteFetcher(args.allow_remote_images) if args.allow_remote_images else None,
+        max_input_tokens=args.max_input_tokens, max_stop_chars=args.max_stop_chars,
+        max_request_image_pixels=args.max_request_image_pixels,
     )
     _warn_if_exposed(args.host, args.api_key)
     app = create_app(lambda: MMBridgePipeline.from_pretrained(path), settings)  # loads in the background

@@ -45,6 +45,33 @@ class ImagePolicy:
 
 def load_image_url(url: str, policy: ImagePolicy) -> Image.Image:
     """`image_url.url` -> RGB image, or `ImageInputError`."""
+    return open_image(image_bytes(url, policy), policy)
+
+
+def image_size(data: bytes, policy: ImagePolicy) -> tuple[int, int]:
+    """(width, height) from the header only, with the same format allowlist and per-image limits as
+    `open_image`; nothing is decoded. Lets a request's images be summed before any is decoded."""
+    if len(data) > policy.max_bytes:
+        raise ImageInputError(f"image is larger than the limit of {policy.max_bytes} bytes")
+    formats = [f.upper() for f in policy.formats]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=formats) as image:
+                width, height = image.size
+    except UnidentifiedImageError:
+        raise ImageInputError(f"not an image in an allowed format ({', '.join(formats)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageInputError(f"image is over the limit of {policy.max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageInputError(f"cannot decode image: {type(err).__name__}") from None
+    if width * height > policy.max_pixels:
+        raise ImageInputError(f"image is {width}x{height} px, over the limit of {policy.max_pixels} pixels")
+    return width, height
+
+
+def image_bytes(url: str, policy: ImagePolicy) -> bytes:
+    """`image_url.url` -> the encoded image bytes (data: URL decoded, or fetched), or `ImageInputError`."""
     if url.startswith("data:"):
         data = decode_data_url(url, policy.max_bytes)
     elif re.match(r"https?://", url, re.IGNORECASE):
@@ -54,7 +81,7 @@ def load_image_url(url: str, policy: ImagePolicy) -> Image.Image:
         data = policy.fetcher.fetch(url)
     else:
         raise ImageInputError("image_url must be a base64 data: URL (file paths and file:// URLs are not read)")
-    return open_image(data, policy)
+    return data
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

@@ -10,9 +10,18 @@ there; typed output parts (text now; image / detections / keypoints later) are a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Strict scalars: JSON `true` is not 1, `"yes"` is not true, `"1"` is not a number (ints are fine as
+# floats). Every rejected value is a 400 naming its field (app.py maps pydantic's location).
+StrictInt = Annotated[int, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+StrictStr = Annotated[str, Field(strict=True)]
+#: OpenAI's seed is a 64-bit signed integer; torch accepts that range.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 #: Request fields we refuse rather than silently honour: a request must not bring its own chat
 #: template (server-side Jinja) or raw embeddings (bypass of the input pipeline).
@@ -21,18 +30,21 @@ REFUSED_FIELDS = ("chat_template", "chat_template_kwargs", "prompt_embeds", "inp
 #: OpenAI features we do not implement; refused only when actually switched on.
 UNSUPPORTED_WHEN_SET = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
                         "logit_bias", "audio", "prediction")
+#: OpenAI's additive penalties: accepted at 0 (what SDKs send by default), refused otherwise, never ignored.
+#: transformers' multiplicative `repetition_penalty` is offered instead (vLLM's extension field).
+ADDITIVE_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[Any] | None = None
-    name: str | None = None
+    role: StrictStr
+    content: StrictStr | list[Any] | None = None
+    name: StrictStr | None = None
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -40,19 +52,22 @@ class ChatCompletionRequest(BaseModel):
     # ones in REFUSED_FIELDS / UNSUPPORTED_WHEN_SET, which app.py checks explicitly.
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0, le=10)  # extension (vLLM, transformers)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: StrictInt = Field(default=1, ge=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = None
-    output_parts: bool = False  # mmbridge extension: also return typed `message.parts`
+    output_parts: StrictBool = False  # mmbridge extension: also return typed `message.parts`
 
 
 class Usage(BaseModel):
