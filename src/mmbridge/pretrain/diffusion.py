@@ -1,0 +1,258 @@
+"""Stage 0 of the draw head: a ShapesWorld latent-diffusion generator trained from nothing, then frozen.
+
+The seeds freeze Stable Diffusion; ShapesWorld trains its own in miniature with the same parts and the
+same layout, so the draw head loads it exactly as it would load SD 1.5 / 2.1:
+
+1. a VAE (`AutoencoderKL`), 64x64x3 <-> a small latent, reconstruction + a tiny KL term; its latent
+   scale (`scaling_factor`) is measured on the data, as SD's 0.18215 was;
+2. a text-conditioned UNet (`UNet2DConditionModel`) on caption -> image, conditioned on the stage-0 CLIP
+   text tower's last hidden state — exactly how SD is conditioned by CLIP — with DDPM training
+   (Min-SNR-γ weighting) and 10 % of captions dropped to the empty one for classifier-free guidance;
+3. saved as a `StableDiffusionPipeline` directory (vae/, unet/, text_encoder/, tokenizer/, scheduler/ with
+   DDIM), which `diffusers.StableDiffusionPipeline.from_pretrained` samples from as is.
+
+Each part trains in its own resumable loop (checkpoints every `save_every` steps: weights in
+safetensors, optimizer and step restored with `torch.load(weights_only=True)`), so the foundation can
+run for hours across sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmbridge.pretrain import adamw_with_warmup_cosine
+
+
+@dataclass
+class GeneratorConfig:
+    image_size: int = 64
+    latent_channels: int = 4
+    vae_channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # 3 levels: 64 -> 16x16 latents
+    vae_steps: int = 2000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    unet_attention_head_dim: int = 8
+    unet_steps: int = 10000
+    unet_batch_size: int = 32
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1  # empty caption -> classifier-free guidance
+    snr_gamma: float = 5.0
+    num_train_timesteps: int = 1000
+    max_caption_tokens: int = 64  # the text encoder's sequence = the UNet's cross-attention length
+    warmup_steps: int = 100
+    save_every: int = 500
+    seed: int = 0
+
+
+def build_vae(cfg: GeneratorConfig):
+    from diffusers import AutoencoderKL
+
+    levels = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+                         block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
+                         norm_num_groups=min(32, cfg.vae_channels[0]), sample_size=cfg.image_size)
+
+
+def build_unet(cfg: GeneratorConfig, condition_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    levels = len(cfg.unet_channels)
+    latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        layers_per_block=1, block_out_channels=tuple(cfg.unet_channels), cross_attention_dim=condition_dim,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        attention_head_dim=cfg.unet_attention_head_dim, norm_num_groups=min(32, cfg.unet_channels[0]))
+
+
+def noise_scheduler(cfg: GeneratorConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+
+
+# -- resumable loops ---------------------------------------------------------------------------------
+class _Checkpoint:
+    """`dir/weights.safetensors` + `dir/state.pt` (optimizer, schedule, step, RNG); written atomically."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def restore(self, model, optimizer, schedule) -> int:
+        from safetensors.torch import load_file
+
+        state_file = self.directory / "state.pt"
+        if not state_file.is_file():
+            return 0
+        model.load_state_dict(load_file(str(self.directory / "weights.safetensors")))
+        state = torch.load(state_file, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"])
+
+    def save(self, model, optimizer, schedule, step: int) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.directory.with_name(self.directory.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                    "rng": torch.get_rng_state()}, tmp / "state.pt")
+        if self.directory.exists():
+            for f in self.directory.iterdir():
+                f.unlink()
+            self.directory.rmdir()
+        tmp.rename(self.directory)
+
+
+def _loop(model, steps: int, lr: float, warmup: int, checkpoint: _Checkpoint, save_every: int,
+          step_loss: Callable[[int], dict[str, torch.Tensor]], log: Callable[[dict], None]) -> list[float]:
+    optimizer, schedule = adamw_with_warmup_cosine(model, lr=lr, min_lr=lr / 10, warmup_steps=warmup, steps=steps,
+                                                   weight_decay=0.0)
+    start_step = checkpoint.restore(model, optimizer, schedule)
+    model.train()
+    history, start = [], time.perf_counter()
+    for step in range(start_step, steps):
+        parts = step_loss(step)
+        loss = sum(parts.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: {parts}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        history.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log({"step": step + 1, **{k: round(v.item(), 5) for k, v in parts.items()},
+                 "elapsed_s": round(time.perf_counter() - start, 1)})
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            checkpoint.save(model, optimizer, schedule, step + 1)
+    model.eval()
+    return history
+
+
+def train_vae(cfg: GeneratorConfig, images: Callable[[int, int], torch.Tensor], work_dir: Path,
+              log: Callable[[dict], None] = print):
+    """`images(step, n)` -> (n, 3, H, W) in [-1, 1]. Returns the trained VAE with its latent scale set."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg)
+
+    def step_loss(step: int) -> dict[str, torch.Tensor]:
+        batch = images(step, cfg.vae_batch_size)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        return {"recon": F.mse_loss(recon, batch), "kl": cfg.kl_weight * posterior.kl().mean()}
+
+    _loop(vae, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps, _Checkpoint(work_dir / "vae"), cfg.save_every,
+          step_loss, log)
+    with torch.no_grad():  # SD's 0.18215, measured here: latents of unit variance for the UNet
+        latents = torch.cat([vae.encode(images(-1 - i, cfg.vae_batch_size)).latent_dist.mean for i in range(4)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+def caption_embeds(text_encoder, tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+    tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+
+
+def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
+               batches: Callable[[int, int], tuple[torch.Tensor, list[str]]], work_dir: Path,
+               log: Callable[[dict], None] = print):
+    """`batches(step, n)` -> (images in [-1, 1], captions). VAE and text encoder stay frozen."""
+    from diffusers.training_utils import compute_snr
+
+    torch.manual_seed(cfg.seed + 1)
+    unet = build_unet(cfg, text_encoder.config.hidden_size)
+    scheduler = noise_scheduler(cfg)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+
+    def step_loss(step: int) -> dict[str, torch.Tensor]:
+        images, captions = batches(step, cfg.unet_batch_size)
+        drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        condition = caption_embeds(text_encoder, tokenizer, captions, cfg.max_caption_tokens)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=condition).sample
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        return {"ldm": (per_sample * weight).mean()}
+
+    _loop(unet, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, _Checkpoint(work_dir / "unet"), cfg.save_every,
+          step_loss, log)
+    return unet
+
+
+def save_generator(out: str | Path, vae, unet, text_encoder, tokenizer, cfg: GeneratorConfig) -> Path:
+    """The frozen generator as a standard `StableDiffusionPipeline` directory (DDIM for sampling)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    out = Path(out)
+    tokenizer.model_max_length = cfg.max_caption_tokens
+    scheduler = DDIMScheduler.from_config(noise_scheduler(cfg).config)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(out)
+    (out / "mmbridge_generator.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return out
+
+
+def shapes_batches(cfg: GeneratorConfig, split: str = "train", caption: str = "description"
+                   ) -> Callable[[int, int], tuple[torch.Tensor, list[str]]]:
+    """ShapesWorld (image, caption) batches, a pure function of the step (so a resumed run sees the
+    same data); negative steps draw from a held-out stream (the VAE's latent-scale measurement)."""
+    import numpy as np
+    from PIL import Image
+
+    from mmbridge.data.shapes.annotations import description, short_caption
+    from mmbridge.data.shapes.world import make_scene, render
+
+    text_of = description if caption == "description" else short_caption
+
+    def batch(step: int, n: int) -> tuple[torch.Tensor, list[str]]:
+        scenes = [make_scene(split if step >= 0 else "val", (abs(step) * n + i) % 1_000_000) for i in range(n)]
+        rendered = [render(s) for s in scenes]  # the world is 64x64; smaller generators (tests) see it resized
+        if cfg.image_size != rendered[0].width:
+            rendered = [r.resize((cfg.image_size, cfg.image_size), Image.BILINEAR) for r in rendered]
+        arrays = np.stack([np.asarray(r, dtype=np.float32) for r in rendered]) / 127.5 - 1
+        return torch.from_numpy(arrays).permute(0, 3, 1, 2), [text_of(s) for s in scenes]
+
+    return batch
+
+
+def train_generator(out: str | Path, text_encoder, tokenizer, cfg: GeneratorConfig,
+                    log: Callable[[dict], None] = print) -> dict:
+    """VAE, then UNet, then the pipeline dir at `out/generator`; resumes where a previous run stopped."""
+    out = Path(out)
+    work = out / "generator-work"
+    batches = shapes_batches(cfg)
+    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], work, log=lambda d: log({"vae": d}))
+    unet = train_unet(cfg, vae, text_encoder, tokenizer, batches, work, log=lambda d: log({"unet": d}))
+    path = save_generator(out / "generator", vae, unet, text_encoder, tokenizer, cfg)
+    return {"generator_dir": str(path), "vae_scaling_factor": vae.config.scaling_factor}
+
