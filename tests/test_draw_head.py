@@ -124,3 +124,30 @@ def test_cfg_runs_cond_and_uncond_in_one_batched_unet_call(sd_dir):
     calls.clear()
     generator.sample(condition, guidance_scale=1.0, num_inference_steps=3)
     assert calls == [2, 2, 2]  # no guidance: no unconditional branch
+
+
+def test_assistant_images_are_drawing_targets(sd_dir, images):
+    """Users write natural conversations: an image in the assistant's answer is what the model draws."""
+    model, processor = with_draw_head(sd_dir)
+    processor.image_head = "draw"
+    red = Image.new("RGB", (16, 16), (220, 40, 40))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Draw it in red."}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Here: "},
+                                                      {"type": "image", "image": red}]}]
+    batch = processor([conversation], images=images[:1], return_labels=True)
+    assert batch["pixel_values"].shape[0] == 1  # only the user's image is an input
+    [target] = batch["head_targets"]["draw"]
+    assert target["image"] is red and target["caption"] == "Draw it in red."
+    assert set(model(**batch).losses) == {"lm", "draw_ldm", "draw_caption"}
+
+    processor.image_head = None
+    with pytest.raises(ValueError, match="no drawing head"):
+        processor([conversation], images=images[:1], return_labels=True)
+
+
+def test_llava_answers_with_images_become_drawing_targets(sd_dir):
+    from mmbridge.train.data import llava_to_messages
+
+    turns = [{"from": "human", "value": "Draw a red square."}, {"from": "gpt", "value": "Here: <image>"}]
+    messages = llava_to_messages(turns, ["red.png"])
+    assert messages[1]["content"] == [{"type": "text", "text": "Here:"}, {"type": "image", "image": "red.png"}]

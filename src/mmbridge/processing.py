@@ -95,8 +95,9 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
                                  "assistant message and names its head: {'type': 'head', 'head': NAME, 'target': ...}")
             if kind == "text" and not isinstance(part.get("text"), str):
                 raise ValueError(f"message {i} part {j}: a text part needs a string 'text'")
-            if kind == "image" and role != "user":
-                raise ValueError(f"message {i}: images can only appear in user messages")
+            if kind == "image" and role == "system":
+                raise ValueError(f"message {i}: images can appear in user messages (inputs) and assistant "
+                                 "messages (images the model draws), not in system messages")
         normalized.append({"role": role, "content": content})
     return normalized
 
@@ -130,13 +131,17 @@ class MMBridgeProcessor:
                  chat_template: str | None = None, num_query_tokens: int = 32, image_token: str = "<ImageHere>",
                  stop_strings: Sequence[str] = (), max_length: int | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, qformer_cls_token_id: int | None = None,
-                 qformer_max_length: int = 64, heads: dict[str, list[str]] | None = None):
+                 qformer_max_length: int = 64, heads: dict[str, list[str]] | None = None,
+                 image_head: str | None = None):
         """`qformer_cls_token_id` set: the model's Q-Former is instruction-aware, and every call also
         returns `qformer_input_ids` / `qformer_attention_mask` (CLS + the text of each image's message).
         `heads`: head name -> its tokens (trigger, then slots), as the model's `HeadConfig.tokens`; an
         assistant part `{"type": "head", "head": NAME, "target": T}` is written as those tokens and T is
-        returned in `head_targets[NAME]`."""
+        returned in `head_targets[NAME]`. `image_head`: the head that draws (MiniGPT-5's vokens); an image
+        part in an assistant message is a drawing target for it (`{"image": ..., "caption": text of the
+        user's last message}`)."""
         self.heads = {name: list(tokens) for name, tokens in (heads or {}).items()}
+        self.image_head = image_head
         self.qformer_cls_token_id = qformer_cls_token_id
         self.qformer_max_length = qformer_max_length
         self.image_processor = image_processor
@@ -182,10 +187,27 @@ class MMBridgeProcessor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._expand_image_tokens(ids, [0] * len(ids))[0]
 
+    def assistant_images_to_heads(self, messages: list[dict]) -> list[dict]:
+        """Images in assistant messages are what the model must draw: head parts of `image_head`."""
+        out, caption = [], None
+        for message in messages:
+            if message["role"] == "user":
+                caption = " ".join(p["text"] for p in message["content"] if p["type"] == "text").strip() or None
+            drawn = message["role"] == "assistant" and any(p["type"] == "image" for p in message["content"])
+            if drawn and self.image_head is None:
+                raise ValueError("an assistant message holds an image (a drawing target), but this model has "
+                                 "no drawing head (processor.image_head is unset)")
+            if drawn:
+                message = {**message, "content": [
+                    {"type": "head", "head": self.image_head, "target": {"image": p.get("image"), "caption": caption}}
+                    if p["type"] == "image" else p for p in message["content"]]}
+            out.append(message)
+        return out
+
     def _write_head_parts(self, messages: list[dict]) -> tuple[list[dict], list[tuple[str, Any]]]:
         """Head parts -> text parts holding the head's tokens; their targets in reading order."""
         targets, out = [], []
-        for message in messages:
+        for message in self.assistant_images_to_heads(messages):
             parts = []
             for part in message["content"]:
                 if part["type"] == "head":
@@ -248,7 +270,8 @@ class MMBridgeProcessor:
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
         encoded = [self.encode(conv, add_generation_prompt) for conv in batch]
         all_images = self._collect_images(batch, images)
-        instructions = [text for conv in batch for text in image_instructions(normalize_messages(conv))]
+        instructions = [text for conv in batch
+                        for text in image_instructions(self.assistant_images_to_heads(normalize_messages(conv)))]
         if truncation and self.max_length:
             truncated = [self._truncate(e) for e in encoded]
             # Images whose soft prompt was cut off go too (they are the last ones of their sample).
@@ -319,7 +342,9 @@ class MMBridgeProcessor:
         return out
 
     def _collect_images(self, batch: list, images: Sequence[Any] | None) -> list[Any]:
-        embedded = [img for conv in batch for img in images_in(normalize_messages(conv))]
+        """The input images (user messages), in order; assistant images are drawing targets, not inputs."""
+        embedded = [img for conv in batch
+                    for img in images_in(self.assistant_images_to_heads(normalize_messages(conv)))]
         extra = list(images or [])
         needed = sum(img is None for img in embedded)
         if needed != len(extra):
@@ -350,7 +375,7 @@ class MMBridgeProcessor:
                 "image_token": self.image_token, "stop_strings": self.stop_strings,
                 "max_length": self.max_length, "max_image_pixels": self.max_image_pixels,
                 "qformer_cls_token_id": self.qformer_cls_token_id, "qformer_max_length": self.qformer_max_length,
-                "heads": self.heads}
+                "heads": self.heads, "image_head": self.image_head}
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         save_directory = Path(save_directory)

@@ -119,7 +119,8 @@ def _head_parts(text: str, targets: dict[str, list]) -> list[dict]:
 
 def llava_to_messages(turns: list[dict], images: list, targets: dict | None = None) -> list[dict]:
     """LLaVA `conversations` -> messages; each `<image>` in a human turn becomes the next image part.
-    Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention).
+    Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention);
+    `<image>` in an answer is an image the model draws.
     `targets` (a record's optional `"targets"`: head trigger -> one target per occurrence, in order)
     turn each trigger written in an answer ("There are [CNT] shapes") into a head part."""
     problem = record_problem({"conversations": turns})
@@ -130,8 +131,8 @@ def llava_to_messages(turns: list[dict], images: list, targets: dict | None = No
     for message in messages:
         parts = []
         for part in message["content"]:
-            if part["type"] == "image":
-                if message["role"] != "user" or not pending:
+            if part["type"] == "image":  # in an answer: an image the model draws (a drawing target)
+                if message["role"] == "system" or not pending:
                     raise SampleError("an <image> tag without an image")
                 parts.append({"type": "image", "image": pending.pop(0)})
             elif part["text"].strip():
@@ -243,6 +244,10 @@ class LlavaJsonDataset(Dataset):
         well_formed = isinstance(targets, dict) and all(isinstance(v, list) for v in targets.values())
         if targets is not None and not well_formed:
             raise SampleError("'targets' must map a head's trigger token to a list of targets")
+        if targets:  # a target that names an image file (a drawing target) gets the image, like "image" does
+            targets = {trigger: [{**t, "image": load_image(self.image_root / t["image"])}
+                                 if isinstance(t, dict) and isinstance(t.get("image"), str) else t for t in items]
+                       for trigger, items in targets.items()}
         return llava_to_messages(record.get("conversations"), images, targets)
 
 
