@@ -1,0 +1,79 @@
+"""The ShapesWorld draw recipe's pieces: a see-model gains MiniGPT-5's draw head, and its training data.
+
+* `add_draw_head`: a trained see-model + a frozen generator (a StableDiffusionPipeline dir, e.g. the
+  one `pretrain.diffusion` trains) -> the same model with vokens `[IMG0]…[IMG7]` and a fresh mapper.
+* `write_draw_data`: the seed's two stages as LLaVA JSON, the format users bring their own data in —
+  stage 1 caption -> image ("Draw a large red circle …" answered by the image), stage 2 interleaved:
+  stories whose steps alternate sentences and pictures, and dialogues that change a drawing
+  ("Now make the circle blue."). An `<image>` in an answer is an image the model draws.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DRAW_PROMPTS = ("Draw {}", "Make a picture of {}", "Show me {}", "Can you draw {}", "Paint {}")
+
+
+def add_draw_head(model_dir: str | Path, generator_dir: str | Path, out: str | Path, **draw_settings) -> Path:
+    from mmbridge.heads_config import DrawConfig
+    from mmbridge.modeling import MMBridgeModel
+    from mmbridge.processing import MMBridgeProcessor
+
+    model = MMBridgeModel.from_pretrained(model_dir)
+    processor = MMBridgeProcessor.from_pretrained(model_dir)
+    config = DrawConfig(pipeline_path=str(Path(generator_dir).resolve()), **draw_settings)
+    model.add_head(config, processor.tokenizer)
+    processor.heads[config.name] = config.tokens
+    processor.image_head = config.name
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
+def _lower_first(text: str) -> str:
+    return text[0].lower() + text[1:].rstrip(".")
+
+
+def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: str = "train", seed: int = 0) -> dict:
+    """`out/draw_stage1.json` (caption -> image) and `out/draw_stage2.json` (stories, edit dialogues),
+    images under `out/images/`."""
+    import random
+
+    from mmbridge.data.formats.llava import write_llava
+    from mmbridge.data.shapes.annotations import short_caption
+    from mmbridge.data.shapes.edits import edit_pair, make_story
+    from mmbridge.data.shapes.world import make_scene, render
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    def save(image, name: str) -> str:
+        image.save(out / "images" / name)
+        return f"images/{name}"
+
+    stage1 = []
+    for i in range(num_scenes):
+        scene = make_scene(split, i, seed)
+        prompt = rng.choice(DRAW_PROMPTS).format(_lower_first(short_caption(scene))) + "."
+        stage1.append({"id": f"draw-{i}", "image": [save(render(scene), f"draw-{i}.png")],
+                       "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"}]})
+    stage2 = []
+    for i in range(num_stories):
+        steps = make_story(split, i, seed)
+        answer = " ".join(f"{step['text']} <image>" for step in steps)
+        stage2.append({"id": f"story-{i}", "image": [save(render(s["scene"]), f"story-{i}-{t}.png")
+                                                     for t, s in enumerate(steps)],
+                       "conversations": [{"from": "human", "value": "Tell me a short story with pictures."},
+                                         {"from": "gpt", "value": answer}]})
+        edit = edit_pair(split, num_scenes + i, seed)
+        prompt = rng.choice(DRAW_PROMPTS).format(_lower_first(short_caption(edit["before"]))) + "."
+        stage2.append({"id": f"edit-{i}", "image": [save(render(edit["before"]), f"edit-{i}-0.png"),
+                                                    save(render(edit["after"]), f"edit-{i}-1.png")],
+                       "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"},
+                                         {"from": "human", "value": edit["instruction"]},
+                                         {"from": "gpt", "value": "<image>"}]})
+    write_llava(stage1, str(out / "draw_stage1.json"))
+    write_llava(stage2, str(out / "draw_stage2.json"))
+    return {"stage1_records": len(stage1), "stage2_records": len(stage2)}
