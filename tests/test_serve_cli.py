@@ -33,7 +33,7 @@ def test_serve_command_builds_a_server_that_loads_in_the_background(monkeypatch)
 
     from mmbridge.serve.testing import running_server
 
-    def run_in_thread(app, host, port, log_level):
+    def run_in_thread(app, host, port, log_level, **kwargs):
         assert (host, port) == ("127.0.0.1", 8123)
         with running_server(app) as url:
             deadline = time.monotonic() + 30

@@ -33,7 +33,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmbridge.generation import GenerationResult, SamplingOptions, part_to_dict
@@ -48,6 +48,7 @@ from mmbridge.serve.images import (
     image_size,
     open_image,
 )
+from mmbridge.serve.metrics import Metrics, MetricsMiddleware
 from mmbridge.serve.schemas import (
     ADDITIVE_PENALTIES,
     REFUSED_FIELDS,
@@ -90,6 +91,10 @@ class ServeSettings:
     image_timeout_s: float = 10.0           # to fetch and decode one request's images
     max_input_tokens: int | None = None     # prompt tokens per request (None: up to the context)
     max_stop_chars: int = 128               # characters per stop string
+    # timeouts
+    body_timeout_s: float = 30.0            # to receive a request's whole body (408 after)
+    queue_timeout_s: float = 120.0          # a request waiting this long for its batch gets 503 + Retry-After
+    shutdown_timeout_s: float = 10.0        # drain: running requests get this long after SIGTERM
     # batching / admission
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
@@ -107,10 +112,15 @@ class ServerState:
         self.pipeline = None
         self.batcher: Batcher | None = None
         self.error: str | None = None
+        self.error_detail: str | None = None  # one line for the operator (log, exit message); may name files
+        self.on_load_failure: Callable[[], None] | None = None  # `mmbridge serve`: stop the server, exit non-zero
         self.created = int(time.time())
         self.context_length = 0
         self.max_token_bytes = 1
         self.image_pool = ThreadPoolExecutor(max(1, settings.image_workers), thread_name_prefix="mmbridge-images")
+        self.metrics = Metrics(queue_depth=lambda: self.batcher.queued if self.batcher else 0,
+                               running_rows=lambda: self.batcher.stats["active"] if self.batcher else 0,
+                               ready=lambda: float(self.ready))
 
     def start(self, pipeline_or_loader) -> None:
         if hasattr(pipeline_or_loader, "generate"):
@@ -121,16 +131,24 @@ class ServerState:
     def _load(self, loader: Callable[[], Any]) -> None:
         try:
             self._install(loader())
-        except Exception as err:  # reported by readiness; the process stays up for inspection
-            log.exception("model load failed")
+        except Exception as err:  # readiness reports it; `mmbridge serve` then exits non-zero
+            from mmbridge.interop.loading import explain_load_error
+
+            detail = explain_load_error(getattr(loader, "path", "the model"), err)
+            log.error("model load failed: %s", detail or repr(err), exc_info=detail is None)
+            self.error_detail = detail or f"{type(err).__name__}: {err}".splitlines()[0]
             self.error = f"model failed to load: {type(err).__name__}"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
 
     def _install(self, pipeline) -> None:
         s = self.settings
         text_config = pipeline.model.config.text_config
         self.context_length = pipeline.processor.max_length or getattr(text_config, "max_position_embeddings", 2048)
         self.max_token_bytes = _max_token_bytes(pipeline.processor.tokenizer)
-        self.batcher = Batcher(pipeline, s.max_batch_size, s.batch_wait_ms, s.max_queue).start()
+        self.batcher = Batcher(pipeline, s.max_batch_size, s.batch_wait_ms, s.max_queue)
+        self.batcher.on_batch = self.metrics.batch
+        self.batcher.start()
         self.pipeline = pipeline  # set last: readiness flips only when everything is in place
 
     def stop(self) -> None:
@@ -164,10 +182,19 @@ def create_app(pipeline_or_loader, settings: ServeSettings | None = None) -> Fas
 
     app = FastAPI(title="mmbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mmbridge = state
-    _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    _install_error_handlers(app, state.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # added last = runs first
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # added last = runs first: sees every answer
+
+    @app.get("/metrics")
+    async def metrics():
+        if not state.metrics.enabled:
+            raise APIError(501, "metrics need prometheus_client: pip install 'mmbridge[serve]'",
+                           type="server_error", code="metrics_unavailable")
+        payload, content_type = state.metrics.render()
+        return Response(payload, media_type=content_type)
 
     @app.get("/health")
     async def health():
@@ -199,7 +226,8 @@ def create_app(pipeline_or_loader, settings: ServeSettings | None = None) -> Fas
         if body.stream:
             return _stream(body, conversation, options, state, request)
         job = _submit(state, conversation, options, body.n)
-        results = await _wait(job, request)
+        results = await _wait(job, request, state)
+        state.metrics.tokens(prompt_tokens, sum(r.completion_tokens for r in results))
         return dump(ChatCompletion(
             id=_new_id(), created=int(time.time()), model=settings.model_name,
             choices=[Choice(index=i, message=ResponseMessage(content=r.text, parts=_parts(r, body)),
@@ -473,17 +501,30 @@ def _generation_error(err: BaseException) -> APIError:
     return APIError(500, "generation failed", type="server_error", code="internal_error")
 
 
-async def _wait(job, request: Request) -> list[GenerationResult]:
-    """Await a job; cancel it if the client disconnects while it waits or runs."""
+def _queue_timeout(job, state: ServerState) -> APIError | None:
+    """A job still waiting for its batch after `queue_timeout_s` is dropped (503 + Retry-After)."""
+    if job.started or time.monotonic() - job.enqueued < state.settings.queue_timeout_s:
+        return None
+    job.cancel.set()  # the worker drops it instead of running it
+    return APIError(503, f"the request waited {state.settings.queue_timeout_s:g} s for a batch; retry later",
+                    type="server_error", code="queue_timeout",
+                    headers={"Retry-After": str(state.batcher.retry_after())})
+
+
+async def _wait(job, request: Request, state: ServerState) -> list[GenerationResult]:
+    """Await a job; cancel it if the client disconnects while it waits or runs, or it waits too long."""
     future = asyncio.wrap_future(job.future)
     try:
         while True:
-            done, _ = await asyncio.wait({future}, timeout=0.5)
+            done, _ = await asyncio.wait({future}, timeout=0.25)
             if done:
                 break
             if await request.is_disconnected():
                 job.cancel.set()
                 raise APIError(499, "client closed the request", code="client_closed")
+            timeout = _queue_timeout(job, state)
+            if timeout is not None:
+                raise timeout
     except asyncio.CancelledError:
         job.cancel.set()
         raise
@@ -514,9 +555,15 @@ def _stream(body, conversation, options, state: ServerState, request: Request) -
                 yield sse([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             while True:
                 try:
-                    item = await asyncio.wait_for(pieces.get(), timeout=1.0)
+                    item = await asyncio.wait_for(pieces.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
+                        return
+                    timeout = _queue_timeout(job, state)
+                    if timeout is not None:  # headers are sent: in-band, as OpenAI reports stream errors
+                        state.metrics.error(timeout.status, timeout.code)
+                        yield f"data: {json.dumps(timeout.body())}\n\n"
+                        yield "data: [DONE]\n\n"
                         return
                     continue
                 if item is None:
@@ -530,6 +577,8 @@ def _stream(body, conversation, options, state: ServerState, request: Request) -
                 yield f"data: {json.dumps(_generation_error(err).body())}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            state.metrics.tokens(results[0].prompt_tokens if results else 0,
+                                 sum(r.completion_tokens for r in results))
             for i, r in enumerate(results):
                 delta = Delta(parts=_parts(r, body))
                 yield sse([ChunkChoice(index=i, delta=delta, finish_reason=r.finish_reason)])
@@ -576,8 +625,9 @@ def _loc_to_param(loc) -> str | None:
     return param or None
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def reply(status, body, headers=None):
+        metrics.error(status, body["error"].get("code"))
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)

@@ -59,6 +59,8 @@ class Job:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     future: Future = dataclasses.field(default_factory=Future)  # -> list[GenerationResult], one per choice
     key: tuple = ()
+    enqueued: float = dataclasses.field(default_factory=time.monotonic)
+    started: bool = False  # taken off the queue by the worker
 
     @property
     def stream(self) -> bool:
@@ -95,6 +97,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._batch_seconds = 0.5  # moving average, for Retry-After
         self.stats = collections.Counter(active=0)
+        #: called from the worker after each batch with (rows, seconds); the server's metrics hook
+        self.on_batch: Callable[[int, float], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Batcher:
@@ -156,10 +160,16 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(err)
             finally:
+                seconds = time.monotonic() - start
                 self.stats["active"] = 0
                 self.stats["batches"] += 1
                 self.stats["rows"] += rows
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - start)
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(rows, seconds)
+                    except Exception:  # metrics must never stop the worker
+                        log.exception("batch metrics hook failed")
 
     def _pop_live(self, predicate=lambda job: True) -> Job | None:
         """Remove and return the first queued job matching `predicate`, dropping cancelled ones."""
@@ -170,6 +180,7 @@ class Batcher:
                 job.future.set_exception(Cancelled())
             elif predicate(job):
                 self._queue.remove(job)
+                job.started = True
                 return job
         return None
 

@@ -29,6 +29,12 @@ def register(subparsers) -> None:
                        help="prompt tokens per request (default: up to the model's context); bigger prompts are "
                             "refused, most without being tokenized")
     serve.add_argument("--max-stop-chars", type=int, default=128, help="characters per stop string")
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds to receive a request body (408 after)")
+    serve.add_argument("--queue-timeout", type=float, default=120.0, metavar="S",
+                       help="seconds a request may wait for its batch (503 + Retry-After after)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds running requests get to finish on SIGTERM/Ctrl-C")
     serve.add_argument("--max-request-image-pixels", type=int, default=4096 * 4096,
                        help="pixels of all a request's images together, read from their headers before decoding")
     serve.add_argument("--allow-remote-images", metavar="HOST", action="append", default=[],
@@ -106,12 +112,37 @@ def _serve(args) -> int:
         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, ui=args.ui, keep_uploads=args.keep_uploads,
         image_fetcher=RemoteFetcher(args.allow_remote_images) if args.allow_remote_images else None,
         max_input_tokens=args.max_input_tokens, max_stop_chars=args.max_stop_chars,
-        max_request_image_pixels=args.max_request_image_pixels,
+        max_request_image_pixels=args.max_request_image_pixels, body_timeout_s=args.body_timeout,
+        queue_timeout_s=args.queue_timeout, shutdown_timeout_s=args.shutdown_timeout,
     )
     _warn_if_exposed(args.host, args.api_key)
-    app = create_app(lambda: MMBridgePipeline.from_pretrained(path), settings)  # loads in the background
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(_Loader(path, MMBridgePipeline), settings)  # loads in the background
+    state = app.state.mmbridge
+    # A model that fails to load ends the process with status 2 and one line naming the cause, so an
+    # orchestrator restarts or reports it instead of probing a 503 forever. Nothing was served yet (every
+    # request got 503 model_loading), so there is nothing to drain: exit at once.
+    state.on_load_failure = lambda: _exit_load_failed(state.error_detail)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    if state.error:
+        raise CLIError(f"the model failed to load: {state.error_detail}")
     return 0
+
+
+def _exit_load_failed(detail: str | None) -> None:
+    print(f"mmbridge serve: error: the model failed to load: {detail}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
+class _Loader:
+    """`MMBridgePipeline.from_pretrained(path)`, with the path at hand for the load-failure message."""
+
+    def __init__(self, path: Path, pipeline_class):
+        self.path, self.pipeline_class = path, pipeline_class
+
+    def __call__(self):
+        return self.pipeline_class.from_pretrained(self.path)
 
 
 def _ui(args) -> int:

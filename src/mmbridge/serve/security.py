@@ -6,6 +6,7 @@ even read, and an oversized body is refused before it is buffered for JSON parsi
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -50,8 +51,8 @@ class BodyLimitMiddleware:
     of it anyway, and this way a chunked upload cannot grow past the cap.
     """
 
-    def __init__(self, app, max_bytes: int, prefixes=("/v1",)):
-        self.app, self.max_bytes, self.prefixes = app, max_bytes, prefixes
+    def __init__(self, app, max_bytes: int, prefixes=("/v1",), timeout_s: float | None = None):
+        self.app, self.max_bytes, self.prefixes, self.timeout_s = app, max_bytes, prefixes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if not _protected(scope, self.prefixes):
@@ -62,8 +63,15 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await send_error(send, 413, too_big)
         chunks, size = [], 0
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:  # a stalled body (slow-loris) gets 408 instead of holding the connection forever
+                remaining = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+                message = await asyncio.wait_for(receive(), remaining)
+            except asyncio.TimeoutError:
+                return await send_error(send, 408, envelope(
+                    f"the request body did not arrive within {self.timeout_s:g} s", "invalid_request_error",
+                    None, "request_timeout"), {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
