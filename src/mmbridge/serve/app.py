@@ -662,14 +662,17 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 def _mount_ui(app: FastAPI, state: ServerState, settings: ServeSettings) -> None:
     import gradio as gr
 
-    from mmbridge.serve.ui import BatcherBackend, build_ui, password_auth
+    from mmbridge.serve.ui import AUTH_MESSAGE, BatcherBackend, build_ui, password_auth
 
+    # The API's image rules (bytes, pixels, formats; no remote fetching) guard the UI's uploads too.
+    policy = ImagePolicy(settings.max_image_bytes, settings.max_image_pixels, settings.image_formats, None)
     blocks = build_ui(BatcherBackend(lambda: state.batcher, lambda: state.context_length),
-                      keep_uploads=settings.keep_uploads)
+                      keep_uploads=settings.keep_uploads, image_policy=policy)
 
     @app.get("/", include_in_schema=False)
     async def root():
         return RedirectResponse("/ui/")
 
     gr.mount_gradio_app(app, blocks, path="/ui", auth=password_auth(settings.api_key),
-                        show_error=False)
+                        auth_message=AUTH_MESSAGE if settings.api_key else None,
+                        max_file_size=settings.max_image_bytes, show_error=False)

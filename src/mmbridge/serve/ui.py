@@ -3,9 +3,17 @@
 The UI talks to the same `Batcher` as the HTTP API, so it shares its limits (queue, 429-style
 "busy" errors) and its cancellation (closing the tab stops the generation).
 
+The same rules as the API: an upload is read as bytes and goes through the API's one image guard
+(`ImagePolicy`: size, format allowlist, pixels from the header) before anything decodes it — the image
+component is a `guarded_image` (`image_mode=None`, `type="filepath"`: Gradio hands over the upload's own
+path without converting or decoding it); uploads are capped at the API's image size (`max_file_size`);
+image URLs are never fetched (the API refuses remote images by default); the login page says the
+password is the API key.
+
 Privacy: uploads live in memory. Gradio must receive a file on disk first; the handler reads it,
-validates it with the API's image guards, and deletes it at once unless `keep_uploads=True`.
-The conversation (with the images) is per-session state, never written anywhere.
+validates it and deletes it at once (also when it is refused) unless `keep_uploads=True`; Gradio's
+cache sweeper removes abandoned ones (never sent) within minutes. The conversation (with the images)
+is per-session state, never written anywhere.
 
 Wave 2: the model's answer is a list of typed parts; `render_parts` turns them into chat messages.
 Text is markdown now; generated images and drawn boxes/masks/keypoints become `gr.Image` /
@@ -21,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gradio as gr
+from gradio_client import utils as client_utils
 
 from mmbridge.generation import GenerationResult, SamplingOptions, part_to_text
 from mmbridge.serve.batching import Batcher, Overloaded
@@ -58,6 +67,53 @@ class BatcherBackend:
             job.cancel.set()  # the browser left (generator closed) -> stop generating
 
 
+AUTH_MESSAGE = ("Log in with any user name; the password is this server's API key "
+                "(<code>--api-key</code> or <code>$MMBRIDGE_API_KEY</code>).")
+
+
+def _refuse_urls(url_or_file_path) -> None:
+    if url_or_file_path is not None and client_utils.is_http_url_like(str(url_or_file_path)):
+        raise gr.Error("Image URLs are not fetched; upload the image file instead.")
+
+
+def guarded_image(**kwargs) -> gr.Image:
+    """An image input that Gradio neither fetches nor decodes: URLs are refused (no remote fetching, as
+    in the API by default) and the upload's own file path (`type="filepath"`, `image_mode=None`: no
+    conversion) reaches the handler, which runs the API's image guard on its bytes.
+
+    (The guard wraps the instance's cache methods; a `gr.Image` subclass would make Gradio write a
+    `.pyi` stub next to this module on import.)"""
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    move_async, move = image.async_move_resource_to_block_cache, image.move_resource_to_block_cache
+
+    async def async_move_resource_to_block_cache(url_or_file_path):
+        _refuse_urls(url_or_file_path)
+        return await move_async(url_or_file_path)
+
+    def move_resource_to_block_cache(url_or_file_path):
+        _refuse_urls(url_or_file_path)
+        return move(url_or_file_path)
+
+    image.async_move_resource_to_block_cache = async_move_resource_to_block_cache
+    image.move_resource_to_block_cache = move_resource_to_block_cache
+    return image
+
+
+def read_upload(path: str, policy: ImagePolicy, keep_uploads: bool = False):
+    """An uploaded file -> RGB image through the API's guard (bytes capped, header checked before any
+    decode); the file is deleted on every path unless `keep_uploads`."""
+    try:
+        file = Path(path)
+        if file.stat().st_size > policy.max_bytes:
+            raise ImageInputError(f"image is larger than the limit of {policy.max_bytes} bytes")
+        return open_image(file.read_bytes(), policy)
+    except ImageInputError as err:
+        raise gr.Error(str(err)) from None
+    finally:
+        if not keep_uploads:
+            _forget(path)
+
+
 def password_auth(api_key: str | None):
     """Gradio login check: any user name, the API key as password. None when no key is set."""
     if not api_key:
@@ -76,13 +132,7 @@ def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: 
     policy = image_policy or ImagePolicy()
 
     def load_upload(path: str):
-        try:
-            return open_image(Path(path).read_bytes(), policy)
-        except ImageInputError as err:
-            raise gr.Error(str(err)) from None
-        finally:
-            if not keep_uploads:
-                _forget(path)
+        return read_upload(path, policy, keep_uploads)
 
     def answer(conversation, chat, max_tokens, temperature, top_p, seed):
         try:
@@ -129,13 +179,14 @@ def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: 
             chat = chat[:-1]
         yield from answer(conversation, chat, *sampling)
 
-    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 600)) as demo:
+    # Sweeper: every minute, cached files older than 5 minutes go (uploads abandoned before sending).
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, 300)) as demo:
         conversation = gr.State([])  # messages with in-memory images, per browser session
         gr.Markdown(f"## {title} — chat about an image")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"],
-                                 label="Image (sent with the next question)", elem_id="mmb-image")
+                image = guarded_image(sources=["upload", "clipboard"], label="Image (sent with the next question)",
+                                      elem_id="mmb-image")
                 with gr.Accordion("Sampling", open=False):
                     max_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
@@ -167,13 +218,16 @@ def _forget(path: str) -> None:
 
 
 def launch_ui(pipeline, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
-              keep_uploads: bool = False, max_batch_size: int = 8, max_queue: int = 32) -> None:
+              keep_uploads: bool = False, max_batch_size: int = 8, max_queue: int = 32,
+              image_policy: ImagePolicy | None = None) -> None:
     """Standalone UI (`mmbridge ui`): its own batcher, Gradio's own server, never shared publicly."""
+    policy = image_policy or ImagePolicy(max_pixels=min(ImagePolicy.max_pixels, pipeline.processor.max_image_pixels))
     batcher = Batcher(pipeline, max_batch_size=max_batch_size, max_queue=max_queue).start()
     context = (pipeline.processor.max_length
                or getattr(pipeline.model.config.text_config, "max_position_embeddings", 2048))
-    demo = build_ui(BatcherBackend(lambda: batcher, lambda: context), keep_uploads=keep_uploads)
+    demo = build_ui(BatcherBackend(lambda: batcher, lambda: context), keep_uploads=keep_uploads, image_policy=policy)
     try:
-        demo.launch(server_name=host, server_port=port, share=False, auth=password_auth(api_key), show_error=False)
+        demo.launch(server_name=host, server_port=port, share=False, auth=password_auth(api_key), show_error=False,
+                    max_file_size=policy.max_bytes, auth_message=AUTH_MESSAGE if api_key else None)
     finally:
         batcher.stop()
