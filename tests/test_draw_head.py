@@ -31,7 +31,7 @@ def with_draw_head(sd_dir, seed=0, **kw):
     model, processor = build_tiny(seed=seed)
     config = draw_config(sd_dir, **kw)
     model.add_head(config, processor.tokenizer)
-    processor.heads["draw"] = config.tokens
+    processor.register_head(config)
     return model, processor
 
 
@@ -136,7 +136,7 @@ def test_assistant_images_are_drawing_targets(sd_dir, images):
                                                       {"type": "image", "image": red}]}]
     batch = processor([conversation], images=images[:1], return_labels=True)
     assert batch["pixel_values"].shape[0] == 1  # only the user's image is an input
-    [target] = batch["head_targets"]["draw"]
+    [target] = batch["head_targets"]["[IMG0]"]
     assert target["image"] is red and target["caption"] == "Draw it in red."
     assert set(model(**batch).losses) == {"lm", "draw_ldm", "draw_caption"}
 

@@ -51,11 +51,11 @@ class CountHead(OutputHead):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(hidden.flatten(1).to(self.classifier.weight.dtype))
 
-    def loss(self, hidden, targets):
+    def loss(self, hidden, targets, route):
         target = torch.tensor(targets, device=hidden.device)
         return {"count": F.cross_entropy(self(hidden), target)}
 
-    def decode(self, hidden):
+    def decode(self, hidden, route):
         return {"count": self(hidden).argmax(-1)}
 
 
@@ -65,7 +65,7 @@ class CountPart:
     type: Literal["count"] = "count"
 
 
-register_part("count", lambda head, tensors: CountPart(int(tensors["count"])))
+register_part("count", lambda head, route, tensors: CountPart(int(tensors["count"])))
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def conversation(n: int | None = None, question: str = "How many shapes?"):
 def with_count_head(seed: int = 0):
     model, processor = build_tiny(seed=seed, init_std=0.5)
     model.add_head(CountConfig(), processor.tokenizer)
-    processor.heads["count"] = CountConfig().tokens
+    processor.register_head(CountConfig())
     return model, processor
 
 
@@ -109,10 +109,15 @@ def test_head_configs_are_validated():
         MMBridgeConfig(heads={"x": {"kind": "counter"}})
     with pytest.raises(ValueError, match="unknown setting"):
         MMBridgeConfig(heads={"count": {"kind": "count", "slots": 2}})
-    with pytest.raises(ValueError, match="unknown route"):
-        MMBridgeConfig(act_config={"routes": ["det", "dance"]})
+    with pytest.raises(ValueError, match="unknown task"):
+        MMBridgeConfig(act_config={"tasks": ["det", "dance"]})
     with pytest.raises(ValueError, match="condition_dropout"):
         MMBridgeConfig(draw_config={"condition_dropout": 1.5})
+    act = MMBridgeConfig(act_config={"tasks": ["det", "gen"]}).head_configs["act"]
+    assert act.routes == {"[DET]": [f"[DET_Q{i}]" for i in range(4)], "[GEN]": [f"[GEN_Q{i}]" for i in range(64)]}
+    shared = MMBridgeConfig(act_config={"tasks": ["det", "seg"], "shared_queries": True}).head_configs["act"]
+    assert shared.routes["[DET]"] == shared.routes["[SEG]"] == [f"[ACT_Q{i}]" for i in range(4)]
+    assert shared.tokens == ["[DET]", *shared.routes["[DET]"], "[SEG]"]  # each token once
     config = MMBridgeConfig(draw_config={}, act_config={})
     assert "draw.mapper" in config.components and config.trainable["draw.generator"] is False
     assert {"draw_ldm", "act_giou"} <= set(config.loss_names)
@@ -150,7 +155,7 @@ def test_tokens_added_in_a_later_stage_extend_the_earlier_ones(tmp_path):
 def test_processor_writes_head_tokens_masks_slots_and_returns_targets(images):
     model, processor = with_count_head()
     batch = processor([conversation(3), conversation(1)], images=images[:2], return_labels=True)
-    assert batch["head_targets"] == {"count": [3, 1]}
+    assert batch["head_targets"] == {"[CNT]": [3, 1]}
     trigger, slot = (model.config.added_tokens[t] for t in ("[CNT]", "[CNT_0]"))
     rows, cols = (batch["input_ids"] == trigger).nonzero(as_tuple=True)
     assert rows.tolist() == [0, 1]

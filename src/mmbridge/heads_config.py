@@ -1,10 +1,11 @@
 """Typed configs of the output heads (plain data: nothing here imports modeling, torch or diffusers).
 
-A head is a small module on top of the frozen LLM: the LLM emits the head's *trigger* token, the head's
-*slot* tokens follow (forced during generation), and their last hidden states feed the head, which
-returns tensors (a loss in training, a prediction at inference). MiniGPT-5's vokens are a trigger
-`[IMG0]` with slots `[IMG1]…[IMG7]`; VisionLLM v2's routing token `[DET]` with its super-link queries
-is a trigger with query slots — a learned embedding row per slot token is exactly a learned query.
+A head is a small module on top of the frozen LLM: the LLM emits one of the head's *trigger* tokens, that
+route's *slot* tokens follow (forced during generation), and their last hidden states feed the head,
+which returns tensors (a loss in training, a prediction at inference). MiniGPT-5's vokens are one route,
+trigger `[IMG0]` with slots `[IMG1]…[IMG7]`; VisionLLM v2's routing tokens `[DET]`, `[SEG]`, … are one
+route each, with their super-link queries as slots — a learned embedding row per slot token is exactly
+a learned query (per-task tables: each route its own slot tokens; a shared table: the same ones).
 
 Configs are stored in `MMBridgeConfig` as JSON dicts (`{"kind": ..., ...}`) and validated through the
 dataclass registered for their kind, so a typo fails when the config is built, not in a forward pass.
@@ -32,6 +33,8 @@ class HeadConfig:
     kind: ClassVar[str] = ""
     #: names of the losses this head reports in `MMBridgeOutput.losses` (stage configs weight them)
     loss_names: ClassVar[tuple[str, ...]] = ()
+    #: the head draws images: an image in an assistant message is a target for it (the processor's `image_head`)
+    draws_images: ClassVar[bool] = False
     name: str = ""
     trigger: str = ""  # the token the LLM emits to call the head
     num_slots: int = 0  # tokens forced after the trigger; their hidden states (with the trigger's) feed the head
@@ -43,9 +46,14 @@ class HeadConfig:
                 for i in range(self.num_slots)]
 
     @property
+    def routes(self) -> dict[str, list[str]]:
+        """Trigger token -> the slot tokens forced after it. One route unless a kind has several."""
+        return {self.trigger: self.slot_tokens}
+
+    @property
     def tokens(self) -> list[str]:
-        """Special tokens this head adds to the LLM's vocabulary (their rows train)."""
-        return [self.trigger, *self.slot_tokens]
+        """Special tokens this head adds to the LLM's vocabulary (their rows train), each once."""
+        return list(dict.fromkeys(t for trigger, slots in self.routes.items() for t in (trigger, *slots)))
 
     @property
     def components(self) -> dict[str, bool]:
@@ -62,10 +70,12 @@ class HeadConfig:
     def validate(self) -> None:
         if not self.name:
             raise ValueError(f"a {self.kind} head needs a name")
-        if not self.trigger:
+        if not self.routes or not all(self.routes):
             raise ValueError(f"head {self.name!r}: set its trigger token (e.g. '[DET]')")
         if self.num_slots < 0:
             raise ValueError(f"head {self.name!r}: num_slots must be >= 0, got {self.num_slots}")
+        if set(self.routes) & {t for slots in self.routes.values() for t in slots}:
+            raise ValueError(f"head {self.name!r}: a token cannot be both a trigger and a slot")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -81,6 +91,7 @@ class DrawConfig(HeadConfig):
 
     kind: ClassVar[str] = "draw"
     loss_names: ClassVar[tuple[str, ...]] = ("draw_ldm", "draw_caption")
+    draws_images: ClassVar[bool] = True
     name: str = "draw"
     trigger: str = "[IMG0]"
     num_slots: int = 7  # [IMG1]…[IMG7], forced after [IMG0]
@@ -133,11 +144,21 @@ class ActConfig(HeadConfig):
     loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_mask", "act_dice",
                                              "act_keypoints")
     name: str = "act"
-    trigger: str = "[DET]"
-    routes: list[str] = field(default_factory=lambda: ["det", "seg", "grd"])
+    tasks: list[str] = field(default_factory=lambda: ["det", "seg", "grd"])
     queries_per_task: int = 4
     queries_per_generation_task: int = 64  # [GEN] / [EDIT]
     shared_queries: bool = False  # the seed's ablation: one table for every task instead of one per task
+
+    @property
+    def routes(self) -> dict[str, list[str]]:
+        """`[DET]` -> `[DET_Q0]`…: each task's routing token and its super-link queries (a shared table:
+        `[ACT_Q0]`… after every routing token)."""
+        routes = {}
+        for task in self.tasks:
+            n = self.queries_per_generation_task if task in ("gen", "edit") else self.queries_per_task
+            prefix = "ACT" if self.shared_queries else task.upper()
+            routes[f"[{task.upper()}]"] = [f"[{prefix}_Q{i}]" for i in range(n)]
+        return routes
 
     @property
     def components(self) -> dict[str, bool]:
@@ -145,9 +166,9 @@ class ActConfig(HeadConfig):
 
     def validate(self) -> None:
         super().validate()
-        unknown = [r for r in self.routes if r not in ACT_ROUTES]
+        unknown = [t for t in self.tasks if t not in ACT_ROUTES]
         if unknown:
-            raise ValueError(f"act: unknown route(s) {unknown}; known: {list(ACT_ROUTES)}")
+            raise ValueError(f"act: unknown task(s) {unknown}; known: {list(ACT_ROUTES)}")
         if self.queries_per_task < 1 or self.queries_per_generation_task < 1:
             raise ValueError("act: queries per task must be >= 1")
 

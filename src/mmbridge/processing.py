@@ -131,16 +131,17 @@ class MMBridgeProcessor:
                  chat_template: str | None = None, num_query_tokens: int = 32, image_token: str = "<ImageHere>",
                  stop_strings: Sequence[str] = (), max_length: int | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, qformer_cls_token_id: int | None = None,
-                 qformer_max_length: int = 64, heads: dict[str, list[str]] | None = None,
+                 qformer_max_length: int = 64, heads: dict[str, dict[str, list[str]]] | None = None,
                  image_head: str | None = None):
         """`qformer_cls_token_id` set: the model's Q-Former is instruction-aware, and every call also
         returns `qformer_input_ids` / `qformer_attention_mask` (CLS + the text of each image's message).
-        `heads`: head name -> its tokens (trigger, then slots), as the model's `HeadConfig.tokens`; an
-        assistant part `{"type": "head", "head": NAME, "target": T}` is written as those tokens and T is
-        returned in `head_targets[NAME]`. `image_head`: the head that draws (MiniGPT-5's vokens); an image
-        part in an assistant message is a drawing target for it (`{"image": ..., "caption": text of the
-        user's last message}`)."""
-        self.heads = {name: list(tokens) for name, tokens in (heads or {}).items()}
+        `heads`: head name -> its routes (trigger -> slot tokens), as the model's `HeadConfig.routes`
+        (`register_head` fills it). An assistant part `{"type": "head", "head": TRIGGER (or the name of a
+        one-route head), "target": T}` is written as the trigger and its slots, and T is returned in
+        `head_targets[TRIGGER]`. `image_head`: the head that draws (MiniGPT-5's vokens); an image part in
+        an assistant message is a drawing target for it (`{"image": ..., "caption": text of the user's
+        last message}`)."""
+        self.heads = {name: {t: list(s) for t, s in routes.items()} for name, routes in (heads or {}).items()}
         self.image_head = image_head
         self.qformer_cls_token_id = qformer_cls_token_id
         self.qformer_max_length = qformer_max_length
@@ -187,6 +188,22 @@ class MMBridgeProcessor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._expand_image_tokens(ids, [0] * len(ids))[0]
 
+    def register_head(self, head_config) -> None:
+        """Know a head the model was given (`MMBridgeModel.add_head`): its routes, and whether it draws."""
+        self.heads[head_config.name] = {t: list(s) for t, s in head_config.routes.items()}
+        if head_config.draws_images:
+            self.image_head = head_config.name
+
+    def _route(self, head: str) -> str:
+        """A head part's `head` -> its route's trigger (a trigger, or the name of a one-route head)."""
+        routes = {t: s for r in self.heads.values() for t, s in r.items()}
+        if head in routes:
+            return head
+        if head in self.heads and len(self.heads[head]) == 1:
+            return next(iter(self.heads[head]))
+        raise ValueError(f"unknown head {head!r}; this processor knows the triggers {sorted(routes)}"
+                         + (f" of head {head!r}: name one" if head in self.heads else ""))
+
     def assistant_images_to_heads(self, messages: list[dict]) -> list[dict]:
         """Images in assistant messages are what the model must draw: head parts of `image_head`."""
         out, caption = [], None
@@ -211,20 +228,22 @@ class MMBridgeProcessor:
             parts = []
             for part in message["content"]:
                 if part["type"] == "head":
-                    by_trigger = {tokens[0]: name for name, tokens in self.heads.items()}
-                    name = part["head"] if part["head"] in self.heads else by_trigger.get(part["head"])
-                    if name is None:
-                        raise ValueError(f"unknown head {part['head']!r}; this processor knows {sorted(self.heads)}")
-                    targets.append((name, part.get("target")))
-                    part = {"type": "text", "text": "".join(self.heads[name])}
+                    trigger = self._route(part["head"])
+                    targets.append((trigger, part.get("target")))
+                    part = {"type": "text", "text": trigger + "".join(self.routes[trigger])}
                 parts.append(part)
             out.append({**message, "content": parts})
         return out, targets
 
     @property
+    def routes(self) -> dict[str, list[str]]:
+        """Every head's routes: trigger -> slot tokens."""
+        return {t: s for routes in self.heads.values() for t, s in routes.items()}
+
+    @property
     def slot_token_ids(self) -> set[int]:
         """Tokens forced after a head's trigger: never a training target (the trigger itself is)."""
-        return set(self.tokenizer.convert_tokens_to_ids([t for tokens in self.heads.values() for t in tokens[1:]]))
+        return set(self.tokenizer.convert_tokens_to_ids([t for slots in self.routes.values() for t in slots]))
 
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> EncodedConversation:
         messages, head_targets = self._write_head_parts(normalize_messages(messages))
@@ -328,18 +347,20 @@ class MMBridgeProcessor:
         return {"qformer_text_ids": ids, "qformer_text_mask": mask}
 
     def _collect_head_targets(self, encoded: list[EncodedConversation]) -> dict[str, list]:
-        out: dict[str, list] = {name: [] for name in self.heads}
-        trigger_ids = {name: self.tokenizer.convert_tokens_to_ids(tokens[0]) for name, tokens in self.heads.items()}
+        """Route trigger -> targets of the batch in reading order (rows, then positions)."""
+        routes = self.routes
+        out: dict[str, list] = {trigger: [] for trigger in routes}
+        trigger_ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in routes}
         for e in encoded:
-            present = {name: 0 for name in self.heads}
-            for name, target in e.head_targets:
+            present = {trigger: 0 for trigger in routes}
+            for trigger, target in e.head_targets:
                 # an occurrence survives truncation only with all its slots (as the model reads them)
-                start = [i for i, tok in enumerate(e.input_ids) if tok == trigger_ids[name]]
-                k = present[name]
-                if k < len(start) and start[k] + len(self.heads[name]) - 1 < len(e.input_ids):
-                    out[name].append(target)
-                present[name] += 1
-        return out
+                start = [i for i, tok in enumerate(e.input_ids) if tok == trigger_ids[trigger]]
+                k = present[trigger]
+                if k < len(start) and start[k] + len(routes[trigger]) < len(e.input_ids):
+                    out[trigger].append(target)
+                present[trigger] += 1
+        return {trigger: targets for trigger, targets in out.items() if targets}
 
     def _collect_images(self, batch: list, images: Sequence[Any] | None) -> list[Any]:
         """The input images (user messages), in order; assistant images are drawing targets, not inputs."""

@@ -53,17 +53,17 @@ class ImagePart:
 #: Text, images, and each head kind's part types (act: DetectionsPart, ... as they land).
 OutputPart = Any
 
-#: head kind -> fn(head name, decoded tensors of one occurrence) -> part
-PART_BUILDERS: dict[str, Callable[[str, dict[str, torch.Tensor]], Any]] = {}
+#: head kind -> fn(head name, route trigger, decoded tensors of one occurrence) -> part
+PART_BUILDERS: dict[str, Callable[[str, str, dict[str, torch.Tensor]], Any]] = {}
 
 
-def register_part(kind: str, build: Callable[[str, dict[str, torch.Tensor]], Any]) -> None:
+def register_part(kind: str, build: Callable[[str, str, dict[str, torch.Tensor]], Any]) -> None:
     PART_BUILDERS[kind] = build
 
 
-def build_part(kind: str, head: str, tensors: dict[str, torch.Tensor]):
+def build_part(kind: str, head: str, route: str, tensors: dict[str, torch.Tensor]):
     if kind in PART_BUILDERS:
-        return PART_BUILDERS[kind](head, tensors)
+        return PART_BUILDERS[kind](head, route, tensors)
     return HeadPart(head, {k: _plain(v) for k, v in tensors.items()})
 
 
@@ -92,7 +92,7 @@ def part_to_text(part) -> str:
     return f"[{part.type}: {fields}]"
 
 
-def _image_part(head: str, tensors: dict[str, torch.Tensor]) -> ImagePart:
+def _image_part(head: str, route: str, tensors: dict[str, torch.Tensor]) -> ImagePart:
     from PIL import Image
 
     array = (tensors["image"].detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

@@ -130,11 +130,10 @@ class MMBridgePipeline:
         self.model = model.eval()
         self.processor = processor
         _check_processor_matches(model, processor)
-        heads = model.config.head_configs
-        self.trigger_ids = {model.config.added_tokens[h.trigger]: name for name, h in heads.items()}
-        self.slot_forcer = HeadSlotForcer({
-            model.config.added_tokens[h.trigger]: [model.config.added_tokens[t] for t in h.slot_tokens]
-            for h in heads.values()})
+        ids = model.config.added_tokens
+        routes = {t: s for head in model.config.head_configs.values() for t, s in head.routes.items()}
+        self.trigger_ids = {ids[t] for t in routes}
+        self.slot_forcer = HeadSlotForcer({ids[t]: [ids[s] for s in slots] for t, slots in routes.items()})
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> MMBridgePipeline:
@@ -151,18 +150,18 @@ class MMBridgePipeline:
         return LogitsProcessorList([self.slot_forcer] if self.trigger_ids else [])
 
     def _decode_heads(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_ids: torch.Tensor,
-                      image_features: Callable[[], torch.Tensor | None]) -> list[list[tuple[int, str, dict]]]:
-        """Per row: (position in the answer, head name, decoded tensors) of every head it triggered.
-        One batched forward over the rows that need it; `image_features` is computed only then."""
-        found: list[list[tuple[int, str, dict]]] = [[] for _ in range(len(new_ids))]
+                      image_features: Callable[[], torch.Tensor | None]) -> list[list[tuple[int, str, str, dict]]]:
+        """Per row: (position in the answer, head name, route trigger, decoded tensors) of every head it
+        triggered. One batched forward over the rows that need it; `image_features` is computed only then."""
+        found: list[list[tuple[int, str, str, dict]]] = [[] for _ in range(len(new_ids))]
         if not self.trigger_ids or not any(int(t) in self.trigger_ids for t in new_ids.flatten().tolist()):
             return found
         full = torch.cat([prompt_ids, new_ids], dim=1)
         mask = torch.cat([prompt_mask, torch.ones_like(new_ids)], dim=1)
         width = prompt_ids.shape[1]
-        for row, position, name, tensors in self.model.decode_heads(full, mask, image_features()):
+        for row, position, name, trigger, tensors in self.model.decode_heads(full, mask, image_features()):
             if position >= width:  # triggers in the prompt (earlier turns) were decoded then
-                found[row].append((position - width, name, tensors))
+                found[row].append((position - width, name, trigger, tensors))
         return found
 
     # -- one shot, batched -----------------------------------------------------------------
@@ -194,7 +193,7 @@ class MMBridgePipeline:
                                              inputs.get("qformer_attention_mask"))
 
     def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int,
-                heads: Sequence[tuple[int, str, dict]] = ()) -> GenerationResult:
+                heads: Sequence[tuple[int, str, str, dict]] = ()) -> GenerationResult:
         tokenizer = self.processor.tokenizer
         finished = tokenizer.eos_token_id in new_ids
         kept = new_ids[: new_ids.index(tokenizer.eos_token_id)] if finished else list(new_ids)
@@ -207,16 +206,16 @@ class MMBridgePipeline:
         parts = self._parts(kept, heads, stops) if heads else [TextPart(answer.strip())]
         return GenerationResult(parts, reason, prompt_tokens, len(kept), kept, answer)
 
-    def _parts(self, kept: list[int], heads: Sequence[tuple[int, str, dict]], stops: Sequence[str]) -> list:
+    def _parts(self, kept: list[int], heads: Sequence[tuple[int, str, str, dict]], stops: Sequence[str]) -> list:
         """Text and head parts in reading order, cut at the first stop string like the plain answer."""
         configs = self.model.config.head_configs
         pieces, cursor = [], 0
-        for position, name, tensors in heads:
+        for position, name, trigger, tensors in heads:
             if position >= len(kept):
                 continue
             pieces.append(self.processor.tokenizer.decode(kept[cursor:position], skip_special_tokens=True))
-            pieces.append(build_part(configs[name].kind, name, tensors))
-            cursor = position + 1 + configs[name].num_slots
+            pieces.append(build_part(configs[name].kind, name, trigger, tensors))
+            cursor = position + 1 + len(configs[name].routes[trigger])
         pieces.append(self.processor.tokenizer.decode(kept[cursor:], skip_special_tokens=True))
         parts = []
         for piece in pieces:
@@ -449,6 +448,6 @@ def _check_processor_matches(model: MMBridgeModel, processor: MMBridgeProcessor)
     if processor.num_query_tokens != config.num_query_tokens:
         raise ValueError(f"the processor expands each image to {processor.num_query_tokens} tokens but the model "
                          f"has {config.num_query_tokens} queries; save the processor with the model")
-    expected = {name: head.tokens for name, head in config.head_configs.items()}
+    expected = {name: head.routes for name, head in config.head_configs.items()}
     if processor.heads != expected:
         raise ValueError(f"the processor's heads {processor.heads} differ from the model's {expected}")

@@ -1,13 +1,14 @@
 """The output-head protocol: how draw, act (and any head of a user's) plug into the composed model.
 
-A head owns a trigger token and `num_slots` slot tokens (its `HeadConfig`). Wherever the trigger appears
-in a sequence, the slot tokens follow it — written by the processor in training data, forced by the
-generation loop at inference — and the LLM's last hidden states at the trigger and its slots are the
-head's input: `(occurrences, 1 + num_slots, llm_hidden)`. The head returns tensors only:
+A head owns one or more *routes* (its `HeadConfig.routes`): a trigger token and the slot tokens that follow
+it. Wherever a trigger appears in a sequence its slots follow — written by the processor in training data,
+forced by the generation loop at inference — and the LLM's last hidden states at the trigger and its slots
+are the head's input: `(occurrences, 1 + slots, llm_hidden)`. The head returns tensors only, per route:
 
-* `loss(hidden, targets)` -> `{loss_name: scalar}` for the occurrences of a training batch, where
-  `targets` is what the processor collected for this head (one entry per occurrence, in reading order);
-* `decode(hidden)` -> `{name: tensor}` with a leading occurrence dimension, at inference.
+* `loss(hidden, targets, route)` -> `{loss_name: scalar}` for the occurrences of one route in a training
+  batch, where `targets` is what the processor collected for that trigger (one per occurrence, in
+  reading order); routes reporting the same loss name add up;
+* `decode(hidden, route)` -> `{name: tensor}` with a leading occurrence dimension, at inference.
 
 Turning decoded tensors into user-facing parts (an image, boxes, a count) is `mmbridge.generation`'s job.
 """
@@ -39,10 +40,10 @@ class OutputHead(nn.Module):
         self.config = config
         self.llm_hidden_size = model_config.text_config.hidden_size
 
-    def loss(self, hidden: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
+    def loss(self, hidden: torch.Tensor, targets: Any, route: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def decode(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode(self, hidden: torch.Tensor, route: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 

@@ -191,18 +191,19 @@ class MMBridgeModel(PreTrainedModel):
         mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
-    def head_hidden_states(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
-        """For every head present in `input_ids`: the last hidden states at its trigger and slots,
-        (occurrences, 1 + num_slots, hidden), occurrences in reading order."""
-        out = {}
+    def head_occurrences(self, input_ids: torch.Tensor) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        """`(head name, route trigger, rows, positions)` of every route present in `input_ids`; rows and
+        positions are (occurrences, 1 + slots) over the trigger and its slots, in reading order."""
+        out = []
         for name, head in self.heads.items():
-            trigger_id = self.config.added_tokens.get(head.config.trigger)
-            if trigger_id is None:
-                raise ValueError(f"head {name!r}: its trigger {head.config.trigger!r} is not in the vocabulary; "
-                                 "add heads with `model.add_head`")
-            rows, positions = slot_positions(input_ids, trigger_id, head.config.num_slots)
-            if len(rows):
-                out[name] = hidden_states[rows, positions]
+            for trigger, slots in head.config.routes.items():
+                trigger_id = self.config.added_tokens.get(trigger)
+                if trigger_id is None:
+                    raise ValueError(f"head {name!r}: its trigger {trigger!r} is not in the vocabulary; "
+                                     "add heads with `model.add_head`")
+                rows, positions = slot_positions(input_ids, trigger_id, len(slots))
+                if len(rows):
+                    out.append((name, trigger, rows, positions))
         return out
 
     def forward(
@@ -272,11 +273,15 @@ class MMBridgeModel(PreTrainedModel):
             )
             if llm_out.loss is not None:
                 losses["lm"] = llm_out.loss
-            if need_heads:
-                for name, hidden in self.head_hidden_states(input_ids, llm_out.hidden_states[-1]).items():
-                    if name in head_targets:
-                        head_losses = self.heads[name].loss(hidden, head_targets[name])
-                        losses.update({k: v for k, v in head_losses.items() if k in wanted})
+            if need_heads:  # head_targets: route trigger -> one target per occurrence, in reading order
+                hidden = llm_out.hidden_states[-1]
+                for name, trigger, rows, positions in self.head_occurrences(input_ids):
+                    if trigger not in head_targets:
+                        continue
+                    for key, value in self.heads[name].loss(hidden[rows, positions], head_targets[trigger],
+                                                            trigger).items():
+                        if key in wanted:  # routes of one head reporting the same loss add up
+                            losses[key] = losses[key] + value if key in losses else value
         return MMBridgeOutput(
             loss=sum(losses.values()) if losses else None,
             losses=losses,
@@ -291,7 +296,8 @@ class MMBridgeModel(PreTrainedModel):
     def decode_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      image_features: torch.Tensor | None = None) -> list[tuple[int, int, str, dict]]:
         """Run every head found in finished sequences (prompt + answer, left-padded) and return
-        `(row, position of the trigger, head name, decoded tensors of that occurrence)` in reading order."""
+        `(row, position of the trigger, head name, route trigger, decoded tensors of that occurrence)`
+        in reading order."""
         if not self.head_names:
             return []
         embeds = self.embed_inputs(input_ids, image_features=image_features)
@@ -301,14 +307,11 @@ class MMBridgeModel(PreTrainedModel):
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                           output_hidden_states=True, return_dict=True).hidden_states[-1]
         found = []
-        for name, head in self.heads.items():
-            rows, positions = slot_positions(input_ids, self.config.added_tokens[head.config.trigger],
-                                             head.config.num_slots)
-            if not len(rows):
-                continue
-            decoded = head.decode(hidden[rows, positions])
+        for name, trigger, rows, positions in self.head_occurrences(input_ids):
+            decoded = self.heads[name].decode(hidden[rows, positions], trigger)
             for i in range(len(rows)):
-                found.append((int(rows[i, 0]), int(positions[i, 0]), name, {k: v[i] for k, v in decoded.items()}))
+                found.append((int(rows[i, 0]), int(positions[i, 0]), name, trigger,
+                              {k: v[i] for k, v in decoded.items()}))
         return sorted(found, key=lambda item: (item[0], item[1]))
 
     @torch.no_grad()

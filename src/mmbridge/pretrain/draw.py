@@ -24,8 +24,7 @@ def add_draw_head(model_dir: str | Path, generator_dir: str | Path, out: str | P
     processor = MMBridgeProcessor.from_pretrained(model_dir)
     config = DrawConfig(pipeline_path=str(Path(generator_dir).resolve()), **draw_settings)
     model.add_head(config, processor.tokenizer)
-    processor.heads[config.name] = config.tokens
-    processor.image_head = config.name
+    processor.register_head(config)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return Path(out)
