@@ -151,3 +151,14 @@ def test_llava_answers_with_images_become_drawing_targets(sd_dir):
     turns = [{"from": "human", "value": "Draw a red square."}, {"from": "gpt", "value": "Here: <image>"}]
     messages = llava_to_messages(turns, ["red.png"])
     assert messages[1]["content"] == [{"type": "text", "text": "Here:"}, {"type": "image", "image": "red.png"}]
+
+
+def test_cli_output_writer_saves_images_beside_a_markdown_page(tmp_path):
+    from mmbridge.commands.outputs import OutputWriter
+    from mmbridge.generation import GenerationResult, TextPart
+
+    result = GenerationResult([TextPart("Here:"), ImagePart(Image.new("RGB", (16, 16), (1, 2, 3)))], "stop", 3, 9)
+    [path] = OutputWriter(tmp_path / "out").write("Draw a square.", result)
+    assert Image.open(path).getpixel((0, 0)) == (1, 2, 3)
+    page = (tmp_path / "out" / "chat.md").read_text()
+    assert "Draw a square." in page and f"]({path.name})" in page

@@ -61,11 +61,13 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", help="ask this, print the answer and exit")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--out", default="mmbridge-outputs", metavar="DIR",
+                        help="where images the model draws are saved, with chat.md (default: mmbridge-outputs)")
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def _stream_turn(session, text, images, options) -> None:
+def _stream_turn(session, text, images, options, outputs=None) -> None:
     from mmbridge.generation import part_to_text
 
     stream = session.ask_stream(text, images=images, **vars(options))
@@ -76,9 +78,13 @@ def _stream_turn(session, text, images, options) -> None:
             result = done.value
             break
     print()
-    for part in result.parts:  # what the model's heads produced, after the streamed text
-        if part.type != "text":
-            print(part_to_text(part))
+    if outputs is not None and any(part.type != "text" for part in result.parts):
+        for path in outputs.write(text, result):  # images and other head outputs, saved
+            print(f"  saved {path}")
+    else:
+        for part in result.parts:
+            if part.type != "text":
+                print(part_to_text(part))
 
 
 def run(args) -> int:
@@ -92,8 +98,11 @@ def run(args) -> int:
     pipeline = load_pipeline(args.model, args.dtype)
     options = sampling_options(args)
     session = pipeline.chat(system=args.system)
+    from mmbridge.commands.outputs import OutputWriter
+
+    outputs = OutputWriter(args.out)
     if args.prompt is not None:
-        _stream_turn(session, args.prompt, images, options)
+        _stream_turn(session, args.prompt, images, options, outputs)
         return 0
 
     print(HELP, file=sys.stderr)
@@ -119,7 +128,7 @@ def run(args) -> int:
             continue
         print("model> ", end="", flush=True)
         try:
-            _stream_turn(session, line, pending, options)
+            _stream_turn(session, line, pending, options, outputs)
         except ValueError as err:
             print(f"\nerror: {err}", file=sys.stderr)
         pending = []
