@@ -14,8 +14,13 @@ Cancellation: each request has a `cancel` event. Waiting requests are dropped; r
 stopped at the next decoding step by a `StoppingCriteria` that reads the events, so a client that
 goes away frees its slot within one token.
 
-Streaming requests run alone (transformers' text streamer is single-sequence) through
-`pipeline.stream`, under the same queue and limits.
+Streaming requests join the same dynamic batches as the others (same sampling options, same
+`pipeline.generate`): a per-row tap (a `StoppingCriteria`, which sees every row's newest token at each
+step) decodes each streaming row and hands new text to the request's `on_piece` callback, which only
+schedules it on the event loop — a slow client never stalls the batch. Text that may still change is
+held back (a possible stop-string start, trailing whitespace, an incomplete UTF-8 sequence, anything
+after a head trigger); after `generate` each row's remainder is sent, so the pieces join to exactly the
+non-streaming answer.
 """
 
 from __future__ import annotations
@@ -75,6 +80,72 @@ class _CancelRows(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.tensor([e.is_set() for e in self.events], device=input_ids.device)
+
+
+class _StreamRows(StoppingCriteria):
+    """Streams the rows that belong to streaming requests while the batch generates (never stops a row).
+
+    Each step it decodes a streaming row's answer so far exactly as `pipeline._result` will (cut at EOS,
+    special tokens skipped, cut at the first stop string, stripped) and emits the part that can no longer
+    change; `finish` sends the rest from the final result."""
+
+    def __init__(self, taps: list[tuple[Job, int] | None], pipeline, options: SamplingOptions):
+        tokenizer = pipeline.processor.tokenizer
+        self.taps, self.tokenizer = taps, tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.triggers = set(getattr(pipeline, "trigger_ids", {}) or {})
+        self.stops = [stop for stop in options.stop_strings(pipeline.processor) if stop]
+        self.tokens: list[list[int]] = [[] for _ in taps]
+        self.closed = [tap is None for tap in taps]  # nothing more to stream incrementally
+        self.emitted = [""] * len(taps)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        newest = input_ids[:, -1].tolist()
+        for row, token in enumerate(newest):
+            if self.closed[row]:
+                continue
+            if token == self.eos or token in self.triggers:  # head parts: the rest comes with the result
+                self.closed[row] = True
+                continue
+            self.tokens[row].append(token)
+            self._emit(row)
+        return torch.zeros(len(newest), dtype=torch.bool, device=input_ids.device)
+
+    def _emit(self, row: int) -> None:
+        job, index = self.taps[row]
+        if job.cancel.is_set():
+            self.closed[row] = True
+            return
+        raw = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        hits = [raw.find(stop) for stop in self.stops if stop in raw]
+        cut, stopped = (raw[: min(hits)], True) if hits else (raw, False)
+        safe = cut if stopped else cut[: len(cut) - self._held_back(cut)]
+        safe = safe.rstrip("\ufffd")  # an incomplete multi-byte character decodes as U+FFFD for now
+        visible = safe.strip()
+        if stopped:
+            self.closed[row] = True
+        if len(visible) > len(self.emitted[row]) and visible.startswith(self.emitted[row]):
+            job.on_piece(index, visible[len(self.emitted[row]):])
+            self.emitted[row] = visible
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest end of `text` that may be the start of a stop string."""
+        for k in range(min(len(text), max((len(s) for s in self.stops), default=0)), 0, -1):
+            if any(stop.startswith(text[-k:]) for stop in self.stops):
+                return k
+        return 0
+
+    def finish(self, row: int, result: GenerationResult) -> None:
+        """After generate: send what the final answer has beyond what was streamed."""
+        job, index = self.taps[row]
+        final, sent = result.text, self.emitted[row]
+        if job.cancel.is_set():
+            return
+        if not final.startswith(sent):  # not expected; the client's joined text would differ
+            log.warning("streamed text diverged from the final answer (row %d): %r vs %r", row, sent, final)
+            return
+        if len(final) > len(sent):
+            job.on_piece(index, final[len(sent):])
 
 
 def batch_key(options: SamplingOptions) -> tuple:
@@ -150,10 +221,7 @@ class Batcher:
             self.stats["active"] = rows
             start = time.monotonic()
             try:
-                if batch[0].stream:
-                    self._run_stream(batch[0])
-                else:
-                    self._run_batch(batch)
+                self._run_batch(batch)
             except BaseException as err:  # never let the worker die; the request gets the error
                 log.exception("generation failed")
                 for job in batch:
@@ -194,12 +262,9 @@ class Batcher:
                     break
                 self._cond.wait()
             batch, rows = [first], first.n
-            if first.stream:
-                return batch
             deadline = time.monotonic() + self.max_wait
             while rows < self.max_batch_size:
-                job = self._pop_live(lambda j, rows=rows: not j.stream and j.key == first.key
-                                     and rows + j.n <= self.max_batch_size)
+                job = self._pop_live(lambda j, rows=rows: j.key == first.key and rows + j.n <= self.max_batch_size)
                 if job is not None:
                     batch.append(job)
                     rows += job.n
@@ -213,32 +278,21 @@ class Batcher:
     def _run_batch(self, batch: list[Job]) -> None:
         conversations = [job.conversation for job in batch for _ in range(job.n)]
         events = [job.cancel for job in batch for _ in range(job.n)]
+        criteria = [_CancelRows(events)]
+        taps = [(job, index) if job.stream else None for job in batch for index in range(job.n)]
+        streams = _StreamRows(taps, self.pipeline, batch[0].options) if any(taps) else None
+        if streams is not None:
+            criteria.append(streams)
         results = self.pipeline.generate(conversations, options=batch[0].options,
-                                         stopping_criteria=StoppingCriteriaList([_CancelRows(events)]))
+                                         stopping_criteria=StoppingCriteriaList(criteria))
+        if streams is not None:
+            for row, tap in enumerate(taps):
+                if tap is not None:
+                    streams.finish(row, results[row])
         offset = 0
         for job in batch:
             mine, offset = results[offset:offset + job.n], offset + job.n
             self._finish(job, mine)
-
-    def _run_stream(self, job: Job) -> None:
-        criteria = StoppingCriteriaList([_CancelRows([job.cancel])])
-        results: list[GenerationResult] = []
-        for index in range(job.n):
-            options = job.options
-            if index and options.seed is not None:  # n seeded choices should not all be identical
-                options = dataclasses.replace(options, seed=options.seed + index)
-            pieces = self.pipeline.stream(job.conversation, options=options, stopping_criteria=criteria)
-            while True:
-                try:
-                    piece = next(pieces)
-                except StopIteration as done:
-                    results.append(done.value)
-                    break
-                if not job.cancel.is_set():
-                    job.on_piece(index, piece)
-            if job.cancel.is_set():
-                break
-        self._finish(job, results)
 
     def _finish(self, job: Job, results: list[GenerationResult]) -> None:
         if job.cancel.is_set():
