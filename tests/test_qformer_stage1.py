@@ -149,3 +149,25 @@ def test_stage1_runs_through_the_trainer_with_named_losses_and_resumes(tmp_path)
     trained = MMBridgeModel.from_pretrained(tmp_path / "straight" / "model")
     assert not torch.equal(base.qformer.text.itm_head.weight, trained.qformer.text.itm_head.weight)
     assert torch.equal(base.projection.weight, trained.projection.weight)  # not in this stage's `train`
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_an_alignment_stage_can_keep_itc_next_to_the_lm_loss(tmp_path):
+    """Retrieval need not be forgotten in stage 2: weight `itc` beside `lm`; both are reported, the
+    vision features are computed once for both."""
+    from mmbridge.train.config import stage_config_from_dict
+    from mmbridge.train.fixtures import make_base_model, write_shards
+    from mmbridge.train.trainer import Trainer
+
+    make_base_model(tmp_path / "base", qformer_text=True)
+    write_shards(tmp_path / "wds", num_shards=1, per_shard=8)
+    stage = stage_config_from_dict({
+        "stage": "align", "model": str(tmp_path / "base"), "train": ["qformer", "projection"],
+        "losses": {"lm": 1.0, "itc": 0.1},
+        "data": {"batch_size": 4, "datasets": [
+            {"name": "caps", "type": "webdataset", "shards": str(tmp_path / "wds" / "shard-0000.tar")}]},
+        "schedule": {"total_steps": 2, "warmup_steps": 1, "init_lr": 1e-3, "min_lr": 1e-4},
+        "run": {"progress_bar": False}})
+    result = Trainer(stage, tmp_path / "run").fit()
+    assert set(result["losses"]) == {"lm", "itc"}
+    assert result["loss"] == pytest.approx(result["losses"]["lm"] + 0.1 * result["losses"]["itc"])
