@@ -51,11 +51,11 @@ class CountHead(OutputHead):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(hidden.flatten(1).to(self.classifier.weight.dtype))
 
-    def loss(self, hidden, targets, route):
+    def loss(self, hidden, targets, route, context):
         target = torch.tensor(targets, device=hidden.device)
         return {"count": F.cross_entropy(self(hidden), target)}
 
-    def decode(self, hidden, route):
+    def decode(self, hidden, route, context):
         return {"count": self(hidden).argmax(-1)}
 
 
@@ -270,3 +270,27 @@ def test_api_returns_the_head_output_as_a_typed_part(trained):
     parts = reply.choices[0].message.model_extra["parts"]
     assert parts == [part_to_dict(p) for p in expected.parts]
     assert any(p["type"] == "count" and p["count"] == 2 for p in parts)
+
+
+def test_heads_read_the_image_their_request_is_about(images):
+    """`context["vision_features"]` of an occurrence is the frozen encoder's output for the last image
+    before its trigger in that row (zeros, `has_image` False, for a row without one)."""
+    model, processor = with_count_head()
+    seen = {}
+
+    def spy(hidden, targets, route, context):
+        seen.update(context)
+        return {"count": hidden.sum() * 0}
+
+    model.count.loss = spy
+    text_only = [{"role": "user", "content": "How many?"}, conversation(2)[1]]
+    two_images = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]},
+                  conversation(1)[1]]
+    batch = processor([conversation(3), text_only, two_images], images=images[:3], return_labels=True)
+    model(**batch)
+    with torch.no_grad():
+        expected = model.vision(batch["pixel_values"])
+    assert seen["has_image"].tolist() == [True, False, True]
+    assert torch.equal(seen["vision_features"][0], expected[0])
+    assert not seen["vision_features"][1].any()
+    assert torch.equal(seen["vision_features"][2], expected[2])  # the row's last image

@@ -150,16 +150,19 @@ class MMBridgePipeline:
         return LogitsProcessorList([self.slot_forcer] if self.trigger_ids else [])
 
     def _decode_heads(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_ids: torch.Tensor,
-                      image_features: Callable[[], torch.Tensor | None]) -> list[list[tuple[int, str, str, dict]]]:
+                      images: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]
+                      ) -> list[list[tuple[int, str, str, dict]]]:
         """Per row: (position in the answer, head name, route trigger, decoded tensors) of every head it
-        triggered. One batched forward over the rows that need it; `image_features` is computed only then."""
+        triggered. One batched forward over the rows that need it; `images` -> (soft prompts, vision
+        features) is computed only then."""
         found: list[list[tuple[int, str, str, dict]]] = [[] for _ in range(len(new_ids))]
         if not self.trigger_ids or not any(int(t) in self.trigger_ids for t in new_ids.flatten().tolist()):
             return found
         full = torch.cat([prompt_ids, new_ids], dim=1)
         mask = torch.cat([prompt_mask, torch.ones_like(new_ids)], dim=1)
         width = prompt_ids.shape[1]
-        for row, position, name, trigger, tensors in self.model.decode_heads(full, mask, image_features()):
+        soft_prompts, vision_features = images()
+        for row, position, name, trigger, tensors in self.model.decode_heads(full, mask, soft_prompts, vision_features):
             if position >= width:  # triggers in the prompt (earlier turns) were decoded then
                 found[row].append((position - width, name, trigger, tensors))
         return found
@@ -181,16 +184,18 @@ class MMBridgePipeline:
                                              stopping_criteria=stopping_criteria,
                                              logits_processor=self._logits_processors())
         heads = self._decode_heads(inputs["input_ids"], inputs["attention_mask"], new_tokens,
-                                   lambda: self._image_features(inputs))
+                                   lambda: self._images(inputs))
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         return [self._result(row.tolist(), options, n, found)
                 for row, n, found in zip(new_tokens, prompt_lengths, heads)]
 
-    def _image_features(self, inputs) -> torch.Tensor | None:
+    def _images(self, inputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(soft prompts, vision features) of a processed batch's images."""
         if inputs["pixel_values"].shape[0] == 0:
-            return None
+            return None, None
+        vision_features = self.model.vision(inputs["pixel_values"])
         return self.model.get_image_features(inputs["pixel_values"], inputs.get("qformer_input_ids"),
-                                             inputs.get("qformer_attention_mask"))
+                                             inputs.get("qformer_attention_mask"), vision_features), vision_features
 
     def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int,
                 heads: Sequence[tuple[int, str, str, dict]] = ()) -> GenerationResult:
@@ -260,7 +265,7 @@ class MMBridgePipeline:
         new = torch.tensor([holder["ids"]], device=self.device)
         with torch.no_grad():
             heads = self._decode_heads(inputs["input_ids"], inputs["attention_mask"], new,
-                                       lambda: self._image_features(inputs))[0]
+                                       lambda: self._images(inputs))[0]
         return self._result(holder["ids"], options, int(inputs["attention_mask"].sum()), heads)
 
     def _stream_text(self, run, options: SamplingOptions) -> Iterator[str]:
@@ -333,13 +338,14 @@ class ChatSession:
         self.reuse_cache = reuse_cache
         self.defaults = defaults
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self._image_features: list[torch.Tensor] = []
+        self._image_features: list[torch.Tensor] = []  # soft prompts, one tensor per user turn with images
+        self._vision_features: list[torch.Tensor] = []  # what heads read (act decoders attend to the image)
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self._image_features, self._cache, self._cached_ids = [], None, []
+        self._image_features, self._vision_features, self._cache, self._cached_ids = [], [], None, []
 
     def _add_user_turn(self, content: str | list[dict], images: Sequence[Any] | None) -> None:
         if isinstance(content, str):
@@ -359,8 +365,11 @@ class ChatSession:
         if resolved:
             instructions = processor.instruction_inputs(image_instructions([message]))
             with torch.no_grad():
+                vision_features = self.pipeline.model.vision(pixel_values)
+                self._vision_features.append(vision_features)
                 self._image_features.append(self.pipeline.model.get_image_features(
-                    pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()}))
+                    pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()},
+                    vision_features=vision_features))
         # Images are kept as soft prompts only; the messages keep bare image parts.
         bare = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
                 for p in message["content"]]
@@ -409,8 +418,9 @@ class ChatSession:
 
         yield from pipeline._stream_text(run, options)
         with torch.no_grad():
+            vision = torch.cat(self._vision_features) if self._vision_features else None
             heads = pipeline._decode_heads(ids, torch.ones_like(ids), torch.tensor([holder["new"]], device=ids.device),
-                                           lambda: features)[0]
+                                           lambda: (features, vision))[0]
         result = pipeline._result(holder["new"], options, len(target), heads)
         if self._cache is not None:
             self._cached_ids = target + result.token_ids

@@ -5,10 +5,14 @@ it. Wherever a trigger appears in a sequence its slots follow — written by the
 forced by the generation loop at inference — and the LLM's last hidden states at the trigger and its slots
 are the head's input: `(occurrences, 1 + slots, llm_hidden)`. The head returns tensors only, per route:
 
-* `loss(hidden, targets, route)` -> `{loss_name: scalar}` for the occurrences of one route in a training
-  batch, where `targets` is what the processor collected for that trigger (one per occurrence, in
-  reading order); routes reporting the same loss name add up;
-* `decode(hidden, route)` -> `{name: tensor}` with a leading occurrence dimension, at inference.
+* `loss(hidden, targets, route, context)` -> `{loss_name: scalar}` for the occurrences of one route in a
+  training batch, where `targets` is what the processor collected for that trigger (one per occurrence,
+  in reading order); routes reporting the same loss name add up;
+* `decode(hidden, route, context)` -> `{name: tensor}` with a leading occurrence dimension, at inference.
+
+`context` holds what else a head may read, per occurrence: `vision_features` (the frozen vision
+encoder's patch features of the image the request is about, the last one before the trigger in its
+row; zeros and `has_image` False where there is none). It is empty when no image was given.
 
 Turning decoded tensors into user-facing parts (an image, boxes, a count) is `mmbridge.generation`'s job.
 """
@@ -40,10 +44,10 @@ class OutputHead(nn.Module):
         self.config = config
         self.llm_hidden_size = model_config.text_config.hidden_size
 
-    def loss(self, hidden: torch.Tensor, targets: Any, route: str) -> dict[str, torch.Tensor]:
+    def loss(self, hidden: torch.Tensor, targets: Any, route: str, context: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def decode(self, hidden: torch.Tensor, route: str) -> dict[str, torch.Tensor]:
+    def decode(self, hidden: torch.Tensor, route: str, context: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 

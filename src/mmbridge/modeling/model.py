@@ -191,6 +191,28 @@ class MMBridgeModel(PreTrainedModel):
         mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
+    def occurrence_images(self, input_ids: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """For each occurrence at (row, start): the index (in batch order) of the last image placed before
+        it in its row — the image a request like "find every red shape" is about — or -1 if none."""
+        if self.config.image_token_index is None:
+            return torch.full_like(rows, -1)
+        is_image = (input_ids == self.config.image_token_index).long()
+        before_row = torch.cat([is_image.new_zeros(1), is_image.sum(1).cumsum(0)[:-1]])  # image tokens of earlier rows
+        in_row = is_image.cumsum(1)[rows, starts]  # image tokens of this row up to the trigger
+        index = (before_row[rows] + in_row) // self.config.num_query_tokens - 1
+        return torch.where(in_row > 0, index, torch.full_like(index, -1))
+
+    def head_context(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                     vision_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What a head may read besides its slots' hidden states: the frozen vision encoder's features of
+        each occurrence's image (`vision_features`: (occurrences, patches, vision_hidden), zeros where
+        the row has no image, `has_image` says which). Decoders that attend to the image (act) use it."""
+        if vision_features is None:
+            return {}
+        index = self.occurrence_images(input_ids, rows[:, 0], positions[:, 0])
+        features = vision_features[index.clamp(min=0)] * (index >= 0)[:, None, None]
+        return {"vision_features": features, "has_image": index >= 0}
+
     def head_occurrences(self, input_ids: torch.Tensor) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
         """`(head name, route trigger, rows, positions)` of every route present in `input_ids`; rows and
         positions are (occurrences, 1 + slots) over the trigger and its slots, in reading order."""
@@ -251,6 +273,9 @@ class MMBridgeModel(PreTrainedModel):
         if loss_names is not None and not wanted - set(QFORMER_LOSSES):
             run_llm = False  # stage 1: the LLM plays no part
         llm_out, head_outputs = None, {}
+        need_heads = bool(self.head_names) and input_ids is not None and head_targets is not None
+        if run_llm and need_heads and vision_features is None and pixel_values is not None and len(pixel_values):
+            vision_features = self.vision(pixel_values)  # once: for the soft prompts and the heads' context
         if run_llm:
             if labels is not None and not (labels != -100).any():
                 raise ValueError("every label is -100 (ignored), so the loss would be NaN: no sample in this batch "
@@ -259,7 +284,6 @@ class MMBridgeModel(PreTrainedModel):
                 inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
                                                   qformer_attention_mask=qformer_attention_mask,
                                                   vision_features=vision_features)
-            need_heads = bool(self.head_names) and input_ids is not None and head_targets is not None
             llm_out = self.llm(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -278,8 +302,9 @@ class MMBridgeModel(PreTrainedModel):
                 for name, trigger, rows, positions in self.head_occurrences(input_ids):
                     if trigger not in head_targets:
                         continue
+                    context = self.head_context(input_ids, rows, positions, vision_features)
                     for key, value in self.heads[name].loss(hidden[rows, positions], head_targets[trigger],
-                                                            trigger).items():
+                                                            trigger, context).items():
                         if key in wanted:  # routes of one head reporting the same loss add up
                             losses[key] = losses[key] + value if key in losses else value
         return MMBridgeOutput(
@@ -294,7 +319,8 @@ class MMBridgeModel(PreTrainedModel):
 
     @torch.no_grad()
     def decode_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     image_features: torch.Tensor | None = None) -> list[tuple[int, int, str, dict]]:
+                     image_features: torch.Tensor | None = None,
+                     vision_features: torch.Tensor | None = None) -> list[tuple[int, int, str, str, dict]]:
         """Run every head found in finished sequences (prompt + answer, left-padded) and return
         `(row, position of the trigger, head name, route trigger, decoded tensors of that occurrence)`
         in reading order."""
@@ -308,7 +334,8 @@ class MMBridgeModel(PreTrainedModel):
                           output_hidden_states=True, return_dict=True).hidden_states[-1]
         found = []
         for name, trigger, rows, positions in self.head_occurrences(input_ids):
-            decoded = self.heads[name].decode(hidden[rows, positions], trigger)
+            context = self.head_context(input_ids, rows, positions, vision_features)
+            decoded = self.heads[name].decode(hidden[rows, positions], trigger, context)
             for i in range(len(rows)):
                 found.append((int(rows[i, 0]), int(positions[i, 0]), name, trigger,
                               {k: v[i] for k, v in decoded.items()}))

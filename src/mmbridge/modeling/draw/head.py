@@ -56,7 +56,8 @@ class DrawHead(OutputHead):
                                     config.num_condition_queries or self.generator.condition_length,
                                     encoder_layers, decoder_layers, config.mapper_heads)
 
-    def loss(self, hidden: torch.Tensor, targets: list[dict], route: str = "[IMG0]") -> dict[str, torch.Tensor]:
+    def loss(self, hidden: torch.Tensor, targets: list[dict], route: str = "[IMG0]",
+             context: dict | None = None) -> dict[str, torch.Tensor]:
         if len(targets) != hidden.shape[0]:
             raise ValueError(f"draw: {hidden.shape[0]} [IMG0] in the batch but {len(targets)} targets")
         size = self.generator.image_size
@@ -74,7 +75,8 @@ class DrawHead(OutputHead):
         return losses
 
     @torch.no_grad()
-    def decode(self, hidden: torch.Tensor, route: str = "[IMG0]") -> dict[str, torch.Tensor]:
+    def decode(self, hidden: torch.Tensor, route: str = "[IMG0]",
+               context: dict | None = None) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.config.sample_seed)
         images = self.generator.sample(self.mapper(hidden), self.config.guidance_scale,
                                        self.config.num_inference_steps, generator)
