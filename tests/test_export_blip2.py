@@ -326,3 +326,35 @@ def test_cli_exports_and_refuses(small_model, tmp_path, capsys):
     code, out, err = _cli(capsys, "export", "blip2", "--model", str(bad), "--out", str(tmp_path / "o3"))
     [line] = err.strip().splitlines()
     assert code == 2 and str(bad / "model.safetensors") in line
+
+
+def test_model_with_a_referenced_llm_exports_and_a_corrupt_component_is_named(tmp_path):
+    """The layout `mmbridge build` writes (LLM referenced by path, bridge in trainable.safetensors)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from mmbridge.interop.build import build_model
+
+    build_tiny_blip2(tmp_path / "blip2", seed=6)
+    build_tiny_llama(tmp_path / "llm", seed=7, hidden=48)
+    build_model(tmp_path / "blip2", tmp_path / "llm", tmp_path / "built", qformer=tmp_path / "blip2",
+                num_query_tokens=4, template="plain")
+    model = MMBridgeModel.from_pretrained(tmp_path / "built")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a "trained" projection, so that the image matters
+        model.projection.weight.normal_(std=0.5)
+    assert model.config.component_paths == {"llm": str((tmp_path / "llm").resolve())}
+    model.save_pretrained(tmp_path / "mm")
+    MMBridgeProcessor.from_pretrained(tmp_path / "built").save_pretrained(tmp_path / "mm")
+
+    summary = export_blip2(tmp_path / "mm", tmp_path / "out")
+    assert summary["class"] == "Blip2ForConditionalGeneration"
+    diff = _compare_logits(tmp_path / "mm", tmp_path / "out", Blip2ForConditionalGeneration,
+                           _batch(tmp_path / "mm", ["What is it?", "How many?"]))
+    print(f"export of a model with a referenced LLM: max |logit diff| = {diff:.3g}")
+    assert diff <= TOLERANCE
+
+    weights = tmp_path / "llm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ExportError) as caught:
+        export_blip2(tmp_path / "mm", tmp_path / "out2")
+    assert str(weights) in str(caught.value) and "\n" not in str(caught.value)

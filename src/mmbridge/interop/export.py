@@ -100,9 +100,12 @@ def plan_export(config, merge_lora: bool = False) -> ExportPlan:
                 f"its LLM carries LoRA adapters (r={config.llm_lora.get('r')}) that {plan.class_name} cannot hold; "
                 "re-run with --merge-lora to merge them into the exported LLM weights")
     if config.image_text_hidden_size:
-        kept = " (its instruction embeddings are kept)" if plan.target == "instructblip" else ""
-        plan.left_out.append("the Q-Former's stage-1 heads (ITC projections, ITM head, ITG LM head, text "
-                             f"feed-forwards): used in training only{kept}")
+        if plan.target == "instructblip":
+            parts = "ITC projections, ITM head, ITG LM head; its text embeddings and feed-forwards read the instruction"
+            parts += " and are kept"
+        else:
+            parts = "ITC projections, ITM head, ITG LM head, text embeddings and text feed-forwards"
+        plan.left_out.append(f"the Q-Former's stage-1 heads ({parts}): used in training only")
     for name, head in config.head_configs.items():
         plan.left_out.append(
             f"output head {name!r} (kind {head.kind!r}; components {list(head.components)}; losses "
@@ -286,6 +289,8 @@ def export_blip2(model_dir: str | Path, out: str | Path, merge_lora: bool = Fals
 
     model_dir = check_model_dir(model_dir)
     config = MMBridgeConfig.from_pretrained(model_dir)
+    for component in config.component_paths.values():  # frozen parts referenced by path (mmbridge build)
+        check_model_dir(component)
     plan = plan_export(config, merge_lora=merge_lora)
     if plan.problems:
         reasons = "; ".join(f"({i}) {p}" for i, p in enumerate(plan.problems, 1))
@@ -293,7 +298,15 @@ def export_blip2(model_dir: str | Path, out: str | Path, merge_lora: bool = Fals
     if plan.target == "instructblip" and config.qformer_cls_token_id is None:
         raise ExportError(f"{model_dir}: an instruction-aware Q-Former needs config.qformer_cls_token_id")
 
-    model = MMBridgeModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    try:
+        model = MMBridgeModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except Exception as err:
+        from mmbridge.interop.loading import explain_load_error
+
+        line = explain_load_error(model_dir, err)
+        if line is None:
+            raise
+        raise ExportError(line) from None
     processor = MMBridgeProcessor.from_pretrained(model_dir)
     merge_llm_adapters(model)
     vocab_size = model.llm.vocab_size
