@@ -525,8 +525,10 @@ async def _wait(job, request: Request, state: ServerState) -> list[GenerationRes
             timeout = _queue_timeout(job, state)
             if timeout is not None:
                 raise timeout
-    except asyncio.CancelledError:
+    except BaseException:
         job.cancel.set()
+        # Nobody awaits the job any more: retrieve its outcome (Cancelled) so asyncio does not log it.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
     try:
         return future.result()
