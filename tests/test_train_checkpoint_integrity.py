@@ -179,3 +179,27 @@ def test_full_disk_or_read_only_dir_is_one_line_naming_the_checkpoint(env, tmp_p
     message = str(err.value)
     assert words in message and "checkpoint-2" in message and "\n" not in message
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.partial"))  # space given back
+
+
+def test_non_finite_weights_name_the_checkpoint(full_run, tmp_path):
+    """A checkpoint whose weights hold NaN (hashes rewritten to match) is refused by name: the NaN losses a
+    resume from it would produce are traced to it, not to the data."""
+    from safetensors.torch import save_file
+
+    run, _ = full_run
+    copy = tmp_path / "checkpoint-4"
+    shutil.copytree(ckpt.latest_checkpoint(run / "checkpoints"), copy)
+    tensors, metadata = ckpt.read_trainable(copy)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(copy / "trainable.safetensors"), metadata=metadata)
+    ckpt.write_json(copy / "COMPLETE", {"step": 4})  # no file hashes: only the tensors can tell
+    import json
+
+    trainer_state = json.loads((copy / "trainer_state.json").read_text())
+    trainer_state["param_checksums"] = [None]
+    ckpt.write_json(copy / "trainer_state.json", trainer_state)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="non-finite") as err:
+        ckpt.verify_checkpoint(copy)
+    assert "checkpoint-4" in str(err.value) and name in str(err.value)

@@ -149,6 +149,11 @@ def verify_checkpoint(path: Path) -> dict:
     stored = [c for c in state.get("param_checksums") or [] if c]
     if stored and param_checksum(tensors) != stored[0]:
         raise corrupt(TRAINABLE_NAME, "does not match the parameter checksum in trainer_state.json")
+    # The trainer never saves after a non-finite loss, so NaN/inf weights here would be the cause of
+    # the NaN losses that follow a resume: name them now.
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise corrupt(TRAINABLE_NAME, f"holds non-finite values (NaN/inf) in {bad[:3]}")
     return state
 
 
