@@ -148,6 +148,13 @@ class ActConfig(HeadConfig):
     queries_per_task: int = 4
     queries_per_generation_task: int = 64  # [GEN] / [EDIT]
     shared_queries: bool = False  # the seed's ablation: one table for every task instead of one per task
+    # the DETR-style decoder behind [DET] / [SEG] / [GRD]
+    decoder_hidden_size: int = 256
+    decoder_layers: int = 3
+    decoder_heads: int = 8
+    num_object_queries: int = 16  # boxes proposed per request (ShapesWorld scenes hold at most 4 objects)
+    mask_size: int = 32  # masks are predicted at this resolution (of the whole image)
+    score_threshold: float = 0.5  # detections kept at inference
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -162,7 +169,7 @@ class ActConfig(HeadConfig):
 
     @property
     def components(self) -> dict[str, bool]:
-        return {f"{self.name}.decoders": True, f"{self.name}.region_encoder": True}
+        return {f"{self.name}.decoders": True}
 
     def validate(self) -> None:
         super().validate()
@@ -171,6 +178,10 @@ class ActConfig(HeadConfig):
             raise ValueError(f"act: unknown task(s) {unknown}; known: {list(ACT_ROUTES)}")
         if self.queries_per_task < 1 or self.queries_per_generation_task < 1:
             raise ValueError("act: queries per task must be >= 1")
+        if self.decoder_hidden_size % self.decoder_heads:
+            raise ValueError("act: decoder_hidden_size must be a multiple of decoder_heads")
+        if not 0 < self.score_threshold < 1:
+            raise ValueError("act: score_threshold must be in (0, 1)")
 
 
 def build_head_config(name: str, raw: dict) -> HeadConfig:

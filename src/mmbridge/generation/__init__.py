@@ -1,6 +1,7 @@
 """Generation: batched / streaming answers, chat sessions with KV reuse, heads decoded into typed parts."""
 
 from mmbridge.generation.parts import (
+    DetectionsPart,
     HeadPart,
     ImagePart,
     OutputPart,
@@ -17,5 +18,6 @@ from mmbridge.generation.pipeline import (
     StopStringFilter,
 )
 
-__all__ = ["ChatSession", "GenerationResult", "HeadPart", "ImagePart", "MMBridgePipeline", "OutputPart",
-           "SamplingOptions", "StopStringFilter", "TextPart", "part_to_dict", "part_to_text", "register_part"]
+__all__ = ["ChatSession", "DetectionsPart", "GenerationResult", "HeadPart", "ImagePart", "MMBridgePipeline",
+           "OutputPart", "SamplingOptions", "StopStringFilter", "TextPart", "part_to_dict", "part_to_text",
+           "register_part"]

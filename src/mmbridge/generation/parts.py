@@ -50,7 +50,21 @@ class ImagePart:
                 "height": self.image.height}
 
 
-#: Text, images, and each head kind's part types (act: DetectionsPart, ... as they land).
+@dataclass
+class DetectionsPart:
+    """What the act head found for `[DET]` / `[SEG]` / `[GRD]`: boxes as (x0, y0, x1, y1) fractions of the
+    image, their scores, and for segmentation COCO RLE masks (pycocotools) at `mask_size`."""
+
+    route: str
+    boxes: list[list[float]]
+    scores: list[float]
+    masks: list[dict] | None = None
+    mask_size: int | None = None
+    head: str = "act"
+    type: Literal["detections"] = "detections"
+
+
+#: Text, images, detections, and each head kind's part types (keypoints, … as they land).
 OutputPart = Any
 
 #: head kind -> fn(head name, route trigger, decoded tensors of one occurrence) -> part
@@ -88,6 +102,10 @@ def part_to_text(part) -> str:
         return part.text
     if part.type == "image":
         return f"[image {part.image.width}x{part.image.height}]"
+    if part.type == "detections":
+        boxes = "; ".join(f"({', '.join(f'{v:.2f}' for v in box)}) {score:.2f}"
+                          for box, score in zip(part.boxes, part.scores))
+        return f"[{part.route} {len(part.boxes)} found{': ' + boxes if boxes else ''}]"
     fields = ", ".join(f"{k}={v}" for k, v in part_to_dict(part).items() if k != "type")
     return f"[{part.type}: {fields}]"
 
@@ -100,3 +118,23 @@ def _image_part(head: str, route: str, tensors: dict[str, torch.Tensor]) -> Imag
 
 
 register_part("draw", _image_part)
+
+
+def _detections_part(head: str, route: str, tensors: dict[str, torch.Tensor]) -> DetectionsPart:
+    keep = tensors["keep"].bool()
+    order = tensors["scores"][keep].argsort(descending=True)
+    boxes = tensors["boxes"][keep][order]
+    part = DetectionsPart(route, [[round(float(v), 4) for v in box] for box in boxes],
+                          [round(float(s), 4) for s in tensors["scores"][keep][order]], head=head)
+    if "masks" in tensors:
+        import numpy as np
+        from pycocotools import mask as mask_utils
+
+        masks = tensors["masks"][keep][order].cpu().numpy().astype(np.uint8)
+        part.masks = [{**rle, "counts": rle["counts"].decode()}
+                      for rle in (mask_utils.encode(np.asfortranarray(m)) for m in masks)]
+        part.mask_size = int(masks.shape[-1]) if len(masks) else None
+    return part
+
+
+register_part("act", _detections_part)

@@ -1,7 +1,7 @@
 from transformers import AutoConfig, AutoModel, Blip2VisionConfig, Blip2VisionModel
 
 from mmbridge.config import MMBridgeConfig
-from mmbridge.modeling import draw  # noqa: F401  (registers the draw head kind)
+from mmbridge.modeling import act, draw  # noqa: F401  (register the act and draw head kinds)
 from mmbridge.modeling.model import MMBridgeModel
 
 AutoConfig.register("mmbridge", MMBridgeConfig, exist_ok=True)

@@ -1,0 +1,105 @@
+"""The act head, perception routes: `[DET]` (every object the request names), `[SEG]` (the same with
+masks) and `[GRD]` (the one object a referring expression names), each followed by its super-link
+queries, through one link-conditioned DETR decoder that attends to the frozen ViT's patch features.
+
+Training matches predictions to targets with the Hungarian algorithm (transformers' `HungarianMatcher`,
+scipy underneath; costs as DETR: class 2, L1 5, GIoU 2) and reports `act_cls` (sigmoid focal),
+`act_l1`, `act_giou` and, where targets carry masks, `act_mask` (focal) and `act_dice`.
+
+Targets, one per routing token in reading order: `{"boxes": [[x0, y0, x1, y1], ...] in [0, 1] of the
+image, "masks": optional list of (H, W) binary arrays}`; `[GRD]` takes exactly one box.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.loss.loss_for_object_detection import (
+    HungarianMatcher,
+    center_to_corners_format,
+    dice_loss,
+    generalized_box_iou,
+    sigmoid_focal_loss,
+)
+
+from mmbridge.heads_config import ActConfig
+from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+from mmbridge.modeling.heads import OutputHead, register_head
+
+PERCEPTION_ROUTES = ("[DET]", "[SEG]", "[GRD]")
+
+
+def corners_to_center(boxes: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def _mask_tensor(mask, size: int) -> torch.Tensor:
+    mask = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    return F.interpolate(mask[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0].round()
+
+
+@register_head
+class ActHead(OutputHead):
+    kind = "act"
+    config: ActConfig
+
+    def __init__(self, config: ActConfig, model_config):
+        super().__init__(config, model_config)
+        unsupported = [t for t in config.routes if t not in PERCEPTION_ROUTES]
+        if unsupported:
+            raise NotImplementedError(f"act routes {unsupported} have no decoder yet (perception routes: "
+                                      f"{list(PERCEPTION_ROUTES)})")
+        self.decoders = LinkConditionedDecoder(
+            self.llm_hidden_size, model_config.vision_config.hidden_size, config.decoder_hidden_size,
+            config.decoder_layers, config.decoder_heads, config.num_object_queries, config.mask_size)
+        self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
+
+    def loss(self, hidden: torch.Tensor, targets: list[dict], route: str, context: dict) -> dict[str, torch.Tensor]:
+        if len(targets) != hidden.shape[0]:
+            raise ValueError(f"act: {hidden.shape[0]} {route} in the batch but {len(targets)} targets")
+        out = self.decoders(hidden, context.get("vision_features"))
+        device = out["boxes"].device
+        boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
+        if route == "[GRD]" and any(len(b) != 1 for b in boxes):
+            raise ValueError("act: a [GRD] target holds exactly one box")
+        matching = [{"class_labels": torch.zeros(len(b), dtype=torch.long, device=device),
+                     "boxes": corners_to_center(b)} for b in boxes]
+        two_class = torch.stack([out["logits"], torch.zeros_like(out["logits"])], dim=-1)  # softmax[0] = sigmoid
+        indices = self.matcher({"logits": two_class, "pred_boxes": out["boxes"]}, matching)
+        rows = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        queries = torch.cat([src for src, _ in indices])
+        num_boxes = max(sum(len(b) for b in boxes), 1)
+        wanted = torch.zeros_like(out["logits"])
+        wanted[rows, queries] = 1.0
+        losses = {"act_cls": sigmoid_focal_loss(out["logits"][..., None], wanted[..., None], num_boxes)
+                  * out["logits"].shape[1]}
+        predicted = out["boxes"][rows, queries]
+        target = torch.cat([matching[i]["boxes"][tgt] for i, (_, tgt) in enumerate(indices)])
+        losses["act_l1"] = F.l1_loss(predicted, target, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(center_to_corners_format(predicted), center_to_corners_format(target)))
+        losses["act_giou"] = (1 - giou).sum() / num_boxes
+        if out["masks"] is not None and all(t.get("masks") is not None for t in targets):
+            size = self.config.mask_size
+            target_masks = torch.cat([torch.stack([_mask_tensor(targets[i]["masks"][j], size) for j in tgt.tolist()])
+                                      for i, (_, tgt) in enumerate(indices) if len(tgt)]).to(device)
+            predicted_masks = out["masks"][rows, queries].flatten(1)
+            losses["act_mask"] = sigmoid_focal_loss(predicted_masks, target_masks.flatten(1), num_boxes)
+            losses["act_dice"] = dice_loss(predicted_masks, target_masks.flatten(1), num_boxes)
+        return losses
+
+    @torch.no_grad()
+    def decode(self, hidden: torch.Tensor, route: str, context: dict) -> dict[str, torch.Tensor]:
+        """Per occurrence: every query's box (x0, y0, x1, y1 in [0, 1]), score, mask, and which to keep
+        (above `score_threshold`; for `[GRD]` the single best)."""
+        out = self.decoders(hidden, context.get("vision_features"))
+        scores = out["logits"].sigmoid()
+        if route == "[GRD]":
+            keep = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
+        else:
+            keep = scores > self.config.score_threshold
+        decoded = {"boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores, "keep": keep}
+        if out["masks"] is not None and route != "[DET]":
+            decoded["masks"] = out["masks"].sigmoid() > 0.5
+        return decoded
