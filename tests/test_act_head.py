@@ -66,7 +66,9 @@ def test_losses_per_route_add_up_by_name():
     assert all(p.grad is None for p in model.vision.parameters())  # the ViT stays frozen
 
 
-def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them():
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny act model trained 200 steps on four scenes (two [DET], two [SEG] requests)."""
     model, processor = with_act_head(seed=1)
     scenes = [make_scene("train", i) for i in range(4)]
     routes = ["[DET]", "[DET]", "[SEG]", "[SEG]"]
@@ -85,6 +87,11 @@ def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them():
         out.loss.backward()
         optimizer.step()
     model.eval()
+    return model, processor, scenes, routes, conversations, history
+
+
+def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them(trained):
+    model, processor, scenes, routes, conversations, history = trained
     assert history[-1]["act_giou"] < history[0]["act_giou"] / 2
     assert history[-1]["act_l1"] < history[0]["act_l1"] / 2
 
@@ -109,3 +116,30 @@ def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them():
     decoded = mask_utils.decode({**seg.masks[0], "counts": seg.masks[0]["counts"].encode()})
     assert decoded.shape == (16, 16) and decoded.dtype == np.uint8
     json.dumps(part_to_dict(seg))  # the API's serializer handles RLE masks
+
+
+def test_eval_detect_scores_with_cocoeval(trained, tmp_path):
+    """The eval's mechanics (requests, boxes and RLE masks back to pixels, COCOeval), on the scenes the
+    tiny model was trained on — a check of the plumbing, not of generalisation."""
+    from mmbridge.data.formats.coco import CocoBuilder
+    from mmbridge.evaluate import evaluate_detection
+
+    model, processor, scenes, *_ = trained
+    coco = CocoBuilder([{"id": i + 1, "name": n} for i, n in enumerate(["circle", "square", "triangle", "diamond",
+                                                                          "cross"])])
+    for k, scene in enumerate(scenes):
+        render(scene).save(tmp_path / f"{k}.png")
+        image_id = coco.add_image(f"{k}.png", IMAGE_SIZE, IMAGE_SIZE)
+        for obj in scene.objects:
+            coco.add_annotation(image_id, obj.shape, obj.box, mask=coverage_map(obj) > 0.5)
+    coco.save(str(tmp_path / "coco.json"))
+    pipe = MMBridgePipeline(model, processor)
+    summary, detections = evaluate_detection(pipe, str(tmp_path / "coco.json"), "Segment every shape.",
+                                             batch_size=4, progress=False)
+    assert summary["class_agnostic"] and summary["images"] == 4 and summary["requests_without_detections"] == 0
+    assert summary["bbox_ap50"] > 0.3 and 0 <= summary["segm_ap"] <= 1
+    assert all(len(d["bbox"]) == 4 and "segmentation" in d for d in detections)
+
+    see_only = MMBridgePipeline(*build_tiny())
+    with pytest.raises(ValueError, match="no act head"):
+        evaluate_detection(see_only, str(tmp_path / "coco.json"), progress=False)

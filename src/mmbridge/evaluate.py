@@ -107,3 +107,70 @@ def recall_at_1(sim: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, 
 
 def _mean(values: Sequence) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
+
+
+DETECTION_PROMPT = "Find every {category}."
+
+
+def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT, batch_size: int = 16,
+                       limit: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """COCOeval AP of a model with an act head on a COCO file (boxes, and RLE masks where the answer
+    has them). Open vocabulary, as the seed: the category is named in the request — one request per
+    (image, category) when `prompt` holds `{category}`; otherwise one per image, scored class-agnostic
+    (every object and every detection of one category)."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from mmbridge.data.formats.coco import encode_mask, load_coco, read_coco
+    from mmbridge.data.formats.coco import evaluate as coco_evaluate
+    from mmbridge.generation import DetectionsPart
+
+    routes = [t for h in pipeline.model.config.head_configs.values() for t in h.routes if t in ("[DET]", "[SEG]")]
+    if not routes:
+        raise ValueError("this model has no act head with a [DET] or [SEG] route: it cannot detect")
+    slots = max(len(h.routes[t]) for h in pipeline.model.config.head_configs.values() for t in h.routes)
+    dataset = copy.deepcopy(load_coco(coco_path).dataset)
+    per_category = "{category}" in prompt
+    if not per_category:  # class-agnostic: one category for every object
+        dataset["categories"] = [{"id": 1, "name": "object"}]
+        for ann in dataset["annotations"]:
+            ann["category_id"] = 1
+    categories = [(c["id"], c["name"]) for c in dataset["categories"]]
+    records = list(read_coco(coco_path, check_images=True))[:limit]
+    jobs = [(rec, cat_id, prompt.format(category=name) if per_category else prompt)
+            for rec in records for cat_id, name in (categories if per_category else [(1, None)])]
+    detections, empty = [], 0
+    for i in tqdm(range(0, len(jobs), batch_size), desc="detect", disable=not progress, unit="batch"):
+        chunk = jobs[i:i + batch_size]
+        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                         for _, _, text in chunk]
+        results = pipeline.generate(conversations, images=[load_image(rec["path"]) for rec, _, _ in chunk],
+                                    max_new_tokens=slots + 4, do_sample=False)
+        for (rec, cat_id, _), result in zip(chunk, results):
+            parts = [p for p in result.parts if isinstance(p, DetectionsPart)]
+            if not parts:
+                empty += 1
+                continue
+            part, (w, h) = parts[0], (rec["width"], rec["height"])
+            for k, ((x0, y0, x1, y1), score) in enumerate(zip(part.boxes, part.scores)):
+                det = {"image_id": rec["id"], "category_id": cat_id, "score": score,
+                       "bbox": [x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h]}
+                if part.masks:
+                    from pycocotools import mask as mask_utils
+
+                    small = mask_utils.decode({**part.masks[k], "counts": part.masks[k]["counts"].encode()})
+                    full = Image.fromarray(small * 255).resize((w, h), Image.NEAREST)
+                    det["segmentation"] = encode_mask(np.asarray(full) > 127)
+                detections.append(det)
+    summary = {"requests": len(jobs), "images": len(records), "requests_without_detections": empty,
+               "detections": len(detections), "class_agnostic": not per_category}
+    for iou_type in ("bbox", "segm"):
+        usable = [d for d in detections if iou_type == "bbox" or "segmentation" in d]
+        if usable:
+            stats = coco_evaluate(dataset, usable, iou_type)
+            summary[f"{iou_type}_ap"], summary[f"{iou_type}_ap50"] = float(stats[0]), float(stats[1])
+        else:
+            summary[f"{iou_type}_ap"] = summary[f"{iou_type}_ap50"] = 0.0
+    return summary, detections

@@ -1,4 +1,5 @@
-"""`mmbridge eval vqa|caption|retrieval --model DIR --questions FILE.jsonl [--out preds.jsonl]`.
+"""`mmbridge eval vqa|caption|retrieval --model DIR --questions FILE.jsonl [--out preds.jsonl]`, and
+`mmbridge eval detect --model DIR --coco FILE.json [--prompt "Find every {category}."]` (COCOeval AP).
 
 Prints one JSON object (the metric, `n`, per-type numbers); `--out` writes one prediction per line.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-TASKS = ("vqa", "caption", "retrieval")
+TASKS = ("vqa", "caption", "retrieval", "detect")
 
 
 def register(subparsers) -> None:
@@ -18,7 +19,10 @@ def register(subparsers) -> None:
                     "writes vqa_SPLIT.jsonl and caption_SPLIT.jsonl). retrieval reads a caption file.")
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
-    parser.add_argument("--questions", required=True, metavar="FILE.jsonl", help="the eval file")
+    parser.add_argument("--questions", metavar="FILE.jsonl", help="the eval file (vqa, caption, retrieval)")
+    parser.add_argument("--coco", metavar="FILE.json", help="detect: a COCO file with boxes (and masks)")
+    parser.add_argument("--prompt", default=None,
+                        help='detect: the request; "{category}" asks per category (default: "Find every {category}.")')
     parser.add_argument("--out", default=None, metavar="PREDS.jsonl", help="write per-item predictions here")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
@@ -33,6 +37,10 @@ def handle(args) -> int:
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.task == "detect":
+        return _detect(args)
+    if not args.questions:
+        raise CLIError(f"eval {args.task} needs --questions FILE.jsonl")
     kind = "vqa" if args.task == "vqa" else "caption"
     stats = ReadStats()
     try:
@@ -65,5 +73,28 @@ def handle(args) -> int:
             for p in predictions:
                 f.write(json.dumps(p) + "\n")
     json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _detect(args) -> int:
+    import os
+
+    from mmbridge.cli import CLIError
+    from mmbridge.commands.chat import load_pipeline
+    from mmbridge.evaluate import DETECTION_PROMPT, evaluate_detection
+
+    if not args.coco or not os.path.isfile(args.coco):
+        raise CLIError(f"eval detect needs --coco FILE.json (a COCO file); got {args.coco}")
+    pipeline = load_pipeline(args.model)
+    try:
+        summary, detections = evaluate_detection(pipeline, args.coco, args.prompt or DETECTION_PROMPT,
+                                                 args.batch_size, args.limit, progress=not args.no_progress)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(detections, f)
+    json.dump({"task": "detect", "model": args.model, **summary}, sys.stdout)
     sys.stdout.write("\n")
     return 0
