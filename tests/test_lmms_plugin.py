@@ -147,13 +147,20 @@ def test_unknown_model_args_are_refused():
 
 def test_registered_in_lmms_eval_when_installed():
     pytest.importorskip("lmms_eval.api.model")
+    import re
+    from importlib.metadata import EntryPoint
+    from pathlib import Path
+
     from lmms_eval.api.model import lmms
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
-    from mmbridge.interop.lmms_plugin import manifest
-
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    section = pyproject.split('[project.entry-points."lmms_eval.models"]', 1)[1]
+    target = re.search(r'^mmbridge = "([^"]+)"', section, re.M).group(1)
+    entry = EntryPoint(name="mmbridge", value=target, group="lmms_eval.models")  # what pip installs
     registry = ModelRegistryV2()
-    registry.register_manifest(manifest())
+    for manifest in registry._coerce_payload_to_manifests(entry.load()):  # what lmms-eval does with it
+        registry.register_manifest(manifest)
     cls = registry.get_model_class("mmbridge")
     assert issubclass(cls, lmms)
     model = cls.create_from_arg_string("pretrained=shapes,batch_size=2,max_new_tokens=4,device=cpu")
