@@ -358,3 +358,27 @@ def test_model_with_a_referenced_llm_exports_and_a_corrupt_component_is_named(tm
     with pytest.raises(ExportError) as caught:
         export_blip2(tmp_path / "mm", tmp_path / "out2")
     assert str(weights) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_act_head_is_left_out_and_the_see_part_exported(tmp_path):
+    """A model with the act head (VisionLLM v2 routes): the see-part exports, the head is named."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from mmbridge.heads_config import ActConfig
+
+    build_tiny_blip2(tmp_path / "hf")
+    import_blip2(tmp_path / "hf", tmp_path / "base")
+    model = MMBridgeModel.from_pretrained(tmp_path / "base")
+    processor = MMBridgeProcessor.from_pretrained(tmp_path / "base")
+    config = ActConfig(tasks=["det", "seg"], decoder_hidden_size=32, decoder_layers=1, decoder_heads=4,
+                       num_object_queries=4, mask_size=8)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    model.save_pretrained(tmp_path / "mm")
+    processor.save_pretrained(tmp_path / "mm")
+
+    summary = export_blip2(tmp_path / "mm", tmp_path / "out")
+    [note] = summary["left_out"]
+    assert note.startswith("output head 'act' (kind 'act'") and "serve the head with mmbridge" in note
+    diff = _compare_logits(tmp_path / "mm", tmp_path / "out", Blip2ForConditionalGeneration, _batch(tmp_path / "mm"))
+    assert diff <= TOLERANCE

@@ -55,6 +55,11 @@ def check_model_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json; is it an mmbridge model directory?")
+    return check_files(directory)
+
+
+def check_files(directory: Path) -> Path:
+    """Every `*.json` and `*.safetensors` file directly in `directory` parses; else one line naming it."""
     for path in sorted(directory.glob("*.json")):
         try:
             json.loads(path.read_text())
@@ -289,8 +294,11 @@ def export_blip2(model_dir: str | Path, out: str | Path, merge_lora: bool = Fals
 
     model_dir = check_model_dir(model_dir)
     config = MMBridgeConfig.from_pretrained(model_dir)
-    for component in config.component_paths.values():  # frozen parts referenced by path (mmbridge build)
-        check_model_dir(component)
+    for name, component in config.component_paths.items():  # frozen parts referenced by path (mmbridge build)
+        if name in ("vision", "llm"):
+            check_model_dir(component)
+        elif Path(component).is_dir():  # a head's frozen part (e.g. a diffusers folder): its files only
+            check_files(Path(component))
     plan = plan_export(config, merge_lora=merge_lora)
     if plan.problems:
         reasons = "; ".join(f"({i}) {p}" for i, p in enumerate(plan.problems, 1))
