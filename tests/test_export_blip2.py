@@ -382,3 +382,30 @@ def test_act_head_is_left_out_and_the_see_part_exported(tmp_path):
     assert note.startswith("output head 'act' (kind 'act'") and "serve the head with mmbridge" in note
     diff = _compare_logits(tmp_path / "mm", tmp_path / "out", Blip2ForConditionalGeneration, _batch(tmp_path / "mm"))
     assert diff <= TOLERANCE
+
+
+def test_draw_head_is_left_out_and_its_diffusers_generator_named(tmp_path):
+    """A model with the draw head (MiniGPT-5 vokens + a frozen diffusers generator referenced by path)."""
+    pytest.importorskip("diffusers")
+    from transformers import Blip2ForConditionalGeneration
+
+    from mmbridge.heads_config import DrawConfig
+    from mmbridge.testing import build_tiny_sd
+
+    build_tiny_sd(tmp_path / "sd")
+    build_tiny_blip2(tmp_path / "hf")
+    import_blip2(tmp_path / "hf", tmp_path / "base")
+    model = MMBridgeModel.from_pretrained(tmp_path / "base")
+    processor = MMBridgeProcessor.from_pretrained(tmp_path / "base")
+    config = DrawConfig(pipeline_path=str(tmp_path / "sd"), mapper_hidden_size=32, mapper_layers=(1, 1),
+                        mapper_heads=2, num_inference_steps=3)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    model.save_pretrained(tmp_path / "mm")
+    processor.save_pretrained(tmp_path / "mm")
+
+    summary = export_blip2(tmp_path / "mm", tmp_path / "out")
+    [note] = summary["left_out"]
+    assert note.startswith("output head 'draw' (kind 'draw'") and f"draw.generator stays at {tmp_path / 'sd'}" in note
+    diff = _compare_logits(tmp_path / "mm", tmp_path / "out", Blip2ForConditionalGeneration, _batch(tmp_path / "mm"))
+    assert diff <= TOLERANCE

@@ -112,10 +112,11 @@ def plan_export(config, merge_lora: bool = False) -> ExportPlan:
             parts = "ITC projections, ITM head, ITG LM head, text embeddings and text feed-forwards"
         plan.left_out.append(f"the Q-Former's stage-1 heads ({parts}): used in training only")
     for name, head in config.head_configs.items():
+        frozen = "".join(f"; {part} stays at {path}" for part, path in head.component_paths.items())
         plan.left_out.append(
             f"output head {name!r} (kind {head.kind!r}; components {list(head.components)}; losses "
-            f"{list(head.loss_names)}): transformers' class has no head hook. Its tokens {head.tokens} stay in the "
-            "vocabulary, so the exported model may write them as plain text; serve the head with mmbridge")
+            f"{list(head.loss_names)}{frozen}): transformers' class has no head hook. Its tokens {head.tokens} "
+            "stay in the vocabulary, so the exported model may write them as plain text; serve the head with mmbridge")
     return plan
 
 
