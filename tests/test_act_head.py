@@ -143,3 +143,50 @@ def test_eval_detect_scores_with_cocoeval(trained, tmp_path):
     see_only = MMBridgePipeline(*build_tiny())
     with pytest.raises(ValueError, match="no act head"):
         evaluate_detection(see_only, str(tmp_path / "coco.json"), progress=False)
+
+
+def test_visual_prompts_fill_region_slots_in_every_path(images):
+    """A box, a point, a scribble and a mask on an input image each become one `<region>` embedding from
+    the act head's region encoder; training reaches the encoder; batched generation and a chat session
+    read the same region identically."""
+    from mmbridge.processing import region_mask
+
+    model, processor = with_act_head()
+    assert processor.region_token == "<region>" and "act.region_encoder" in model.config.components
+    box = region_mask({"box": [0.25, 0.25, 0.75, 0.5]}, 32, 32)
+    assert box.sum() == 16 * 8 and box[8:16, 8:24].all()
+    assert region_mask({"point": [0.5, 0.5]}, 32, 32).sum() > 0
+    assert region_mask({"scribble": [[0.1, 0.1], [0.9, 0.1]]}, 32, 32)[3, 5:27].all()
+
+    def ask(region, answer=True):
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find all like "},
+                                            {"type": "region", **region}, {"type": "text", "text": "."}]}
+        if not answer:
+            return [user]
+        target = {"boxes": [[0.1, 0.1, 0.3, 0.3]]}
+        return [user, {"role": "assistant", "content": [{"type": "head", "head": "[DET]", "target": target}]}]
+
+    regions = [{"box": [0.1, 0.1, 0.3, 0.3]}, {"point": [0.5, 0.5]}, {"scribble": [[0.1, 0.8], [0.6, 0.8]]},
+               {"mask": np.eye(8, dtype=bool)}]
+    batch = processor([ask(r) for r in regions], images=[*images[:3], images[0]], return_labels=True)
+    assert batch["region_masks"].shape == (4, 32, 32) and batch["region_image_index"].tolist() == [0, 1, 2, 3]
+    out = model(**batch)
+    out.loss.backward()
+    assert model.act.region_encoder.project.weight.grad is not None
+
+    with pytest.raises(ValueError, match="exactly one of"):
+        processor(ask({"box": [0.1, 0.1, 0.3, 0.3], "point": [0.5, 0.5]}), images=images[:1])
+    with pytest.raises(ValueError, match="fractions"):
+        processor(ask({"box": [0.1, 0.1, 3, 0.3]}), images=images[:1])
+    with pytest.raises(ValueError, match="reads none"):
+        build_tiny()[1](ask(regions[0], answer=False), images=images[:1])
+
+    model.eval()
+    pipe = MMBridgePipeline(model, processor)
+    batched = pipe.generate([ask(r, answer=False) for r in regions[:2]], images=images[:2], max_new_tokens=6)
+    single = pipe.generate(ask(regions[1], answer=False), images=images[1:2], max_new_tokens=6)[0]
+    assert single.token_ids == batched[1].token_ids
+    session = pipe.chat()
+    content = [{"type": "image"}, {"type": "text", "text": "Find all like "}, {"type": "region", **regions[1]},
+               {"type": "text", "text": "."}]
+    assert session.ask(content, images=images[1:2], max_new_tokens=6).token_ids == single.token_ids

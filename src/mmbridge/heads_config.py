@@ -35,6 +35,12 @@ class HeadConfig:
     loss_names: ClassVar[tuple[str, ...]] = ()
     #: the head draws images: an image in an assistant message is a target for it (the processor's `image_head`)
     draws_images: ClassVar[bool] = False
+
+    @property
+    def region_token(self) -> str | None:
+        """A placeholder this head fills in the LLM's *input* (visual prompts: the act head's region
+        encoder turns a marked region of an input image into the embedding at `<region>`)."""
+        return None
     name: str = ""
     trigger: str = ""  # the token the LLM emits to call the head
     num_slots: int = 0  # tokens forced after the trigger; their hidden states (with the trigger's) feed the head
@@ -53,7 +59,8 @@ class HeadConfig:
     @property
     def tokens(self) -> list[str]:
         """Special tokens this head adds to the LLM's vocabulary (their rows train), each once."""
-        return list(dict.fromkeys(t for trigger, slots in self.routes.items() for t in (trigger, *slots)))
+        routed = [t for trigger, slots in self.routes.items() for t in (trigger, *slots)]
+        return list(dict.fromkeys([*routed, *([self.region_token] if self.region_token else [])]))
 
     @property
     def components(self) -> dict[str, bool]:
@@ -155,6 +162,8 @@ class ActConfig(HeadConfig):
     num_object_queries: int = 16  # boxes proposed per request (ShapesWorld scenes hold at most 4 objects)
     mask_size: int = 32  # masks are predicted at this resolution (of the whole image)
     score_threshold: float = 0.5  # detections kept at inference
+    visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
+    region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -169,7 +178,12 @@ class ActConfig(HeadConfig):
 
     @property
     def components(self) -> dict[str, bool]:
-        return {f"{self.name}.decoders": True}
+        return {f"{self.name}.decoders": True,
+                **({f"{self.name}.region_encoder": True} if self.visual_prompts else {})}
+
+    @property
+    def region_token(self) -> str | None:
+        return "<region>" if self.visual_prompts else None
 
     def validate(self) -> None:
         super().validate()

@@ -88,8 +88,12 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
             raise ValueError(f"message {i}: content must be a string or a list of parts")
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image", "head"):
+            if kind not in ("text", "image", "head", "region"):
                 raise ValueError(f"message {i} part {j}: unknown part type {kind!r} (expected 'text' or 'image')")
+            if kind == "region":
+                check_region(part, f"message {i} part {j}")
+                if role != "user":
+                    raise ValueError(f"message {i} part {j}: a region (visual prompt) marks a user's image")
             if kind == "head" and (role != "assistant" or not isinstance(part.get("head"), str)):
                 raise ValueError(f"message {i} part {j}: a head part (a head's output to train on) belongs in an "
                                  "assistant message and names its head: {'type': 'head', 'head': NAME, 'target': ...}")
@@ -100,6 +104,55 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
                                  "messages (images the model draws), not in system messages")
         normalized.append({"role": role, "content": content})
     return normalized
+
+
+REGION_KINDS = ("box", "point", "scribble", "mask")
+
+
+def check_region(part: dict, where: str) -> None:
+    """A visual prompt: exactly one of box [x0, y0, x1, y1], point [x, y], scribble [[x, y], ...] (fractions
+    of the image's width and height) or mask (a 2-D array), and optionally `image`: the index of the
+    conversation's image it marks (default: the last image before it)."""
+    kinds = [k for k in REGION_KINDS if part.get(k) is not None]
+    if len(kinds) != 1:
+        raise ValueError(f"{where}: a region gives exactly one of {list(REGION_KINDS)}, got {kinds or 'none'}")
+    kind, value = kinds[0], part[kinds[0]]
+    if kind == "mask":
+        if np.asarray(value).ndim != 2:
+            raise ValueError(f"{where}: a region mask is a 2-D array")
+        return
+    points = [value] if kind == "point" else value if kind == "scribble" else [value[:2], value[2:]]
+    try:
+        ok = len(points) > 0 and all(len(p) == 2 and all(0.0 <= float(v) <= 1.0 for v in p) for p in points)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or (kind == "box" and len(value) != 4):
+        raise ValueError(f"{where}: region {kind} must be fractions of the image in [0, 1], got {value!r}")
+
+
+def region_mask(part: dict, height: int, width: int) -> np.ndarray:
+    """A visual prompt rasterised as a binary mask at the image's size (a point is a small disk, a
+    scribble a line of that width)."""
+    from PIL import ImageDraw
+
+    if part.get("mask") is not None:
+        mask = Image.fromarray(np.asarray(part["mask"], dtype=np.uint8) * 255)
+        return np.asarray(mask.resize((width, height), Image.NEAREST)) > 127
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    radius = max(1, min(width, height) // 32)
+    if part.get("box") is not None:
+        x0, y0, x1, y1 = part["box"]
+        draw.rectangle([x0 * width, y0 * height, max(x0 * width, x1 * width - 1), max(y0 * height, y1 * height - 1)],
+                       fill=255)
+    else:
+        points = [part["point"]] if part.get("point") is not None else part["scribble"]
+        xy = [(x * width, y * height) for x, y in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=255, width=2 * radius)
+        for x, y in xy:
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
+    return np.asarray(canvas) > 127
 
 
 def images_in(messages: Sequence[dict]) -> list[Any]:
@@ -122,6 +175,7 @@ class EncodedConversation:
     labels: list[int]
     num_images: int
     head_targets: list[tuple[str, Any]] = field(default_factory=list)  # (head, target) in reading order
+    regions: list[tuple[int, dict]] = field(default_factory=list)  # (image index in the conversation, part)
 
 
 class MMBridgeProcessor:
@@ -132,7 +186,7 @@ class MMBridgeProcessor:
                  stop_strings: Sequence[str] = (), max_length: int | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, qformer_cls_token_id: int | None = None,
                  qformer_max_length: int = 64, heads: dict[str, dict[str, list[str]]] | None = None,
-                 image_head: str | None = None):
+                 image_head: str | None = None, region_token: str | None = None):
         """`qformer_cls_token_id` set: the model's Q-Former is instruction-aware, and every call also
         returns `qformer_input_ids` / `qformer_attention_mask` (CLS + the text of each image's message).
         `heads`: head name -> its routes (trigger -> slot tokens), as the model's `HeadConfig.routes`
@@ -143,6 +197,7 @@ class MMBridgeProcessor:
         last message}`)."""
         self.heads = {name: {t: list(s) for t, s in routes.items()} for name, routes in (heads or {}).items()}
         self.image_head = image_head
+        self.region_token = region_token  # visual prompts: a region part is written as this placeholder
         self.qformer_cls_token_id = qformer_cls_token_id
         self.qformer_max_length = qformer_max_length
         self.image_processor = image_processor
@@ -193,6 +248,8 @@ class MMBridgeProcessor:
         self.heads[head_config.name] = {t: list(s) for t, s in head_config.routes.items()}
         if head_config.draws_images:
             self.image_head = head_config.name
+        if head_config.region_token:
+            self.region_token = head_config.region_token
 
     def _route(self, head: str) -> str:
         """A head part's `head` -> its route's trigger (a trigger, or the name of a one-route head)."""
@@ -221,6 +278,27 @@ class MMBridgeProcessor:
             out.append(message)
         return out
 
+    def _write_regions(self, messages: list[dict]) -> tuple[list[dict], list[tuple[int, dict]]]:
+        """Region parts -> the region placeholder; each with the index of the image it marks."""
+        regions, out, seen = [], [], 0
+        for message in messages:
+            parts = []
+            for part in message["content"]:
+                if part["type"] == "image":
+                    seen += 1
+                elif part["type"] == "region":
+                    if self.region_token is None:
+                        raise ValueError("the message marks a region (a visual prompt), but this model reads none "
+                                         "(no head with a region encoder)")
+                    index = part.get("image", seen - 1)
+                    if not isinstance(index, int) or not 0 <= index < seen:
+                        raise ValueError(f"a region marks image {index!r}, but {seen} image(s) come before it")
+                    regions.append((index, part))
+                    part = {"type": "text", "text": self.region_token}
+                parts.append(part)
+            out.append({**message, "content": parts})
+        return out, regions
+
     def _write_head_parts(self, messages: list[dict]) -> tuple[list[dict], list[tuple[str, Any]]]:
         """Head parts -> text parts holding the head's tokens; their targets in reading order."""
         targets, out = [], []
@@ -247,6 +325,7 @@ class MMBridgeProcessor:
 
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> EncodedConversation:
         messages, head_targets = self._write_head_parts(normalize_messages(messages))
+        messages, regions = self._write_regions(messages)
         rendered = self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
@@ -263,7 +342,7 @@ class MMBridgeProcessor:
                 f"the chat template rendered {placeholders} image placeholder(s) for {num_images} image part(s); "
                 f"the template must write {self.image_token!r} once per image part"
             )
-        return EncodedConversation(ids, labels, num_images, head_targets)
+        return EncodedConversation(ids, labels, num_images, head_targets, regions)
 
     def _expand_image_tokens(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
         out_ids, out_mask = [], []
@@ -319,6 +398,7 @@ class MMBridgeProcessor:
             "attention_mask": torch.tensor(attention, dtype=torch.long),
             "pixel_values": self.preprocess_images(all_images),
             **self.instruction_inputs(instructions),
+            **self._region_inputs(encoded),
         }
         if return_qformer_text:
             data.update(self.qformer_text_inputs(batch))
@@ -345,6 +425,23 @@ class MMBridgeProcessor:
         first = self.qformer_cls_token_id if self.qformer_cls_token_id is not None else self.tokenizer.bos_token_id
         ids, mask = tokenize_qformer_text(self.tokenizer, texts, first, self.qformer_max_length)
         return {"qformer_text_ids": ids, "qformer_text_mask": mask}
+
+    def _region_inputs(self, encoded: list[EncodedConversation]) -> dict[str, torch.Tensor]:
+        """`region_image_index` (which image of the batch each region marks) and `region_masks` at the
+        image processor's size — what the model's region encoder reads. Empty when no region is marked."""
+        if not any(e.regions for e in encoded):
+            return {}
+        indices, parts, offset = [], [], 0
+        for e in encoded:
+            indices += [offset + local for local, _ in e.regions]
+            parts += [part for _, part in e.regions]
+            offset += e.num_images
+        return {"region_image_index": torch.tensor(indices, dtype=torch.long), "region_masks": self.region_masks(parts)}
+
+    def region_masks(self, parts: Sequence[dict]) -> torch.Tensor:
+        """Region parts -> (R, H, W) masks at the image processor's size."""
+        size = self.image_processor.size
+        return torch.stack([torch.from_numpy(region_mask(p, size["height"], size["width"])) for p in parts]).float()
 
     def _collect_head_targets(self, encoded: list[EncodedConversation]) -> dict[str, list]:
         """Route trigger -> targets of the batch in reading order (rows, then positions)."""
@@ -384,8 +481,10 @@ class MMBridgeProcessor:
         while cut > 0 and e.input_ids[cut - 1] == self.image_token_id and e.input_ids[cut] == self.image_token_id:
             cut -= 1
         ids = e.input_ids[:cut]
-        return EncodedConversation(ids, e.labels[:cut], ids.count(self.image_token_id) // self.num_query_tokens,
-                                   e.head_targets)
+        num_images = ids.count(self.image_token_id) // self.num_query_tokens
+        kept_regions = ids.count(self.tokenizer.convert_tokens_to_ids(self.region_token)) if self.region_token else 0
+        regions = [r for r in e.regions[:kept_regions] if r[0] < num_images]
+        return EncodedConversation(ids, e.labels[:cut], num_images, e.head_targets, regions)
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -396,7 +495,7 @@ class MMBridgeProcessor:
                 "image_token": self.image_token, "stop_strings": self.stop_strings,
                 "max_length": self.max_length, "max_image_pixels": self.max_image_pixels,
                 "qformer_cls_token_id": self.qformer_cls_token_id, "qformer_max_length": self.qformer_max_length,
-                "heads": self.heads, "image_head": self.image_head}
+                "heads": self.heads, "image_head": self.image_head, "region_token": self.region_token}
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         save_directory = Path(save_directory)

@@ -69,7 +69,9 @@ class SamplingOptions:
             # The image placeholder is input-only: generated, it would ask for a soft prompt that does
             # not exist (and break the next chat turn), so its logit is always -inf. Head slot tokens are
             # only ever forced after their trigger (`HeadSlotForcer`).
-            suppress_tokens=[processor.image_token_id, *sorted(processor.slot_token_ids)],
+            suppress_tokens=[processor.image_token_id, *sorted(processor.slot_token_ids),
+                             *([processor.tokenizer.convert_tokens_to_ids(processor.region_token)]
+                               if processor.region_token else [])],
         )
         if self.do_sample:
             config.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
@@ -150,19 +152,19 @@ class MMBridgePipeline:
         return LogitsProcessorList([self.slot_forcer] if self.trigger_ids else [])
 
     def _decode_heads(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_ids: torch.Tensor,
-                      images: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]
-                      ) -> list[list[tuple[int, str, str, dict]]]:
+                      images: Callable[[], tuple[torch.Tensor | None, ...]]) -> list[list[tuple[int, str, str, dict]]]:
         """Per row: (position in the answer, head name, route trigger, decoded tensors) of every head it
         triggered. One batched forward over the rows that need it; `images` -> (soft prompts, vision
-        features) is computed only then."""
+        features, region features) is computed only then."""
         found: list[list[tuple[int, str, str, dict]]] = [[] for _ in range(len(new_ids))]
         if not self.trigger_ids or not any(int(t) in self.trigger_ids for t in new_ids.flatten().tolist()):
             return found
         full = torch.cat([prompt_ids, new_ids], dim=1)
         mask = torch.cat([prompt_mask, torch.ones_like(new_ids)], dim=1)
         width = prompt_ids.shape[1]
-        soft_prompts, vision_features = images()
-        for row, position, name, trigger, tensors in self.model.decode_heads(full, mask, soft_prompts, vision_features):
+        soft_prompts, vision_features, region_features = images()
+        decoded = self.model.decode_heads(full, mask, soft_prompts, vision_features, region_features)
+        for row, position, name, trigger, tensors in decoded:
             if position >= width:  # triggers in the prompt (earlier turns) were decoded then
                 found[row].append((position - width, name, trigger, tensors))
         return found
@@ -189,13 +191,18 @@ class MMBridgePipeline:
         return [self._result(row.tolist(), options, n, found)
                 for row, n, found in zip(new_tokens, prompt_lengths, heads)]
 
-    def _images(self, inputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(soft prompts, vision features) of a processed batch's images."""
+    def _images(self, inputs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(soft prompts, vision features, region features) of a processed batch's images."""
         if inputs["pixel_values"].shape[0] == 0:
-            return None, None
-        vision_features = self.model.vision(inputs["pixel_values"])
-        return self.model.get_image_features(inputs["pixel_values"], inputs.get("qformer_input_ids"),
-                                             inputs.get("qformer_attention_mask"), vision_features), vision_features
+            return None, None, None
+        pixel_values = inputs["pixel_values"]
+        vision_features = self.model.vision(pixel_values)
+        soft_prompts = self.model.get_image_features(pixel_values, inputs.get("qformer_input_ids"),
+                                                     inputs.get("qformer_attention_mask"), vision_features)
+        regions = None
+        if inputs.get("region_masks") is not None:
+            regions = self.model.region_features(pixel_values, inputs["region_image_index"], inputs["region_masks"])
+        return soft_prompts, vision_features, regions
 
     def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int,
                 heads: Sequence[tuple[int, str, str, dict]] = ()) -> GenerationResult:
@@ -340,12 +347,14 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self._image_features: list[torch.Tensor] = []  # soft prompts, one tensor per user turn with images
         self._vision_features: list[torch.Tensor] = []  # what heads read (act decoders attend to the image)
+        self._region_features: list[torch.Tensor] = []  # visual prompts, one tensor per user turn with regions
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self._image_features, self._vision_features, self._cache, self._cached_ids = [], [], None, []
+        self._image_features, self._vision_features, self._region_features = [], [], []
+        self._cache, self._cached_ids = None, []
 
     def _add_user_turn(self, content: str | list[dict], images: Sequence[Any] | None) -> None:
         if isinstance(content, str):
@@ -370,8 +379,17 @@ class ChatSession:
                 self._image_features.append(self.pipeline.model.get_image_features(
                     pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()},
                     vision_features=vision_features))
-        # Images are kept as soft prompts only; the messages keep bare image parts.
-        bare = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
+            _, regions = processor._write_regions([message])
+            if regions:  # visual prompts mark this message's images
+                masks = processor.region_masks([part for _, part in regions]).to(self.pipeline.device)
+                index = torch.tensor([i for i, _ in regions], device=self.pipeline.device)
+                with torch.no_grad():
+                    self._region_features.append(self.pipeline.model.region_features(pixel_values, index, masks))
+        elif any(p["type"] == "region" for p in message["content"]):
+            raise ValueError("in a chat session a region marks an image of the same message")
+        # Images (and marked regions) are kept as embeddings only; the messages keep bare placeholders.
+        bare = [{"type": "text", "text": p["text"]} if p["type"] == "text"
+                else {"type": "text", "text": processor.region_token} if p["type"] == "region" else {"type": p["type"]}
                 for p in message["content"]]
         self.messages.append({"role": "user", "content": bare})
 
@@ -391,12 +409,13 @@ class ChatSession:
         target = pipeline.processor.encode(self.messages, add_generation_prompt=True).input_ids
         ids = torch.tensor([target], device=pipeline.device)
         features = torch.cat(self._image_features) if self._image_features else None
+        regions = torch.cat(self._region_features) if self._region_features else None
         config = options.generation_config(model.llm.model.generation_config, pipeline.processor)
         holder: dict[str, Any] = {}
 
         def run(streamer):
             with torch.no_grad(), _rng(options.seed):
-                embeds = model.embed_inputs(ids, image_features=features)
+                embeds = model.embed_inputs(ids, image_features=features, region_features=regions)
                 if options.num_beams > 1:  # beams need a cache per beam: encode from scratch
                     out = model.llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
                                                    generation_config=config, tokenizer=pipeline.processor.tokenizer,
@@ -420,7 +439,7 @@ class ChatSession:
         with torch.no_grad():
             vision = torch.cat(self._vision_features) if self._vision_features else None
             heads = pipeline._decode_heads(ids, torch.ones_like(ids), torch.tensor([holder["new"]], device=ids.device),
-                                           lambda: (features, vision))[0]
+                                           lambda: (features, vision, regions))[0]
         result = pipeline._result(holder["new"], options, len(target), heads)
         if self._cache is not None:
             self._cached_ids = target + result.token_ids

@@ -168,11 +168,52 @@ class MMBridgeModel(PreTrainedModel):
                                     instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask)
         return self.projection(query_output.to(self.projection.weight.dtype))
 
+    def region_head(self) -> OutputHead | None:
+        """The head whose encoder fills `<region>` placeholders (visual prompts), if any."""
+        return next((h for h in self.heads.values() if h.config.region_token), None)
+
+    def region_features(self, pixel_values: torch.Tensor, region_image_index: torch.Tensor,
+                        region_masks: torch.Tensor) -> torch.Tensor:
+        """Visual prompts -> one input embedding per region: (R, llm_hidden)."""
+        head = self.region_head()
+        if head is None:
+            raise ValueError("the prompt marks a region, but this model has no head that reads visual prompts")
+        return head.encode_regions(pixel_values[region_image_index], region_masks)
+
+    def _scatter_regions(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                         region_features: torch.Tensor | None) -> torch.Tensor:
+        head = self.region_head()
+        if head is None:
+            return inputs_embeds
+        is_region = input_ids == self.config.added_tokens[head.config.region_token]
+        count = int(is_region.sum())
+        if count != (0 if region_features is None else region_features.shape[0]):
+            raise ValueError(f"the prompt has {count} <region> placeholder(s) but "
+                             f"{0 if region_features is None else region_features.shape[0]} region(s) were given")
+        if count == 0:
+            return inputs_embeds
+        mask = is_region.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, region_features.to(inputs_embeds.dtype))
+
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_features: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
                      qformer_attention_mask: torch.Tensor | None = None,
-                     vision_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with each image's soft prompt placed at its placeholder positions."""
+                     vision_features: torch.Tensor | None = None, region_features: torch.Tensor | None = None,
+                     region_image_index: torch.Tensor | None = None,
+                     region_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's soft prompt placed at its placeholder positions, and each
+        marked region's embedding at its `<region>` (from `region_features`, or computed from the images
+        with `region_image_index` / `region_masks` as the processor returns them)."""
+        if region_features is None and region_masks is not None and len(region_masks):
+            region_features = self.region_features(pixel_values, region_image_index, region_masks)
+        inputs_embeds = self._embed_images(input_ids, pixel_values, image_features, qformer_input_ids,
+                                           qformer_attention_mask, vision_features)
+        return self._scatter_regions(input_ids, inputs_embeds, region_features)
+
+    def _embed_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                      image_features: torch.Tensor | None, qformer_input_ids: torch.Tensor | None,
+                      qformer_attention_mask: torch.Tensor | None,
+                      vision_features: torch.Tensor | None) -> torch.Tensor:
         image_token_id = self.config.image_token_index
         inputs_embeds = self.llm.embed(input_ids, image_token_id)
         num_slots = 0 if image_token_id is None else int((input_ids == image_token_id).sum())
@@ -243,6 +284,8 @@ class MMBridgeModel(PreTrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         qformer_text_ids: torch.Tensor | None = None,
         qformer_text_mask: torch.Tensor | None = None,
+        region_image_index: torch.Tensor | None = None,
+        region_masks: torch.Tensor | None = None,
         head_targets: dict | None = None,
         loss_names: tuple[str, ...] | list[str] | None = None,
         **kwargs,
@@ -283,7 +326,8 @@ class MMBridgeModel(PreTrainedModel):
             if inputs_embeds is None:
                 inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
                                                   qformer_attention_mask=qformer_attention_mask,
-                                                  vision_features=vision_features)
+                                                  vision_features=vision_features,
+                                                  region_image_index=region_image_index, region_masks=region_masks)
             llm_out = self.llm(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -319,14 +363,14 @@ class MMBridgeModel(PreTrainedModel):
 
     @torch.no_grad()
     def decode_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     image_features: torch.Tensor | None = None,
-                     vision_features: torch.Tensor | None = None) -> list[tuple[int, int, str, str, dict]]:
+                     image_features: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                     region_features: torch.Tensor | None = None) -> list[tuple[int, int, str, str, dict]]:
         """Run every head found in finished sequences (prompt + answer, left-padded) and return
         `(row, position of the trigger, head name, route trigger, decoded tensors of that occurrence)`
         in reading order."""
         if not self.head_names:
             return []
-        embeds = self.embed_inputs(input_ids, image_features=image_features)
+        embeds = self.embed_inputs(input_ids, image_features=image_features, region_features=region_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -345,13 +389,15 @@ class MMBridgeModel(PreTrainedModel):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                  qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
+                 region_image_index: torch.Tensor | None = None, region_masks: torch.Tensor | None = None,
                  **kwargs) -> torch.Tensor:
-        """transformers `generate` on the LLM with the image soft prompts in place.
+        """transformers `generate` on the LLM with the image soft prompts (and marked regions) in place.
 
         Takes left-padded `input_ids`; returns only the new tokens, as HF does for `inputs_embeds`.
         """
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
-                                          qformer_attention_mask=qformer_attention_mask)
+                                          qformer_attention_mask=qformer_attention_mask,
+                                          region_image_index=region_image_index, region_masks=region_masks)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.llm.model.generate(

@@ -45,7 +45,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
 #: Present only where they apply: instruction-aware Q-Formers (InstructBLIP), BLIP-2 stage-1 text,
 #: head targets (not tensors: each head reads its own).
 OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask", "qformer_text_ids", "qformer_text_mask",
-                         "head_targets")
+                         "region_image_index", "region_masks", "head_targets")
 #: A reader that skips this many samples in a row without one good sample stops with an error
 #: instead of spinning forever on a dataset that is corrupt through and through.
 MAX_CONSECUTIVE_SKIPS = 10_000

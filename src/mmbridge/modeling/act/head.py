@@ -25,6 +25,7 @@ from transformers.loss.loss_for_object_detection import (
 
 from mmbridge.heads_config import ActConfig
 from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+from mmbridge.modeling.act.region import RegionEncoder
 from mmbridge.modeling.heads import OutputHead, register_head
 
 PERCEPTION_ROUTES = ("[DET]", "[SEG]", "[GRD]")
@@ -55,6 +56,12 @@ class ActHead(OutputHead):
             self.llm_hidden_size, model_config.vision_config.hidden_size, config.decoder_hidden_size,
             config.decoder_layers, config.decoder_heads, config.num_object_queries, config.mask_size)
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
+        if config.visual_prompts:
+            self.region_encoder = RegionEncoder(self.llm_hidden_size, config.region_points)
+
+    def encode_regions(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Visual prompts: (R, 3, H, W) images and (R, H, W) masks -> `<region>` embeddings (R, llm_hidden)."""
+        return self.region_encoder(pixel_values, masks)
 
     def loss(self, hidden: torch.Tensor, targets: list[dict], route: str, context: dict) -> dict[str, torch.Tensor]:
         if len(targets) != hidden.shape[0]:

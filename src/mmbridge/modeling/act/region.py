@@ -1,0 +1,48 @@
+"""Visual prompts (VisionLLM v2's region encoder): a region the user marks on an input image — a box,
+a point, a scribble or a mask, all given to the model as a binary mask — becomes one embedding that
+fills a `<region>` placeholder in the LLM's input ("What color is <region>?").
+
+A small conv stem reads the image with the mask as a fourth channel; the feature map is pooled at
+points sampled inside the region with `grid_sample` (so a thin scribble and a large box alike give a
+fixed-size summary) and projected to the LLM's width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RegionEncoder(nn.Module):
+    def __init__(self, llm_hidden_size: int, num_points: int = 16, channels: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(4, channels // 2, 3, stride=2, padding=1), nn.GELU(),
+                                  nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.project = nn.Linear(channels, llm_hidden_size)
+        self.num_points = num_points
+
+    def forward(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(R, 3, H, W) images, (R, H, W) region masks in {0, 1} -> (R, llm_hidden)."""
+        masks = masks.to(pixel_values.dtype)
+        features = self.stem(torch.cat([pixel_values, masks[:, None]], dim=1))
+        grid = sample_points(masks, self.num_points)  # (R, P, 2) in [-1, 1]
+        pooled = F.grid_sample(features, grid[:, :, None], align_corners=False)  # (R, C, P, 1)
+        return self.project(pooled.squeeze(-1).mean(-1))
+
+
+def sample_points(masks: torch.Tensor, num_points: int) -> torch.Tensor:
+    """`num_points` (x, y) positions in grid_sample's [-1, 1] per mask, spread evenly over its pixels
+    (deterministic, so an answer does not change from run to run); an empty mask gives the centre."""
+    _, height, width = masks.shape
+    out = []
+    for mask in masks:
+        ys, xs = mask.nonzero(as_tuple=True)
+        if len(xs) == 0:
+            ys, xs = torch.tensor([height // 2]), torch.tensor([width // 2])
+        pick = torch.linspace(0, len(xs) - 1, num_points).round().long()
+        x = (xs[pick].float() + 0.5) / width * 2 - 1
+        y = (ys[pick].float() + 0.5) / height * 2 - 1
+        out.append(torch.stack([x, y], dim=-1))
+    return torch.stack(out).to(masks.device, masks.dtype)
