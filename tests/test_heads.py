@@ -164,6 +164,9 @@ def test_processor_writes_head_tokens_masks_slots_and_returns_targets(images):
     assert (batch["labels"][rows, cols + 1] == -100).all()  # slots are forced, never a target
     out = model(**batch)
     assert set(out.losses) == {"lm", "count"} and torch.isfinite(out.loss)
+    found = out.head_outputs["[CNT]"]
+    assert found["hidden_states"].shape == (2, 2, model.config.text_config.hidden_size)
+    assert found["rows"].tolist() == [0, 1] and torch.equal(found["positions"], cols)
 
 
 # -- trainer -----------------------------------------------------------------------------------------

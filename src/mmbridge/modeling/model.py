@@ -344,6 +344,8 @@ class MMBridgeModel(PreTrainedModel):
             if need_heads:  # head_targets: route trigger -> one target per occurrence, in reading order
                 hidden = llm_out.hidden_states[-1]
                 for name, trigger, rows, positions in self.head_occurrences(input_ids):
+                    head_outputs[trigger] = {"hidden_states": hidden[rows, positions], "rows": rows[:, 0],
+                                             "positions": positions[:, 0]}
                     if trigger not in head_targets:
                         continue
                     context = self.head_context(input_ids, rows, positions, vision_features)

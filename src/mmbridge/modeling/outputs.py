@@ -12,7 +12,9 @@ from transformers.utils import ModelOutput
 class MMBridgeOutput(ModelOutput):
     """`loss` is the plain sum of `losses`, the named parts (LAVIS' convention): `lm` over answer
     tokens, `itc` / `itm` / `itg` for BLIP-2 stage 1, and each head's own. A trainer weights the parts
-    itself (`StageConfig.losses`). `head_outputs[name]` holds what a head computed from its slots."""
+    itself (`StageConfig.losses`). `head_outputs[trigger]` holds, per head route found in the batch, the
+    LLM's last hidden states at each occurrence's trigger and slots (`hidden_states`: (occurrences,
+    1 + slots, hidden)) and where they are (`rows`, `positions` of the trigger)."""
 
     loss: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] | None = None
@@ -20,4 +22,4 @@ class MMBridgeOutput(ModelOutput):
     past_key_values: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    head_outputs: dict[str, dict[str, torch.Tensor]] | None = None
+    head_outputs: dict[str, dict[str, torch.Tensor]] | None = None  # route trigger -> tensors
