@@ -141,3 +141,18 @@ def test_other_template_presets_render_and_mask(preset, expected_prompt, expecte
     target = processor.tokenizer.decode([t for t in batch["labels"][0].tolist() if t != IGNORE_INDEX],
                                         skip_special_tokens=False)
     assert target.strip() == expected_target.strip()
+
+
+def test_processor_renders_safely_from_many_threads(images):
+    """transformers' cached chat template keeps per-render state; the processor serialises renders, so
+    a server's request threads and batch worker can encode at once (this raised at random before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmbridge.testing import build_tiny
+
+    _, processor = build_tiny()
+    conv = [{"role": "user", "content": "What color?"}, {"role": "assistant", "content": "red"}]
+    expected = processor.encode(conv).input_ids
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: processor.encode(conv).input_ids, range(400)))
+    assert all(r == expected for r in results)

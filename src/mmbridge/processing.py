@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -105,6 +106,12 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
         normalized.append({"role": role, "content": content})
     return normalized
 
+
+#: transformers caches one compiled Jinja template per template string, and its `{% generation %}`
+#: extension (AssistantTracker) keeps per-render state on it: two threads rendering at once fail with
+#: "AssistantTracker should not be reused before closed" (the server renders from request threads and
+#: its batch worker). Renders cost microseconds, so they take turns, process-wide.
+_TEMPLATE_LOCK = threading.Lock()
 
 REGION_KINDS = ("box", "point", "scribble", "mask")
 
@@ -233,10 +240,11 @@ class MMBridgeProcessor:
 
     # -- text ------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            normalize_messages(messages), chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        with _TEMPLATE_LOCK:
+            return self.tokenizer.apply_chat_template(
+                normalize_messages(messages), chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenize already-rendered text and expand image placeholders (no special tokens added)."""
@@ -326,10 +334,11 @@ class MMBridgeProcessor:
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> EncodedConversation:
         messages, head_targets = self._write_head_parts(normalize_messages(messages))
         messages, regions = self._write_regions(messages)
-        rendered = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
-        )
+        with _TEMPLATE_LOCK:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
+            )
         ids = list(rendered["input_ids"])
         assistant = list(rendered.get("assistant_masks") or [0] * len(ids))
         ids, assistant = self._expand_image_tokens(ids, assistant)

@@ -148,25 +148,6 @@ class _StreamRows(StoppingCriteria):
             job.on_piece(index, final[len(sent):])
 
 
-def serialize_chat_template(tokenizer) -> None:
-    """Make `tokenizer.apply_chat_template` safe to call from several threads (idempotent).
-
-    transformers caches one compiled Jinja template per template string, and its `{% generation %}`
-    extension (AssistantTracker) keeps per-render state on it: two threads rendering at once fail with
-    "AssistantTracker should not be reused before closed". The server renders from its request threads
-    (token counts) and from the batch worker (generate), so renders take turns; they cost microseconds."""
-    if getattr(tokenizer, "_mmbridge_template_lock", None) is not None:
-        return
-    lock, render = threading.Lock(), tokenizer.apply_chat_template
-
-    def apply_chat_template(*args, **kwargs):
-        with lock:
-            return render(*args, **kwargs)
-
-    tokenizer.apply_chat_template = apply_chat_template
-    tokenizer._mmbridge_template_lock = lock
-
-
 def batch_key(options: SamplingOptions) -> tuple:
     fields = dataclasses.astuple(options)
     if options.do_sample and options.seed is not None:
@@ -178,7 +159,6 @@ def batch_key(options: SamplingOptions) -> tuple:
 class Batcher:
     def __init__(self, pipeline, max_batch_size: int = 8, max_wait_ms: float = 5.0, max_queue: int = 32):
         self.pipeline = pipeline
-        serialize_chat_template(pipeline.processor.tokenizer)  # the API and the UI render from other threads
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.max_queue = max(0, max_queue)
