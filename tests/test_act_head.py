@@ -27,6 +27,7 @@ def act_config(**kw):
 def with_act_head(seed=0, **kw):
     model, processor = build_tiny(seed=seed)
     config = act_config(**kw)
+    torch.manual_seed(seed)  # the head's weights, whatever ran before
     model.add_head(config, processor.tokenizer)
     processor.register_head(config)
     return model, processor

@@ -30,6 +30,7 @@ def draw_config(sd_dir, **kw):
 def with_draw_head(sd_dir, seed=0, **kw):
     model, processor = build_tiny(seed=seed)
     config = draw_config(sd_dir, **kw)
+    torch.manual_seed(seed)  # the head's weights, whatever ran before
     model.add_head(config, processor.tokenizer)
     processor.register_head(config)
     return model, processor

@@ -80,6 +80,7 @@ def conversation(n: int | None = None, question: str = "How many shapes?"):
 
 def with_count_head(seed: int = 0):
     model, processor = build_tiny(seed=seed, init_std=0.5)
+    torch.manual_seed(seed)  # the head's weights, whatever ran before
     model.add_head(CountConfig(), processor.tokenizer)
     processor.register_head(CountConfig())
     return model, processor
@@ -117,7 +118,7 @@ def test_head_configs_are_validated():
     assert act.routes == {"[DET]": [f"[DET_Q{i}]" for i in range(4)], "[GEN]": [f"[GEN_Q{i}]" for i in range(64)]}
     shared = MMBridgeConfig(act_config={"tasks": ["det", "seg"], "shared_queries": True}).head_configs["act"]
     assert shared.routes["[DET]"] == shared.routes["[SEG]"] == [f"[ACT_Q{i}]" for i in range(4)]
-    assert shared.tokens == ["[DET]", *shared.routes["[DET]"], "[SEG]"]  # each token once
+    assert shared.tokens == ["[DET]", *shared.routes["[DET]"], "[SEG]", "<region>"]  # each token once
     config = MMBridgeConfig(draw_config={}, act_config={})
     assert "draw.mapper" in config.components and config.trainable["draw.generator"] is False
     assert {"draw_ldm", "act_giou"} <= set(config.loss_names)
