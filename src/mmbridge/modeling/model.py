@@ -61,6 +61,13 @@ class MMBridgeModel(PreTrainedModel):
         self.post_init()
         self.apply_trainable_policy()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The LLM's token embeddings (what transformers and accelerate's FSDP ask a model for)."""
+        return self.llm.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.model.set_input_embeddings(value)
+
     @property
     def heads(self) -> dict[str, OutputHead]:
         return {name: getattr(self, name) for name in self.head_names}

@@ -172,10 +172,6 @@ class Trainer:
             [{k: v for k, v in g.items() if k != "names"} for g in groups],
             lr=stage.schedule.init_lr, betas=tuple(stage.optim.betas), eps=stage.optim.eps)
         scheduler = build_scheduler(optimizer, stage.schedule)
-        if acc.distributed_type == DistributedType.FSDP:
-            # accelerate's FSDP2 preparation asks the model for its input embeddings (to keep tied weights
-            # tied); MMBridgeModel's are its LLM's.
-            model.get_input_embeddings = model.llm.model.get_input_embeddings
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = scheduler  # stepped by us once per optimizer step (not per process)
         acc.register_for_checkpointing(scheduler)
