@@ -49,7 +49,7 @@ def test_routes_tokens_and_components():
     assert "act.decoders" in model.config.components and model.config.trainable["act.decoders"]
     assert {"[DET]", "[DET_Q3]", "[SEG_Q0]", "[GRD_Q2]"} <= set(model.config.added_tokens)
     with pytest.raises(NotImplementedError, match="no decoder yet"):
-        build_tiny()[0].add_head(ActConfig(tasks=["pose"]), build_tiny()[1].tokenizer)
+        build_tiny()[0].add_head(ActConfig(tasks=["gen"]), build_tiny()[1].tokenizer)
 
 
 def test_losses_per_route_add_up_by_name():

@@ -174,3 +174,73 @@ def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT,
         else:
             summary[f"{iou_type}_ap"] = summary[f"{iou_type}_ap50"] = 0.0
     return summary, detections
+
+
+POSE_PROMPT = "Find the pose of every figure."
+
+
+def pose_results(part, image_id: int, width: int, height: int, category_id: int = 1) -> list[dict]:
+    """A `KeypointsPart` (fractions of the image) -> COCO keypoint results in pixels, one per person
+    (`keypoints` flat [x, y, score] × K, `score` the person's, `bbox` x y w h)."""
+    results = []
+    for person, score, box in zip(part.keypoints, part.scores, part.boxes):
+        keypoints = [v for x, y, s in person for v in (x * width, y * height, s)]
+        x0, y0, x1, y1 = box
+        results.append({"image_id": image_id, "category_id": category_id, "score": score, "keypoints": keypoints,
+                        "bbox": [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]})
+    return results
+
+
+def score_keypoints(coco, results: list[dict], image_ids: Sequence[int] | None = None) -> dict:
+    """COCOeval keypoints AP (COCO's per-keypoint sigmas, as the act head's OKS matching) of `results` on a
+    COCO file / dict, over `image_ids` (default: every image)."""
+    import copy
+
+    from mmbridge.data.formats.coco import evaluate as coco_evaluate
+    from mmbridge.data.formats.coco import load_coco
+    from mmbridge.modeling.act.keypoints import keypoint_sigmas
+
+    dataset = copy.deepcopy(load_coco(coco).dataset)
+    if image_ids is not None:
+        wanted = set(image_ids)
+        dataset["images"] = [im for im in dataset["images"] if im["id"] in wanted]
+        dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in wanted]
+    num_keypoints = max((len(a.get("keypoints", [])) // 3 for a in dataset["annotations"]), default=0)
+    if not num_keypoints:
+        raise ValueError("the COCO file has no keypoint annotations")
+    if not results:
+        return {"keypoints_ap": 0.0, "keypoints_ap50": 0.0, "keypoints_ap75": 0.0}
+    stats = coco_evaluate(dataset, results, "keypoints", kpt_sigmas=keypoint_sigmas(num_keypoints).numpy())
+    return {"keypoints_ap": round(float(stats[0]), 4), "keypoints_ap50": round(float(stats[1]), 4),
+            "keypoints_ap75": round(float(stats[2]), 4)}
+
+
+def evaluate_pose(pipeline, coco_path: str, prompt: str = POSE_PROMPT, batch_size: int = 16,
+                  limit: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """COCOeval keypoints AP of a model with an act head's `[POSE]` route on a COCO keypoints file
+    (`mmbridge data shapes --format wave2` writes pose/coco_pose_SPLIT.json): one request per image, every
+    person of the answer's `KeypointsPart` a result. With `limit`, scored on the first `limit` images."""
+    from mmbridge.data.formats.coco import read_coco
+    from mmbridge.generation.parts import KeypointsPart
+
+    configs = pipeline.model.config.head_configs.values()
+    if not any("[POSE]" in h.routes for h in configs):
+        raise ValueError("this model has no act head with a [POSE] route: it cannot find poses")
+    slots = max(len(h.routes["[POSE]"]) for h in configs if "[POSE]" in h.routes)
+    records = list(read_coco(coco_path, check_images=True))[:limit]
+    results, empty = [], 0
+    for i in tqdm(range(0, len(records), batch_size), desc="pose", disable=not progress, unit="batch"):
+        chunk = records[i:i + batch_size]
+        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+                         for _ in chunk]
+        answers = pipeline.generate(conversations, images=[load_image(rec["path"]) for rec in chunk],
+                                    max_new_tokens=slots + 4, do_sample=False)
+        for rec, answer in zip(chunk, answers):
+            parts = [p for p in answer.parts if isinstance(p, KeypointsPart)]
+            if not parts or not parts[0].keypoints:
+                empty += 1
+                continue
+            results += pose_results(parts[0], rec["id"], rec["width"], rec["height"])
+    summary = {"images": len(records), "requests_without_keypoints": empty, "people": len(results),
+               **score_keypoints(coco_path, results, [rec["id"] for rec in records])}
+    return summary, results

@@ -149,7 +149,7 @@ class ActConfig(HeadConfig):
 
     kind: ClassVar[str] = "act"
     loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_mask", "act_dice",
-                                             "act_keypoints")
+                                             "act_keypoints", "act_oks", "act_visibility")
     name: str = "act"
     tasks: list[str] = field(default_factory=lambda: ["det", "seg", "grd"])
     queries_per_task: int = 4
@@ -164,6 +164,7 @@ class ActConfig(HeadConfig):
     score_threshold: float = 0.5  # detections kept at inference
     visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
     region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
+    num_keypoints: int = 17  # [POSE]: keypoints per person (COCO's 17, as ShapesWorld's stick figures)
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -178,7 +179,10 @@ class ActConfig(HeadConfig):
 
     @property
     def components(self) -> dict[str, bool]:
-        return {f"{self.name}.decoders": True,
+        """`decoders` (the DETR decoder of [DET] / [SEG] / [GRD]), `pose_decoder` ([POSE]), `region_encoder`."""
+        perception = any(t in ("det", "seg", "grd") for t in self.tasks)
+        return {**({f"{self.name}.decoders": True} if perception else {}),
+                **({f"{self.name}.pose_decoder": True} if "pose" in self.tasks else {}),
                 **({f"{self.name}.region_encoder": True} if self.visual_prompts else {})}
 
     @property
@@ -196,6 +200,8 @@ class ActConfig(HeadConfig):
             raise ValueError("act: decoder_hidden_size must be a multiple of decoder_heads")
         if not 0 < self.score_threshold < 1:
             raise ValueError("act: score_threshold must be in (0, 1)")
+        if self.num_keypoints < 1:
+            raise ValueError("act: num_keypoints must be >= 1")
 
 
 def build_head_config(name: str, raw: dict) -> HeadConfig:

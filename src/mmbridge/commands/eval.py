@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-TASKS = ("vqa", "caption", "retrieval", "detect")
+TASKS = ("vqa", "caption", "retrieval", "detect", "pose")
 
 
 def register(subparsers) -> None:
@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
     parser.add_argument("--questions", metavar="FILE.jsonl", help="the eval file (vqa, caption, retrieval)")
-    parser.add_argument("--coco", metavar="FILE.json", help="detect: a COCO file with boxes (and masks)")
+    parser.add_argument("--coco", metavar="FILE.json",
+                        help="detect: a COCO file with boxes (and masks); pose: one with keypoints")
     parser.add_argument("--prompt", default=None,
                         help='detect: the request; "{category}" asks per category (default: "Find every {category}.")')
     parser.add_argument("--out", default=None, metavar="PREDS.jsonl", help="write per-item predictions here")
@@ -39,6 +40,8 @@ def handle(args) -> int:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task == "detect":
         return _detect(args)
+    if args.task == "pose":
+        return _pose(args)
     if not args.questions:
         raise CLIError(f"eval {args.task} needs --questions FILE.jsonl")
     kind = "vqa" if args.task == "vqa" else "caption"
@@ -96,5 +99,30 @@ def _detect(args) -> int:
         with open(args.out, "w") as f:
             json.dump(detections, f)
     json.dump({"task": "detect", "model": args.model, **summary}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _pose(args) -> int:
+    """`mmbridge eval pose --model DIR --coco pose/coco_pose_SPLIT.json [--prompt ...]`: COCOeval keypoints AP."""
+    import os
+
+    from mmbridge.cli import CLIError
+    from mmbridge.commands.chat import load_pipeline
+    from mmbridge.evaluate import POSE_PROMPT, evaluate_pose
+
+    if not args.coco or not os.path.isfile(args.coco):
+        raise CLIError(f"eval pose needs --coco FILE.json (COCO keypoints: pose/coco_pose_SPLIT.json of "
+                       f"`mmbridge data shapes --format wave2`); got {args.coco}")
+    pipeline = load_pipeline(args.model)
+    try:
+        summary, results = evaluate_pose(pipeline, args.coco, args.prompt or POSE_PROMPT, args.batch_size,
+                                         args.limit, progress=not args.no_progress)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+    json.dump({"task": "pose", "model": args.model, **summary}, sys.stdout)
     sys.stdout.write("\n")
     return 0

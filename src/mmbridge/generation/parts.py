@@ -106,6 +106,8 @@ def part_to_text(part) -> str:
         boxes = "; ".join(f"({', '.join(f'{v:.2f}' for v in box)}) {score:.2f}"
                           for box, score in zip(part.boxes, part.scores))
         return f"[{part.route} {len(part.boxes)} found{': ' + boxes if boxes else ''}]"
+    if hasattr(part, "to_text"):
+        return part.to_text()
     fields = ", ".join(f"{k}={v}" for k, v in part_to_dict(part).items() if k != "type")
     return f"[{part.type}: {fields}]"
 
@@ -138,3 +140,47 @@ def _detections_part(head: str, route: str, tensors: dict[str, torch.Tensor]) ->
 
 
 register_part("act", _detections_part)
+
+
+@dataclass
+class KeypointsPart:
+    """What the act head found for `[POSE]`: per person its keypoints as [x, y, score] with x, y fractions
+    of the image and score the keypoint's visibility probability, the person's score and box (x0, y0, x1,
+    y1 fractions), and the skeleton as 0-based keypoint index pairs (COCO's person skeleton for 17)."""
+
+    route: str
+    keypoints: list[list[list[float]]]
+    scores: list[float]
+    boxes: list[list[float]]
+    skeleton: list[list[int]]
+    head: str = "act"
+    type: Literal["keypoints"] = "keypoints"
+
+    def to_text(self) -> str:
+        people = "; ".join(f"{len(kps)} keypoints {score:.2f}" for kps, score in zip(self.keypoints, self.scores))
+        return f"[{self.route} {len(self.keypoints)} found{': ' + people if people else ''}]"
+
+
+def keypoint_skeleton(num_keypoints: int) -> list[list[int]]:
+    """COCO's person skeleton (0-based) for 17 keypoints; none known for another keypoint set."""
+    if num_keypoints != 17:
+        return []
+    from mmbridge.data.shapes.pose import SKELETON
+
+    return [[a - 1, b - 1] for a, b in SKELETON]
+
+
+def _act_part(head: str, route: str, tensors: dict[str, torch.Tensor]):
+    if route != "[POSE]":
+        return _detections_part(head, route, tensors)
+    keep = tensors["keep"].bool()
+    scores = tensors["scores"][keep]
+    order = scores.argsort(descending=True)
+    points = torch.cat([tensors["keypoints"][keep][order], tensors["keypoint_scores"][keep][order][..., None]], -1)
+    return KeypointsPart(route, [[[round(float(v), 4) for v in point] for point in person] for person in points],
+                         [round(float(s), 4) for s in scores[order]],
+                         [[round(float(v), 4) for v in box] for box in tensors["boxes"][keep][order]],
+                         keypoint_skeleton(tensors["keypoints"].shape[-2]), head=head)
+
+
+register_part("act", _act_part)

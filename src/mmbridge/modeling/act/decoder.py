@@ -18,7 +18,7 @@ from torch import nn
 
 class LinkConditionedDecoder(nn.Module):
     def __init__(self, llm_hidden_size: int, vision_hidden_size: int, hidden_size: int, num_layers: int,
-                 num_heads: int, num_queries: int, mask_size: int):
+                 num_heads: int, num_queries: int, mask_size: int | None):
         super().__init__()
         self.link_proj = nn.Linear(llm_hidden_size, hidden_size)
         self.vision_proj = nn.Linear(vision_hidden_size, hidden_size)
@@ -27,21 +27,23 @@ class LinkConditionedDecoder(nn.Module):
         self.decoder = nn.TransformerDecoder(layer, num_layers)
         self.box_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 4))
         self.score_head = nn.Linear(hidden_size, 1)
-        self.mask_embed = nn.Linear(hidden_size, hidden_size)
-        self.pixel_embed = nn.Linear(vision_hidden_size, hidden_size)
+        if mask_size is not None:  # None: no mask branch (the pose decoder)
+            self.mask_embed = nn.Linear(hidden_size, hidden_size)
+            self.pixel_embed = nn.Linear(vision_hidden_size, hidden_size)
         self.mask_size = mask_size
 
     def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """(n, 1 + slots, llm_hidden), (n, tokens, vision_hidden) or None -> per query: `boxes` (n, q, 4)
-        cx cy w h, `logits` (n, q), `masks` (n, q, mask_size, mask_size) logits (None without an image)."""
+        cx cy w h, `logits` (n, q), `masks` (n, q, mask_size, mask_size) logits (None without an image or
+        a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top."""
         link = self.link_proj(link_hidden.to(self.link_proj.weight.dtype))
         patches = _patch_grid(vision_features)
         memory = link if patches is None else torch.cat([self.vision_proj(patches), link], dim=1)
         queries = self.queries.expand(link.shape[0], -1, -1) + link.mean(dim=1, keepdim=True)
         hidden = self.decoder(queries, memory)
         out = {"boxes": self.box_head(hidden).sigmoid(), "logits": self.score_head(hidden).squeeze(-1),
-               "masks": None}
-        if patches is not None:
+               "masks": None, "hidden": hidden}
+        if patches is not None and self.mask_size is not None:
             side = int(math.isqrt(patches.shape[1]))
             pixels = self.pixel_embed(patches)  # (n, side*side, d)
             masks = torch.einsum("nqd,npd->nqp", self.mask_embed(hidden), pixels).view(*hidden.shape[:2], side, side)

@@ -8,6 +8,12 @@ scipy underneath; costs as DETR: class 2, L1 5, GIoU 2) and reports `act_cls` (s
 
 Targets, one per routing token in reading order: `{"boxes": [[x0, y0, x1, y1], ...] in [0, 1] of the
 image, "masks": optional list of (H, W) binary arrays}`; `[GRD]` takes exactly one box.
+
+`[POSE]` (`keypoints.py`) has its own decoder with a keypoint head, OKS matching and the losses
+`act_cls`, `act_keypoints` (L1 on visible keypoints), `act_oks` (1 − OKS), `act_visibility` (BCE) and
+`act_l1` / `act_giou` on the people's boxes. Its targets: `{"keypoints": per person K (x, y, v) triples
+(flat, COCO-style, or nested) in [0, 1] of the image, v > 0 labelled, "boxes": [[x0, y0, x1, y1], ...]
+(optional: the visible keypoints' extent; a person's box area is OKS's scale)}`.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from transformers.loss.loss_for_object_detection import (
 
 from mmbridge.heads_config import ActConfig
 from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+from mmbridge.modeling.act.keypoints import PoseDecoder, keypoint_sigmas, match_people, oks
 from mmbridge.modeling.act.region import RegionEncoder
 from mmbridge.modeling.heads import OutputHead, register_head
 
 PERCEPTION_ROUTES = ("[DET]", "[SEG]", "[GRD]")
+DECODED_ROUTES = (*PERCEPTION_ROUTES, "[POSE]")
 
 
 def corners_to_center(boxes: torch.Tensor) -> torch.Tensor:
@@ -48,13 +56,20 @@ class ActHead(OutputHead):
 
     def __init__(self, config: ActConfig, model_config):
         super().__init__(config, model_config)
-        unsupported = [t for t in config.routes if t not in PERCEPTION_ROUTES]
+        unsupported = [t for t in config.routes if t not in DECODED_ROUTES]
         if unsupported:
-            raise NotImplementedError(f"act routes {unsupported} have no decoder yet (perception routes: "
-                                      f"{list(PERCEPTION_ROUTES)})")
-        self.decoders = LinkConditionedDecoder(
-            self.llm_hidden_size, model_config.vision_config.hidden_size, config.decoder_hidden_size,
-            config.decoder_layers, config.decoder_heads, config.num_object_queries, config.mask_size)
+            raise NotImplementedError(f"act routes {unsupported} have no decoder yet (decoded routes: "
+                                      f"{list(DECODED_ROUTES)})")
+        vision_hidden = model_config.vision_config.hidden_size
+        if any(t in PERCEPTION_ROUTES for t in config.routes):
+            self.decoders = LinkConditionedDecoder(
+                self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
+                config.decoder_heads, config.num_object_queries, config.mask_size)
+        if "[POSE]" in config.routes:
+            self.pose_decoder = PoseDecoder(
+                self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
+                config.decoder_heads, config.num_object_queries, config.num_keypoints)
+            self.register_buffer("keypoint_sigmas", keypoint_sigmas(config.num_keypoints), persistent=False)
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
         if config.visual_prompts:
             self.region_encoder = RegionEncoder(self.llm_hidden_size, config.region_points)
@@ -66,6 +81,8 @@ class ActHead(OutputHead):
     def loss(self, hidden: torch.Tensor, targets: list[dict], route: str, context: dict) -> dict[str, torch.Tensor]:
         if len(targets) != hidden.shape[0]:
             raise ValueError(f"act: {hidden.shape[0]} {route} in the batch but {len(targets)} targets")
+        if route == "[POSE]":
+            return self._pose_loss(hidden, targets, context)
         out = self.decoders(hidden, context.get("vision_features"))
         device = out["boxes"].device
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
@@ -99,7 +116,14 @@ class ActHead(OutputHead):
     @torch.no_grad()
     def decode(self, hidden: torch.Tensor, route: str, context: dict) -> dict[str, torch.Tensor]:
         """Per occurrence: every query's box (x0, y0, x1, y1 in [0, 1]), score, mask, and which to keep
-        (above `score_threshold`; for `[GRD]` the single best)."""
+        (above `score_threshold`; for `[GRD]` the single best). `[POSE]`: also every query's `keypoints`
+        (K, 2) x y in [0, 1] and `keypoint_scores` (K,) visibility probabilities."""
+        if route == "[POSE]":
+            out = self.pose_decoder(hidden, context.get("vision_features"))
+            scores = out["logits"].sigmoid()
+            return {"keypoints": out["keypoints"].clamp(0, 1), "keypoint_scores": out["visibility"].sigmoid(),
+                    "boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores,
+                    "keep": scores > self.config.score_threshold}
         out = self.decoders(hidden, context.get("vision_features"))
         scores = out["logits"].sigmoid()
         if route == "[GRD]":
@@ -110,3 +134,55 @@ class ActHead(OutputHead):
         if out["masks"] is not None and route != "[DET]":
             decoded["masks"] = out["masks"].sigmoid() > 0.5
         return decoded
+
+    def _pose_loss(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> dict[str, torch.Tensor]:
+        out = self.pose_decoder(hidden, context.get("vision_features"))
+        device, k = out["keypoints"].device, self.config.num_keypoints
+        people = [_pose_target(t, k, device) for t in targets]
+        indices = [match_people(out["keypoints"][i], out["logits"][i], p["keypoints"], p["visible"], p["area"],
+                                self.keypoint_sigmas) for i, p in enumerate(people)]
+        rows = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        queries = torch.cat([src for src, _ in indices])
+        num_people = max(sum(len(p["area"]) for p in people), 1)
+        wanted = torch.zeros_like(out["logits"])
+        wanted[rows, queries] = 1.0
+        losses = {"act_cls": sigmoid_focal_loss(out["logits"][..., None], wanted[..., None], num_people)
+                  * out["logits"].shape[1]}
+        matched = {key: torch.cat([p[key][tgt] for p, (_, tgt) in zip(people, indices)])
+                   for key in ("keypoints", "visible", "area", "boxes")}
+        predicted = out["keypoints"][rows, queries]  # (people, K, 2)
+        truth, visible = matched["keypoints"], matched["visible"]
+        losses["act_keypoints"] = ((predicted - truth).abs().sum(-1) * visible).sum() / visible.sum().clamp(min=1)
+        similarity = torch.diagonal(oks(predicted, truth, visible, matched["area"], self.keypoint_sigmas))
+        losses["act_oks"] = (1 - similarity).sum() / num_people
+        losses["act_visibility"] = F.binary_cross_entropy_with_logits(out["visibility"][rows, queries], visible,
+                                                                      reduction="sum") / (num_people * k)
+        boxes = out["boxes"][rows, queries]
+        target_boxes = corners_to_center(matched["boxes"])
+        losses["act_l1"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_people
+        giou = torch.diag(generalized_box_iou(center_to_corners_format(boxes), matched["boxes"]))
+        losses["act_giou"] = (1 - giou).sum() / num_people
+        return losses
+
+
+def _pose_target(target: dict, num_keypoints: int, device) -> dict[str, torch.Tensor]:
+    """One `[POSE]` target -> (G, K, 2) keypoints, (G, K) visibility in {0, 1}, (G, 4) corner boxes, (G,) areas."""
+    if "keypoints" not in target:
+        raise ValueError("act: a [POSE] target needs 'keypoints' (per person K (x, y, v) triples in [0, 1])")
+    raw = torch.as_tensor(np.asarray(target["keypoints"], dtype=np.float32), device=device)
+    if raw.numel() % (3 * num_keypoints):
+        raise ValueError(f"act: [POSE] keypoints hold {raw.numel()} numbers, not people of {num_keypoints} "
+                         f"(x, y, v) triples")
+    raw = raw.reshape(-1, num_keypoints, 3)
+    keypoints, visible = raw[..., :2], (raw[..., 2] > 0).float()
+    if raw.numel() and (keypoints * visible[..., None]).abs().max() > 1.5:
+        raise ValueError("act: [POSE] keypoints are fractions of the image in [0, 1], not pixels")
+    if target.get("boxes") is not None:
+        boxes = torch.as_tensor(np.asarray(target["boxes"], dtype=np.float32), device=device).reshape(-1, 4)
+        if len(boxes) != len(raw):
+            raise ValueError(f"act: a [POSE] target has {len(raw)} people but {len(boxes)} boxes")
+    else:  # the visible keypoints' extent
+        far = torch.where(visible[..., None] > 0, keypoints, torch.full_like(keypoints, float("nan")))
+        boxes = torch.cat([far.nan_to_num(2.0).amin(1), far.nan_to_num(-1.0).amax(1)], dim=-1).clamp(0, 1)
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-4)
+    return {"keypoints": keypoints, "visible": visible, "boxes": boxes, "area": area}

@@ -1,0 +1,81 @@
+"""The act head's `[POSE]` route: per-person keypoints from the super-link states and the ViT's patches.
+
+The same link-conditioned DETR decoder as detection (its own weights, no mask branch) proposes people;
+on each query's state a keypoint head regresses K (x, y) positions in [0, 1] of the image and K
+visibility logits, next to the decoder's person score and box. Training matches queries to people by
+OKS (COCO's object keypoint similarity, with COCO's per-keypoint sigmas: what COCOeval scores) plus
+the person score, with scipy's `linear_sum_assignment`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+
+#: COCO's per-keypoint OKS sigmas for the 17 person keypoints (nose, eyes, ears, shoulders, elbows, wrists,
+#: hips, knees, ankles) — pycocotools' defaults, so training matches what `COCOeval(iouType="keypoints")` scores.
+COCO_KEYPOINT_SIGMAS = (0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062,
+                        0.107, 0.107, 0.087, 0.087, 0.089, 0.089)
+
+
+def keypoint_sigmas(num_keypoints: int) -> torch.Tensor:
+    """COCO's sigmas for 17 keypoints; a uniform 0.05 for another keypoint set."""
+    if num_keypoints == len(COCO_KEYPOINT_SIGMAS):
+        return torch.tensor(COCO_KEYPOINT_SIGMAS)
+    return torch.full((num_keypoints,), 0.05)
+
+
+def oks(predicted: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, area: torch.Tensor,
+        sigmas: torch.Tensor) -> torch.Tensor:
+    """Object keypoint similarity, as pycocotools computes it: (P, K, 2) predicted and (G, K, 2) true
+    positions, (G, K) visibility, (G,) object areas (same units as the positions, squared) -> (P, G).
+    exp(-d² / (2 · area · (2σ)²)) averaged over each person's visible keypoints (0 for a person with none)."""
+    variances = (2 * sigmas.to(predicted)) ** 2  # (K,)
+    d2 = ((predicted[:, None] - target[None]) ** 2).sum(-1)  # (P, G, K)
+    e = d2 / variances / (area[None, :, None] + np.spacing(1)) / 2
+    vis = visible.to(predicted)[None]  # (1, G, K)
+    return (torch.exp(-e) * vis).sum(-1) / vis.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def match_people(keypoints: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
+                 area: torch.Tensor, sigmas: torch.Tensor, oks_cost: float = 4.0, class_cost: float = 2.0,
+                 l1_cost: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's queries -> its people: (Q, K, 2) keypoints and (Q,) logits against (G, K, 2) / (G, K) /
+    (G,) targets. Cost = −OKS (weight 4) − person probability (2) + mean L1 over visible keypoints (1,
+    a tie-breaker while every OKS is still ~0). Returns (query indices, person indices)."""
+    if target.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=keypoints.device)
+        return empty, empty
+    similarity = oks(keypoints, target, visible, area, sigmas)  # (Q, G)
+    vis = visible.to(keypoints)[None, :, :, None]
+    l1 = ((keypoints[:, None] - target[None]).abs() * vis).sum((-1, -2)) / vis.sum((-1, -2)).clamp(min=1)
+    cost = -oks_cost * similarity - class_cost * logits.sigmoid()[:, None] + l1_cost * l1
+    rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
+    return (torch.as_tensor(rows, dtype=torch.long, device=keypoints.device),
+            torch.as_tensor(cols, dtype=torch.long, device=keypoints.device))
+
+
+class PoseDecoder(nn.Module):
+    def __init__(self, llm_hidden_size: int, vision_hidden_size: int, hidden_size: int, num_layers: int,
+                 num_heads: int, num_queries: int, num_keypoints: int):
+        super().__init__()
+        self.decoder = LinkConditionedDecoder(llm_hidden_size, vision_hidden_size, hidden_size, num_layers,
+                                              num_heads, num_queries, mask_size=None)
+        self.keypoint_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+                                           nn.Linear(hidden_size, 2 * num_keypoints))
+        self.visibility_head = nn.Linear(hidden_size, num_keypoints)
+        self.num_keypoints = num_keypoints
+
+    def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """-> `boxes` (n, q, 4) cx cy w h, `logits` (n, q) person scores, `keypoints` (n, q, K, 2) x y in
+        [0, 1], `visibility` (n, q, K) logits."""
+        out = self.decoder(link_hidden, vision_features)
+        hidden = out["hidden"]
+        keypoints = self.keypoint_head(hidden).sigmoid().view(*hidden.shape[:2], self.num_keypoints, 2)
+        return {"boxes": out["boxes"], "logits": out["logits"], "keypoints": keypoints,
+                "visibility": self.visibility_head(hidden)}
