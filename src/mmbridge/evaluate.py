@@ -176,6 +176,231 @@ def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT,
     return summary, detections
 
 
+# -- drawing (issue 14, item 6) ------------------------------------------------------------------
+
+DRAW_VERBS = ("draw", "make", "show", "can you", "paint", "create", "generate", "render", "sketch")
+
+
+def draw_prompt(text: str) -> str:
+    """The chat request that asks a model to draw `text`: as written when it already asks ("Draw …",
+    "Paint …", "Show me …"), else "Draw {text}." — the phrasing the draw data trains on."""
+    text = text.strip()
+    if text.lower().startswith(DRAW_VERBS):
+        return text
+    return f"Draw {text}" + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def draw_head_names(model) -> list[str]:
+    """Names of the model's heads that draw images (empty: the model cannot draw)."""
+    return [name for name, h in model.config.head_configs.items() if getattr(h, "draws_images", False)]
+
+
+def set_draw_settings(model, guidance_scale: float | None = None, num_inference_steps: int | None = None) -> None:
+    """Change how a loaded model's draw heads sample (the head reads its config at every drawing)."""
+    for name in draw_head_names(model):
+        config = model.heads[name].config
+        if guidance_scale is not None:
+            config.guidance_scale = float(guidance_scale)
+        if num_inference_steps is not None:
+            config.num_inference_steps = int(num_inference_steps)
+
+
+def read_draw_requests(path) -> list[dict]:
+    """A prompts file: JSON lines `{"prompt", "objects"?, "relation"?}` (a line without `objects` is parsed
+    from its prompt; one without `prompt` is asked as "Draw {objects}.") or plain prompt lines.
+    Returns `{"prompt", "request"}` dicts, `request` a faithfulness `Request` (no objects when the prompt
+    names nothing of the world, e.g. "a green hexagon")."""
+    import json
+
+    from mmbridge.data.shapes.faithfulness import as_request, parse_request
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            record = None
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+            if record is None:
+                out.append({"prompt": line, "request": parse_request(line)})
+                continue
+            if not isinstance(record, dict) or not ({"prompt", "objects"} & set(record)):
+                raise ValueError(f"{path}:{n}: a JSON line needs 'prompt' or 'objects'")
+            try:
+                request = as_request(record) if "objects" in record else parse_request(str(record["prompt"]))
+            except (KeyError, ValueError, IndexError, StopIteration, TypeError) as err:
+                raise ValueError(f"{path}:{n}: cannot read the request ({type(err).__name__}: {err})") from None
+            prompt = record.get("prompt") or f"Draw {request.text}."
+            out.append({"prompt": str(prompt), "request": request, "id": record.get("id")})
+    return out
+
+
+def render_request(request, seed: int = 0):
+    """A ShapesWorld rendering of a request (the reference for the Fréchet distance): its objects at
+    random extents and places (world rules: border, gaps, palette jitter), the relation made to hold.
+    None when the request names nothing the world can draw."""
+
+    from mmbridge.data.shapes.faithfulness import as_request, relation_holds
+    from mmbridge.data.shapes.world import (
+        COLORS,
+        MAX_OBJECTS,
+        SHAPES,
+        SIZES,
+        Scene,
+        ShapeObject,
+        jitter_rgb,
+        place,
+        render,
+        rng_for,
+    )
+
+    request = as_request(request)
+    objects = request.objects
+    if not objects or len(objects) > MAX_OBJECTS or any(
+            size not in SIZES or color not in COLORS or shape not in SHAPES for size, color, shape in objects):
+        return None
+    rng = rng_for(seed)
+    for _ in range(200):
+        placed: list[ShapeObject] = []
+        for size, color, shape in objects:
+            extent = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
+            corner = place(extent, [o.box for o in placed], rng)
+            if corner is None:
+                break
+            placed.append(ShapeObject(shape, color, size, extent, *corner, rgb=jitter_rgb(color, rng)))
+        if len(placed) < len(objects):
+            continue
+        r = request.relation
+        if r is None or relation_holds(placed[r.a], placed[r.b], r.rel):
+            return render(Scene(placed, "black", seed))
+    return None
+
+
+def draw_images(pipeline, prompts: Sequence[str], batch_size: int = 8, max_new_tokens: int = 16,
+                progress: bool = True) -> list[tuple[object | None, str]]:
+    """(the first image drawn or None, the answer's text) for each prompt, asked as `draw_prompt(p)`."""
+    from mmbridge.generation import ImagePart
+
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="draw", disable=not progress, unit="batch"):
+        conversations = [[{"role": "user", "content": [{"type": "text", "text": draw_prompt(p)}]}]
+                         for p in prompts[i:i + batch_size]]
+        for result in pipeline.generate(conversations, max_new_tokens=max_new_tokens, do_sample=False):
+            images = [p.image for p in result.parts if isinstance(p, ImagePart)]
+            out.append((images[0] if images else None, result.text))
+    return out
+
+
+@torch.no_grad()
+def pooled_image_features(model, processor, images: Sequence, batch_size: int = 32) -> torch.Tensor:
+    """The frozen vision encoder's pooled feature of each image (its `pooler_output`; the mean of the
+    last hidden state when it has none), (n, hidden) float64 on the CPU."""
+    feats = []
+    for i in range(0, len(images), batch_size):
+        pixels = processor.image_processor([im.convert("RGB") for im in images[i:i + batch_size]],
+                                           return_tensors="pt")["pixel_values"]
+        encoder = model.vision.model
+        out = encoder(pixel_values=pixels.to(next(encoder.parameters()).dtype), return_dict=True)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state.mean(dim=1)
+        feats.append(pooled.double().cpu())
+    return torch.cat(feats) if feats else torch.zeros(0, model.vision.hidden_size, dtype=torch.float64)
+
+
+def frechet_distance(a, b) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows = samples), as FID:
+    |μa − μb|² + Tr(Σa + Σb − 2 (Σa Σb)^½), the square root by `scipy.linalg.sqrtm` (real part)."""
+    import warnings
+
+    import numpy as np
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("the Fréchet distance needs at least one feature vector on each side")
+
+    def stats(x):
+        cov = np.cov(x, rowvar=False) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1]))
+        return x.mean(axis=0), np.atleast_2d(cov)
+
+    (mu_a, cov_a), (mu_b, cov_b) = stats(a), stats(b)
+    with warnings.catch_warnings():  # singular covariances (fewer samples than features) are expected
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(root).all():  # near-singular product: offset both, as the reference FID code does
+            offset = np.eye(cov_a.shape[0]) * 1e-6
+            root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    root = np.real(root)
+    return float(max(0.0, ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root)))
+
+
+def evaluate_draw(draw, requests: Sequence[dict], out_dir, features=None, batch_size: int = 8,
+                  progress: bool = True) -> tuple[dict, list[dict]]:
+    """Faithfulness of drawn images (issue 14, item 6).
+
+    `draw(prompts) -> [(PIL image or None, text)]` draws a batch (`draw_images` over a pipeline, or any
+    stand-in: rendered scenes check the reader path); `requests` as `read_draw_requests` returns them.
+    Each image is saved as `out_dir/NNNN.png`, read back with the world reader and scored with
+    `faithfulness`; a prompt naming nothing of the world is not drawn (`not_in_world`). `features(images)`
+    (pooled vision features) adds the Fréchet distance between the drawn images and renderings of the
+    same requests. Returns (summary, one record per prompt)."""
+    from pathlib import Path
+
+    from mmbridge.data.shapes.faithfulness import faithfulness, summarize
+    from mmbridge.data.shapes.reader import read_image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, scored, drawn, references = [], [], [], []
+    todo = [(k, r) for k, r in enumerate(requests) if r["request"].objects]
+    for k, r in enumerate(requests):
+        if not r["request"].objects:
+            records.append({"index": k, "prompt": r["prompt"], "status": "not_in_world",
+                            "note": "the prompt names no ShapesWorld object ({size} {color} {shape})"})
+    for i in tqdm(range(0, len(todo), batch_size), desc="draw", disable=not progress, unit="batch"):
+        chunk = todo[i:i + batch_size]
+        for (k, r), (image, text) in zip(chunk, draw([r["prompt"] for _, r in chunk])):
+            record = {"index": k, "prompt": r["prompt"], "requested": r["request"].text, "text": text}
+            if image is None:
+                record.update(status="no_image", faithful=False, readable=False)
+                scored.append({"faithful": False, "count": False, "shape": False, "color": False, "size": False,
+                               "objects": False, "readable": False, "f1": 0.0,
+                               "relation": False if r["request"].relation else None})
+            else:
+                path = out / f"{k:04d}.png"
+                image.save(path)
+                reading = read_image(image)
+                score = faithfulness(reading, r["request"])
+                scored.append(score)
+                record.update(status="drawn", image=str(path), read=[o.name for o in reading.objects],
+                              issues=list(reading.issues), **{key: score[key] for key in (
+                                  "faithful", "readable", "count", "shape", "color", "size", "relation", "f1",
+                                  "missing", "extra")})
+                drawn.append(image)
+                reference = render_request(r["request"], seed=k)
+                if reference is not None:
+                    references.append(reference)
+            records.append(record)
+    records.sort(key=lambda rec: rec["index"])
+    summary = {"prompts": len(requests), "not_in_world": len(requests) - len(todo), "drawn": len(drawn),
+               "no_image": len(todo) - len(drawn)}
+    rates = {k: round(v, 4) if isinstance(v, float) else v for k, v in summarize(scored).items()}
+    summary["faithful"] = rates.pop("faithful")
+    summary["readable"] = rates.pop("readable")
+    summary["strict"] = _mean([bool(s["faithful"] and s["readable"]) for s in scored])
+    summary["per_attribute"] = rates
+    if features is not None and drawn and references:
+        summary["frechet_distance"] = round(frechet_distance(features(drawn), features(references)), 4)
+        summary["frechet_n"] = [len(drawn), len(references)]
+    return summary, records
+
+
 POSE_PROMPT = "Find the pose of every figure."
 
 

@@ -1,4 +1,6 @@
-"""`mmbridge demo`: the shipped ShapesWorld model on bundled sample scenes — captions, answers, a chat."""
+"""`mmbridge demo`: the shipped ShapesWorld model on bundled sample scenes — captions, answers, a chat;
+and, for a model with a draw head, a few drawings saved beside a markdown page and checked by the
+world reader."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the shipped ShapesWorld model on bundled sample images")
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", default="mmbridge-demo",
+                        help="where a model with a draw head saves its drawings (default: ./mmbridge-demo)")
     parser.set_defaults(func=run)
 
 
@@ -65,4 +69,46 @@ def run(args) -> int:
     for i, turn in enumerate(["How many shapes are there?", "Describe the image.", "Is there a red circle?"]):
         answer = session.ask(turn, images=[str(path)] if i == 0 else None)
         print(f"  you:   {turn}\n  model: {answer.text}")
+    _draw(pipeline, args)
     return 0
+
+
+#: What the demo asks a model with a draw head to draw (one and two objects, a relation).
+DRAW_PROMPTS = ("Draw a large red circle above a small blue square.", "Draw a small green triangle.")
+
+
+def _draw(pipeline, args) -> None:
+    """Draw `DRAW_PROMPTS`, save each answer (images + `chat.md`) under `--out`, print the paths, and mark
+    each image right or wrong by reading its objects back (`data.shapes.reader`). Nothing for a model
+    without a draw head."""
+    if not any(getattr(h, "draws_images", False) for h in pipeline.model.config.head_configs.values()):
+        return
+    from mmbridge.commands.outputs import OutputWriter
+    from mmbridge.data.shapes.faithfulness import faithfulness
+    from mmbridge.data.shapes.reader import read_image
+
+    print()
+    print(f"== drawing (images and chat.md under {args.out})")
+    writer = OutputWriter(args.out)
+    conversations = [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in DRAW_PROMPTS]
+    right = 0
+    for prompt, result in zip(DRAW_PROMPTS, pipeline.generate(conversations, max_new_tokens=args.max_new_tokens)):
+        saved = writer.write(prompt, result)
+        images = [(path, part.image) for path, part in zip(saved, [p for p in result.parts if p.type != "text"])
+                  if part.type == "image"]
+        print(f"  you:   {prompt}")
+        if result.text:
+            print(f"  model: {result.text}")
+        if not images:
+            print("  [wrong: no image drawn]")
+            continue
+        for n, (path, image) in enumerate(images):
+            reading = read_image(image)
+            score = faithfulness(reading, prompt)
+            names = [o.name for o in reading.objects]
+            more = f", … ({len(names)} objects)" if len(names) > 4 else ""
+            seen = ", ".join(names[:4]) + more or "nothing readable"
+            right += bool(score["faithful"]) and n == 0  # the answer's first image is the drawing
+            mark = "right" if score["faithful"] else "wrong"
+            print(f"  image: {path}   [{mark}: read {seen}]")
+    print(f"{right} of {len(DRAW_PROMPTS)} drawings right (read back by the world reader).")

@@ -1,5 +1,6 @@
 """`mmbridge eval vqa|caption|retrieval --model DIR --questions FILE.jsonl [--out preds.jsonl]`, and
-`mmbridge eval detect --model DIR --coco FILE.json [--prompt "Find every {category}."]` (COCOeval AP).
+`mmbridge eval detect --model DIR --coco FILE.json [--prompt "Find every {category}."]` (COCOeval AP), and
+`mmbridge eval draw --model DIR --prompts FILE [--out DIR] [--guidance-scale S]` (draw faithfulness).
 
 Prints one JSON object (the metric, `n`, per-type numbers); `--out` writes one prediction per line.
 """
@@ -9,12 +10,13 @@ from __future__ import annotations
 import json
 import sys
 
-TASKS = ("vqa", "caption", "retrieval", "detect", "pose")
+TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "pose")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate a model: VQA accuracy, caption triple F1, ITC retrieval R@1",
+        "eval", help="evaluate a model: VQA accuracy, caption triple F1, ITC retrieval R@1, detection AP, "
+                     "draw faithfulness",
         description="Evaluate on an eval JSON-lines file (format: docs/world.md; `mmbridge data shapes --format eval` "
                     "writes vqa_SPLIT.jsonl and caption_SPLIT.jsonl). retrieval reads a caption file.")
     parser.add_argument("task", choices=TASKS)
@@ -24,7 +26,15 @@ def register(subparsers) -> None:
                         help="detect: a COCO file with boxes (and masks); pose: one with keypoints")
     parser.add_argument("--prompt", default=None,
                         help='detect: the request; "{category}" asks per category (default: "Find every {category}.")')
-    parser.add_argument("--out", default=None, metavar="PREDS.jsonl", help="write per-item predictions here")
+    parser.add_argument("--out", default=None, metavar="PREDS.jsonl",
+                        help="write per-item predictions here (draw: the folder for the images and draw.jsonl)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help='draw: JSON lines {"prompt", "objects"?, "relation"?} or plain prompt lines')
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="draw: classifier-free guidance scale for this run (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="draw: diffusion sampling steps for this run (default: the model's)")
+    parser.add_argument("--no-fid", action="store_true", help="draw: skip the Fréchet distance")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
@@ -40,6 +50,8 @@ def handle(args) -> int:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task == "detect":
         return _detect(args)
+    if args.task == "draw":
+        return _draw(args)
     if args.task == "pose":
         return _pose(args)
     if not args.questions:
@@ -99,6 +111,62 @@ def _detect(args) -> int:
         with open(args.out, "w") as f:
             json.dump(detections, f)
     json.dump({"task": "detect", "model": args.model, **summary}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _draw(args) -> int:
+    import os
+
+    from mmbridge.cli import CLIError
+    from mmbridge.commands.chat import load_pipeline
+    from mmbridge.evaluate import (
+        draw_head_names,
+        draw_images,
+        evaluate_draw,
+        pooled_image_features,
+        read_draw_requests,
+        set_draw_settings,
+    )
+
+    if not args.prompts or not os.path.isfile(args.prompts):
+        raise CLIError(f"eval draw needs --prompts FILE (JSON lines or plain prompts); got {args.prompts}")
+    if args.guidance_scale is not None and args.guidance_scale < 1.0:
+        raise CLIError(f"--guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    try:
+        requests = read_draw_requests(args.prompts)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.limit is not None:
+        requests = requests[:args.limit]
+    if not requests:
+        raise CLIError(f"no prompts in {args.prompts}")
+    pipeline = load_pipeline(args.model)
+    heads = draw_head_names(pipeline.model)
+    if not heads:
+        raise CLIError(f"model {args.model!r} has no draw head: it cannot draw (README: heads that draw and act)")
+    set_draw_settings(pipeline.model, args.guidance_scale, args.steps)
+    config = pipeline.model.heads[heads[0]].config
+    out = args.out or "draw-eval"
+    progress = not args.no_progress
+
+    def draw(prompts):
+        return draw_images(pipeline, prompts, batch_size=len(prompts), progress=False,
+                           max_new_tokens=config.num_slots + 8)
+
+    def features(images):
+        return pooled_image_features(pipeline.model, pipeline.processor, images).numpy()
+
+    summary, records = evaluate_draw(draw, requests, out, None if args.no_fid else features,
+                                     batch_size=args.batch_size, progress=progress)
+    with open(os.path.join(out, "draw.jsonl"), "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    summary = {"task": "draw", "model": args.model, "guidance_scale": config.guidance_scale,
+               "steps": config.num_inference_steps, "num_vokens": 1 + config.num_slots, **summary, "out": out}
+    json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0
 

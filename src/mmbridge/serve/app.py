@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: `create_app(pipeline_or_loader, settings)` -> FastAPI app.
 
-Routes: `POST /v1/chat/completions` (plain and SSE streaming), `GET /v1/models`, `GET /health`
+Routes: `POST /v1/chat/completions` (plain and SSE streaming; drawn images as `message.images`),
+`POST /v1/images/generations` (OpenAI Images API, `b64_json`; models with a draw head), `GET /v1/models`, `GET /health`
 (liveness: the process answers) and `GET /health/ready` (readiness: 503 until the model is loaded;
 loading runs in a background thread so the port opens at once).
 
@@ -60,6 +61,9 @@ from mmbridge.serve.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
     ModelCard,
     ModelList,
     ResponseMessage,
@@ -232,14 +236,87 @@ def create_app(pipeline_or_loader, settings: ServeSettings | None = None) -> Fas
         state.metrics.tokens(prompt_tokens, sum(r.completion_tokens for r in results))
         return dump(ChatCompletion(
             id=_new_id(), created=int(time.time()), model=settings.model_name,
-            choices=[Choice(index=i, message=ResponseMessage(content=r.text, parts=_parts(r, body)),
-                            finish_reason=r.finish_reason) for i, r in enumerate(results)],
+            choices=[Choice(index=i, message=_message(r, body), finish_reason=r.finish_reason)
+                     for i, r in enumerate(results)],
             usage=_usage(results, prompt_tokens),
         ))
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request):
+        state.require_ready()
+        body = await _parse_body(request, ImageGenerationRequest)
+        conversation, options, prompt = await asyncio.to_thread(_image_request, body, state)
+        job = _submit(state, conversation, options, 1)
+        [result] = await _wait(job, request, state)
+        state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
+        drawn = [p for p in result.parts if p.type == "image"]
+        if not drawn:
+            said = result.text.strip()
+            raise APIError(400, "the model answered without drawing an image"
+                           + (f": {said[:200]!r}" if said else "") + " — ask for something it can draw",
+                           param="prompt", code="image_not_drawn")
+        url = part_to_dict(drawn[0])["url"]
+        return dump(ImagesResponse(created=int(time.time()), data=[
+            ImageData(b64_json=url.split(",", 1)[1], revised_prompt=prompt)]))
 
     if settings.ui:
         _mount_ui(app, state, settings)
     return app
+
+
+#: Longest Images API prompt accepted (OpenAI's dall-e-3 limit); the token limits apply as well.
+MAX_IMAGE_PROMPT_CHARS = 4000
+
+
+def _draw_head(state: ServerState):
+    """The model's (first) head that draws images, or None."""
+    model = state.pipeline.model
+    names = [n for n, h in model.config.head_configs.items() if getattr(h, "draws_images", False)]
+    return model.heads[names[0]] if names else None
+
+
+def _image_request(body: ImageGenerationRequest, state: ServerState) -> tuple[list[dict], SamplingOptions, str]:
+    """Checks of an Images API request (worker thread: tokenizes) -> (conversation, options, chat prompt)."""
+    from mmbridge.evaluate import draw_prompt
+
+    settings = state.settings
+    if body.model is not None:
+        _check_model(body.model, settings)
+    where = _find_surrogate(body.model_dump(exclude_none=True), "")
+    if where:
+        raise APIError(400, f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+                       param=where, code="invalid_string")
+    head = _draw_head(state)
+    if head is None:
+        raise APIError(400, f"model {settings.model_name!r} has no draw head: it cannot generate images",
+                       param="model", code="model_cannot_draw")
+    if body.n != 1:
+        raise APIError(400, f"n is {body.n}: this server draws one image per request (n = 1)", param="n",
+                       code="unsupported_value")
+    side = head.generator.image_size
+    if body.size not in (None, "auto", f"{side}x{side}"):
+        raise APIError(400, f"size {body.size!r} is not supported: this model draws {side}x{side} images only",
+                       param="size", code="unsupported_value")
+    if body.response_format not in (None, "b64_json"):
+        raise APIError(400, f"response_format {body.response_format!r} is not supported: images are returned "
+                       "inline as 'b64_json' (the server hosts no files)", param="response_format",
+                       code="unsupported_value")
+    if len(body.prompt) > MAX_IMAGE_PROMPT_CHARS:
+        raise APIError(400, f"the prompt is {len(body.prompt)} characters, over the limit of "
+                       f"{MAX_IMAGE_PROMPT_CHARS}", param="prompt", code="limit_exceeded")
+    prompt = draw_prompt(body.prompt)
+    conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    try:
+        prompt_tokens = len(state.pipeline.processor.encode(conversation, add_generation_prompt=True).input_ids)
+    except ValueError as err:
+        raise APIError(400, str(err), param="prompt", code="invalid_prompt") from None
+    # room for a short preface, the trigger and its forced slots
+    wanted = len(head.config.routes[head.config.trigger]) + 1 + 24
+    limit = settings.max_input_tokens
+    if (limit is not None and prompt_tokens > limit) or prompt_tokens + wanted > state.context_length:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens: too long to draw within the context of "
+                       f"{state.context_length}", param="prompt", code="context_length_exceeded")
+    return conversation, SamplingOptions(max_new_tokens=wanted), prompt
 
 
 # -- request checks ------------------------------------------------------------------------------
@@ -272,7 +349,7 @@ def _check_fields(body: ChatCompletionRequest, settings: ServeSettings) -> None:
 _PARSE_INLINE_BYTES = 256 * 1024
 
 
-async def _parse_body(request: Request) -> ChatCompletionRequest:
+async def _parse_body(request: Request, schema=ChatCompletionRequest):
     """JSON + pydantic validation of the body; big bodies off the event loop (a 25 MB message takes
     ~0.2 s to parse, which would stall every other connection), then their freed memory is handed back."""
     raw = await request.body()
@@ -288,7 +365,7 @@ async def _parse_body(request: Request) -> ChatCompletionRequest:
         if not isinstance(data, dict):
             raise RequestValidationError([{"type": "model_type", "loc": ("body",), "msg": "not an object"}])
         try:
-            return ChatCompletionRequest.model_validate(data)
+            return schema.model_validate(data)
         except ValidationError as err:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
 
@@ -640,7 +717,7 @@ def _stream(body, conversation, options, state: ServerState, request: Request) -
             state.metrics.tokens(results[0].prompt_tokens if results else 0,
                                  sum(r.completion_tokens for r in results))
             for i, r in enumerate(results):
-                delta = Delta(parts=_parts(r, body))
+                delta = Delta(images=_images_of(r), parts=_parts(r, body))
                 yield sse([ChunkChoice(index=i, delta=delta, finish_reason=r.finish_reason)])
             if include_usage:
                 yield sse([], usage=_usage(results, results[0].prompt_tokens))
@@ -655,6 +732,25 @@ def _stream(body, conversation, options, state: ServerState, request: Request) -
 def _usage(results: list[GenerationResult], prompt_tokens: int) -> Usage:
     completion = sum(r.completion_tokens for r in results)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+
+def _image_url(part) -> dict:
+    return {"type": "image_url", "image_url": {"url": part_to_dict(part)["url"]}}
+
+
+def _images_of(result: GenerationResult) -> list[dict] | None:
+    """Drawn images as OpenAI `image_url` content parts (PNG data URLs); None when nothing was drawn."""
+    return [_image_url(p) for p in result.parts if p.type == "image"] or None
+
+
+def _message(result: GenerationResult, body: ChatCompletionRequest) -> ResponseMessage:
+    """`content` is the answer's text (what every OpenAI client reads); drawn images are `images`; with
+    `content_parts: true`, `content` is the answer as text / image_url parts in reading order."""
+    content: str | list[dict] = result.text
+    if body.content_parts:
+        content = [{"type": "text", "text": p.text} if p.type == "text" else _image_url(p)
+                   for p in result.parts if p.type in ("text", "image")]
+    return ResponseMessage(content=content, images=_images_of(result), parts=_parts(result, body))
 
 
 def _parts(result: GenerationResult, body: ChatCompletionRequest) -> list[dict] | None:

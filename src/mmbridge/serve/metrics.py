@@ -25,7 +25,7 @@ except ImportError:  # optional: the server runs without it
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/health/ready", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/health/ready", "/metrics")
 
 
 class Metrics:

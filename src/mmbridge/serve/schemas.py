@@ -5,7 +5,9 @@ an unknown part type gets a precise 400 naming `messages[i].content[j].type`.
 
 Room for wave 2 without breaking OpenAI clients: the standard `message.content` string is always
 there; typed output parts (text now; image / detections / keypoints later) are added as an extra
-`message.parts` list only when the request asks for them with `"output_parts": true`.
+`message.parts` list only when the request asks for them with `"output_parts": true`. Drawn images
+also come as `message.images` (OpenRouter's shape: `[{"type": "image_url", "image_url": {"url": data URL}}]`),
+and, with `"content_parts": true`, inside `message.content` as OpenAI content parts.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = None
     output_parts: StrictBool = False  # mmbridge extension: also return typed `message.parts`
+    content_parts: StrictBool = False  # mmbridge extension: `message.content` as a list of text / image_url parts
 
 
 class Usage(BaseModel):
@@ -78,8 +81,9 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
-    parts: list[dict[str, Any]] | None = None  # only when requested; wave 2 adds non-text parts
+    content: str | list[dict[str, Any]]  # the text; content parts (text, image_url) with `content_parts`
+    images: list[dict[str, Any]] | None = None  # drawn images as image_url parts (absent when none)
+    parts: list[dict[str, Any]] | None = None  # only when requested: text, image, detections parts
 
 
 class Choice(BaseModel):
@@ -100,6 +104,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    images: list[dict[str, Any]] | None = None  # in the final chunk of a choice that drew
     parts: list[dict[str, Any]] | None = None
 
 
@@ -116,6 +121,27 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI Images API `POST /v1/images/generations`: one image of the model's size, as base64."""
+    model_config = ConfigDict(extra="allow")  # quality, style, user, background, … are accepted and ignored
+
+    prompt: StrictStr = Field(min_length=1)
+    model: StrictStr | None = None
+    n: StrictInt = 1
+    size: StrictStr | None = None
+    response_format: StrictStr | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
 
 
 class ModelCard(BaseModel):

@@ -16,8 +16,10 @@ cache sweeper removes abandoned ones (never sent) within minutes. The conversati
 is per-session state, never written anywhere.
 
 Wave 2: the model's answer is a list of typed parts; `render_parts` turns them into chat messages.
-Text is markdown now; generated images and drawn boxes/masks/keypoints become `gr.Image` /
-`gr.AnnotatedImage` messages there, without touching the event wiring.
+Text is markdown; an image the model drew (the draw head) is a `gr.Image` message shown inline. Gradio
+writes it as a PNG into its own cache folder (never a folder of ours), from which the browser fetches
+it; the same sweeper as for abandoned uploads (`delete_cache`) removes it within ~6 minutes, and Gradio
+removes its cache when the app shuts down. Detections still render as one line of text.
 """
 
 from __future__ import annotations
@@ -122,9 +124,16 @@ def password_auth(api_key: str | None):
 
 
 def render_parts(result: GenerationResult) -> list[dict]:
-    """Output parts -> chatbot messages, through the parts' one serializer (`part_to_text`).
-    Image / detection parts map to gr components here as their heads land."""
-    return [{"role": "assistant", "content": part_to_text(part)} for part in result.parts]
+    """Output parts -> chatbot messages: a drawn image inline (`gr.Image`, PNG), anything else through
+    the parts' one serializer (`part_to_text`)."""
+    return [{"role": "assistant", "content": drawn_image(part.image) if part.type == "image" else part_to_text(part)}
+            for part in result.parts]
+
+
+def drawn_image(image) -> gr.Image:
+    """A chat message holding an image the model drew (lossless PNG, not Gradio's default WEBP)."""
+    return gr.Image(value=image, type="pil", format="png", show_label=False, interactive=False,
+                    label="drawn by the model")
 
 
 def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: ImagePolicy | None = None,
