@@ -16,46 +16,18 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from mmbridge.generation import ImagePart, MMBridgePipeline
 from mmbridge.serve.app import ServeSettings, create_app
-from mmbridge.serve.testing import running_server, shared_tiny_model_dir
-
-PROMPT = "Draw a red square."
+from mmbridge.serve.testing import DRAW_PROMPT as PROMPT
+from mmbridge.serve.testing import running_server, shared_tiny_model_dir, tiny_draw_model_dir
 
 
 @pytest.fixture(scope="module")
 def draw_model_dir(tmp_path_factory):
     """A tiny model with a draw head whose mapper (and [IMG0] row) learned one drawing (as test_draw_head)."""
-    from mmbridge.heads_config import DrawConfig
-    from mmbridge.testing import build_tiny, build_tiny_sd
-
-    sd_dir = tmp_path_factory.mktemp("tiny-sd")
-    build_tiny_sd(sd_dir)
-    model, processor = build_tiny(seed=0)
-    config = DrawConfig(pipeline_path=str(sd_dir), mapper_hidden_size=32, mapper_layers=(1, 1), mapper_heads=2,
-                        num_inference_steps=3, condition_dropout=0.0)
-    model.add_head(config, processor.tokenizer)
-    processor.register_head(config)
-    user = {"role": "user", "content": PROMPT}
-    answer = {"role": "assistant", "content": [{"type": "head", "head": "draw", "target": {
-        "image": Image.new("RGB", (16, 16), (220, 40, 40)), "caption": "a red square"}}]}
-    batch = processor([[user, answer]], return_labels=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    torch.manual_seed(0)
-    for _ in range(30):
-        out = model(**batch, loss_names=["lm", "draw_caption", "draw_ldm"])
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    model.eval()
-    directory = tmp_path_factory.mktemp("tiny-draw")
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return tiny_draw_model_dir(tmp_path_factory.mktemp("tiny-draw"))
 
 
 @pytest.fixture(scope="module")

@@ -818,7 +818,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 def _mount_ui(app: FastAPI, state: ServerState, settings: ServeSettings) -> None:
     import gradio as gr
 
-    from mmbridge.serve.ui import AUTH_MESSAGE, BatcherBackend, build_ui, password_auth
+    from mmbridge.serve.ui import AUTH_MESSAGE, UI_CSS, BatcherBackend, build_ui, password_auth
 
     # The API's image rules (bytes, pixels, formats; no remote fetching) guard the UI's uploads too.
     policy = ImagePolicy(settings.max_image_bytes, settings.max_image_pixels, settings.image_formats, None)
@@ -831,4 +831,4 @@ def _mount_ui(app: FastAPI, state: ServerState, settings: ServeSettings) -> None
 
     gr.mount_gradio_app(app, blocks, path="/ui", auth=password_auth(settings.api_key),
                         auth_message=AUTH_MESSAGE if settings.api_key else None,
-                        max_file_size=settings.max_image_bytes, show_error=False)
+                        max_file_size=settings.max_image_bytes, show_error=False, css=UI_CSS)

@@ -75,3 +75,45 @@ def png_data_url(color=(200, 30, 30), size=(64, 64), fmt: str = "PNG") -> str:
     Image.new("RGB", size, color).save(buffer, fmt)
     mime = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}[fmt]
     return f"data:image/{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+#: What the tiny draw model learned to answer with a drawing.
+DRAW_PROMPT = "Draw a red square."
+
+
+def tiny_draw_model_dir(directory, steps: int = 30):
+    """A tiny model with a draw head (tiny random SD-layout generator under `directory/sd`) whose mapper
+    and `[IMG0]` row are trained a few steps so it answers `DRAW_PROMPT` with a drawing (as in
+    tests/test_draw_head.py); saved under `directory/model`, which is returned. Needs diffusers."""
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from mmbridge.heads_config import DrawConfig
+    from mmbridge.testing import build_tiny, build_tiny_sd
+
+    directory = Path(directory)
+    (directory / "sd").mkdir(parents=True, exist_ok=True)
+    build_tiny_sd(directory / "sd")
+    model, processor = build_tiny(seed=0)
+    config = DrawConfig(pipeline_path=str(directory / "sd"), mapper_hidden_size=32, mapper_layers=(1, 1),
+                        mapper_heads=2, num_inference_steps=3, condition_dropout=0.0)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    user = {"role": "user", "content": DRAW_PROMPT}
+    answer = {"role": "assistant", "content": [{"type": "head", "head": "draw", "target": {
+        "image": Image.new("RGB", (16, 16), (220, 40, 40)), "caption": "a red square"}}]}
+    batch = processor([[user, answer]], return_labels=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(steps):
+        out = model(**batch, loss_names=["lm", "draw_caption", "draw_ldm"])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(directory / "model")
+    processor.save_pretrained(directory / "model")
+    return directory / "model"

@@ -132,8 +132,15 @@ def render_parts(result: GenerationResult) -> list[dict]:
 
 def drawn_image(image) -> gr.Image:
     """A chat message holding an image the model drew (lossless PNG, not Gradio's default WEBP)."""
-    return gr.Image(value=image, type="pil", format="png", show_label=False, interactive=False,
-                    label="drawn by the model")
+    return gr.Image(value=image, type="pil", format="png", show_label=False, interactive=False)
+
+
+#: Display size of a drawn image in the chat (small drawings, e.g. 64 px, are scaled up).
+DRAWN_IMAGE_PX = 256
+#: The UI's CSS (Gradio 6 takes it at launch / mount): images in the model's messages — only drawings are
+#: there — scaled up to `DRAWN_IMAGE_PX` with sharp pixels.
+UI_CSS = (f"#mmb-chat [data-testid='bot'] .image-frame img {{ width: {DRAWN_IMAGE_PX}px; "
+          f"height: {DRAWN_IMAGE_PX}px; max-width: 100%; object-fit: contain; image-rendering: pixelated; }}")
 
 
 def build_ui(backend: BatcherBackend, keep_uploads: bool = False, image_policy: ImagePolicy | None = None,
@@ -237,6 +244,6 @@ def launch_ui(pipeline, host: str = "127.0.0.1", port: int = 7860, api_key: str 
     demo = build_ui(BatcherBackend(lambda: batcher, lambda: context), keep_uploads=keep_uploads, image_policy=policy)
     try:
         demo.launch(server_name=host, server_port=port, share=False, auth=password_auth(api_key), show_error=False,
-                    max_file_size=policy.max_bytes, auth_message=AUTH_MESSAGE if api_key else None)
+                    max_file_size=policy.max_bytes, auth_message=AUTH_MESSAGE if api_key else None, css=UI_CSS)
     finally:
         batcher.stop()
