@@ -4,6 +4,7 @@ from mmbridge.generation.parts import (
     DetectionsPart,
     HeadPart,
     ImagePart,
+    KeypointsPart,
     OutputPart,
     TextPart,
     part_to_dict,
@@ -18,6 +19,6 @@ from mmbridge.generation.pipeline import (
     StopStringFilter,
 )
 
-__all__ = ["ChatSession", "DetectionsPart", "GenerationResult", "HeadPart", "ImagePart", "MMBridgePipeline",
+__all__ = ["ChatSession", "DetectionsPart", "GenerationResult", "HeadPart", "ImagePart", "KeypointsPart", "MMBridgePipeline",
            "OutputPart", "SamplingOptions", "StopStringFilter", "TextPart", "part_to_dict", "part_to_text",
            "register_part"]
