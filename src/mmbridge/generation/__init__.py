@@ -19,6 +19,6 @@ from mmbridge.generation.pipeline import (
     StopStringFilter,
 )
 
-__all__ = ["ChatSession", "DetectionsPart", "GenerationResult", "HeadPart", "ImagePart", "KeypointsPart", "MMBridgePipeline",
-           "OutputPart", "SamplingOptions", "StopStringFilter", "TextPart", "part_to_dict", "part_to_text",
-           "register_part"]
+__all__ = ["ChatSession", "DetectionsPart", "GenerationResult", "HeadPart", "ImagePart", "KeypointsPart",
+           "MMBridgePipeline", "OutputPart", "SamplingOptions", "StopStringFilter", "TextPart", "part_to_dict",
+           "part_to_text", "register_part"]
