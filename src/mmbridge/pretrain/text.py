@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mmbridge.pretrain import adamw_with_warmup_cosine
@@ -36,11 +36,34 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
+#: Where a word touches punctuation ("circle?", "red###"): a space goes in before tokenizing and
+#: comes out again when decoding.
+WORD_PUNCT = r"(?<=\w)(?=[^\w\s])"
+SPACED_WORD_PUNCT = r"(?<=\w) (?=[^\w\s])"
+
+
+def word_token_normalizer() -> normalizers.Normalizer:
+    """Every word ends in its trailing space ("circle?" -> "circle ?"), so it is one token everywhere.
+
+    With trailing-space pre-tokenization alone, "triangle?" gives `triangle` while the description
+    has `triangleĠ`, and an answer "red###" gives `red` while the context has `redĠ`: two unrelated
+    embeddings for one word, so an answer could never be a copy of a context token.
+    """
+    return normalizers.Replace(Regex(WORD_PUNCT), " ")
+
+
+def word_token_decoder() -> decoders.Decoder:
+    """Undoes `word_token_normalizer`: exact round trip for texts without a space between a word and
+    the punctuation after it (all of ours)."""
+    return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Replace(Regex(SPACED_WORD_PUNCT), "")])
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = word_token_normalizer()
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.decoder = word_token_decoder()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -83,6 +106,17 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerFast, cfg: LMConfig) -> LlamaF
 Sample = str | Sequence[tuple[str, bool]]
 
 
+def encode_segments(tokenizer: PreTrainedTokenizerFast, sample: Sample) -> tuple[list[int], list[int]]:
+    """A sample's token ids and labels, each segment tokenized on its own (how training sees it)."""
+    segments = [(sample, True)] if isinstance(sample, str) else list(sample)
+    ids, labels = [], []
+    for text, trained in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [-100] * len(piece)
+    return ids, labels
+
+
 def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample], max_length: int) -> dict:
     """Samples -> right-padded `input_ids`, `attention_mask`, `labels`.
 
@@ -92,12 +126,7 @@ def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample]
     rows, targets = [], []
     for sample in samples:
         segments = [(sample, True)] if isinstance(sample, str) else list(sample)
-        segments.append((tokenizer.eos_token, True))
-        ids, labels = [], []
-        for text, trained in segments:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += piece if trained else [-100] * len(piece)
+        ids, labels = encode_segments(tokenizer, segments + [(tokenizer.eos_token, True)])
         rows.append(ids[:max_length])
         targets.append(labels[:max_length])
     width = max(len(r) for r in rows)
@@ -148,16 +177,19 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
 
 
 @torch.no_grad()
-def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str],
+def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[Sample],
                    stop: str, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
-    """Greedy completions of `prompts`, cut at `stop` (left padding for the batch)."""
-    tokenizer.padding_side = "left"
+    """Greedy completions of `prompts` (strings, or segments tokenized one by one as in training),
+    cut at `stop` (left padding for the batch)."""
     answers = []
     for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, stop_strings=[stop], tokenizer=tokenizer)
-        for row in out[:, batch["input_ids"].shape[1]:]:
+        rows = [encode_segments(tokenizer, p)[0] for p in prompts[i:i + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, stop_strings=[stop],
+                             tokenizer=tokenizer)
+        for row in out[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).split(stop)[0].strip())
-    tokenizer.padding_side = "right"
     return answers
