@@ -93,7 +93,8 @@ def tokenizer():
 
 
 def test_tokenizer_round_trips_our_texts_exactly(tokenizer):
-    texts = lm_corpus(100, seed=1) + ["###Human: <Img><ImageHere></Img> What color is the ünïcode? ###Assistant: red###"]
+    texts = lm_corpus(100, seed=1) + ["###Human: <Img><ImageHere></Img> What color is the ünïcode? ###Assistant: red###",
+                                      "[INST] Is it red? [/INST] red </s>"]  # the space before a special token stays
     for text in texts:
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 

@@ -37,9 +37,10 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 #: Where a word touches punctuation ("circle?", "red###"): a space goes in before tokenizing and
-#: comes out again when decoding.
-WORD_PUNCT = r"(?<=\w)(?=[^\w\s])"
-SPACED_WORD_PUNCT = r"(?<=\w) (?=[^\w\s])"
+#: comes out again when decoding. Not before "<": special tokens ("</s>") never pass the normalizer,
+#: but do pass the decoder, which would eat the space of "red </s>".
+WORD_PUNCT = r"(?<=\w)(?=[^\w\s<])"
+SPACED_WORD_PUNCT = r"(?<=\w) (?=[^\w\s<])"
 
 
 def word_token_normalizer() -> normalizers.Normalizer:
