@@ -57,9 +57,10 @@ def test_lm_description_keeps_the_head_of_the_description():
 
 def test_lm_chats_train_the_shuffled_description_and_the_answers_only():
     sample = lm_samples(random.Random(0), 1)[0]
-    trained = [text for text, on in sample if on]
-    assert trained[0].startswith("There ") and all(t.endswith(END) for t in trained[1:])
-    assert "".join(text for text, _ in sample).startswith("###Human: <Img>There ")
+    assert [on for _, on in sample.prefix] == [False, True] and sample.prefix[1][0].startswith("There ")
+    for branch in sample.branches:
+        assert [on for _, on in branch] == [False, True] and branch[1][0].endswith(END)
+    assert sample.text().startswith("###Human: <Img>There ")
 
 
 def test_balanced_questions_draw_the_type_first():
@@ -150,3 +151,26 @@ def test_lm_gate_passes_a_good_lm_and_names_what_fails():
     with pytest.raises(LMGateFailed, match="95 % per type"):
         check_lm_gate({**ACCURACY, "exists": 0.9}, 0.98, 0.95)
     check_lm_gate({**ACCURACY, "all": 0.2, "exists": 0.5}, 0, 0)  # the smoke recipe's setting
+
+
+def test_branches_are_trained_exactly_as_if_each_followed_the_prefix_alone(tokenizer):
+    from mmbridge.pretrain.text import encode_samples
+
+    sample = lm_samples(random.Random(0), 1)[0]
+    assert len(sample.branches) > 2 and all(b[0][0].startswith("</Img> ") for b in sample.branches)
+    lm = build_causal_lm(tokenizer, LMConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)).eval()
+    batch = encode_samples(tokenizer, [sample, "a plain row"], max_length=448)
+    labels = batch.pop("labels")
+    logits = lm(**batch).logits[0]
+    prefix = len(encode_segments(tokenizer, sample.prefix)[0])
+    start = prefix
+    for branch in sample.branches:
+        ids, branch_labels = encode_segments(tokenizer, [*sample.prefix, *branch, (tokenizer.eos_token, True)])
+        alone = lm(input_ids=torch.tensor([ids])).logits[0]
+        n = len(ids) - prefix
+        assert torch.allclose(logits[start:start + n], alone[prefix:], atol=1e-5)
+        assert labels[0, start:start + n].tolist() == branch_labels[prefix:]
+        start += n
+    n = len(encode_segments(tokenizer, [("a plain row", True), (tokenizer.eos_token, True)])[0])
+    plain = lm(input_ids=batch["input_ids"][1:2, :n]).logits[0]
+    assert torch.allclose(lm(**{k: v[1:] for k, v in batch.items()}).logits[0, :n], plain, atol=1e-5)

@@ -104,10 +104,27 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerFast, cfg: LMConfig) -> LlamaF
     return LlamaForCausalLM(config)
 
 
-Sample = str | Sequence[tuple[str, bool]]
+Segments = Sequence[tuple[str, bool]]
 
 
-def encode_segments(tokenizer: PreTrainedTokenizerFast, sample: Sample) -> tuple[list[int], list[int]]:
+@dataclass
+class Branches:
+    """A shared prefix and continuations that each see the prefix but not one another: one row, a
+    block attention mask, and positions that restart after the prefix, so every branch is trained
+    exactly as if it followed the prefix alone (several first turns about one context for the price
+    of one context). Each branch ends with EOS."""
+
+    prefix: Segments
+    branches: Sequence[Segments]
+
+    def text(self) -> str:
+        return "".join(t for t, _ in self.prefix) + "".join(t for b in self.branches for t, _ in b)
+
+
+Sample = str | Segments | Branches
+
+
+def encode_segments(tokenizer: PreTrainedTokenizerFast, sample: str | Segments) -> tuple[list[int], list[int]]:
     """A sample's token ids and labels, each segment tokenized on its own (how training sees it)."""
     segments = [(sample, True)] if isinstance(sample, str) else list(sample)
     ids, labels = [], []
@@ -118,25 +135,55 @@ def encode_segments(tokenizer: PreTrainedTokenizerFast, sample: Sample) -> tuple
     return ids, labels
 
 
-def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample], max_length: int) -> dict:
-    """Samples -> right-padded `input_ids`, `attention_mask`, `labels`.
-
-    A sample is a string (every token trained) or a list of `(text, trained)` segments, e.g. a
-    context that is only read and answers that are learned. EOS ends every sample.
-    """
-    rows, targets = [], []
-    for sample in samples:
+def encode_row(tokenizer: PreTrainedTokenizerFast, sample: Sample) -> tuple[list[int], list[int], list[int], list[int]]:
+    """ids, labels, positions and branch numbers (0: seen by every later token) of one sample."""
+    eos = [(tokenizer.eos_token, True)]
+    if not isinstance(sample, Branches):
         segments = [(sample, True)] if isinstance(sample, str) else list(sample)
-        ids, labels = encode_segments(tokenizer, segments + [(tokenizer.eos_token, True)])
-        rows.append(ids[:max_length])
-        targets.append(labels[:max_length])
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([t + [-100] * (width - len(t)) for t in targets]),
+        ids, labels = encode_segments(tokenizer, [*segments, *eos])
+        return ids, labels, list(range(len(ids))), [0] * len(ids)
+    ids, labels = encode_segments(tokenizer, sample.prefix)
+    positions, groups = list(range(len(ids))), [0] * len(ids)
+    start = len(ids)
+    for k, branch in enumerate(sample.branches, 1):
+        b_ids, b_labels = encode_segments(tokenizer, [*branch, *eos])
+        ids, labels = ids + b_ids, labels + b_labels
+        positions += range(start, start + len(b_ids))
+        groups += [k] * len(b_ids)
+    return ids, labels, positions, groups
+
+
+def branch_attention_mask(groups: torch.Tensor, lengths: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(batch, 1, L, L) additive mask: causal, within the row's length, and a token of branch k sees
+    the prefix (0) and branch k only. Padding rows see themselves (no all-masked softmax rows)."""
+    width = groups.shape[1]
+    index = torch.arange(width)
+    causal = index[None, :, None] >= index[None, None, :]
+    same = (groups[:, None, :] == 0) | (groups[:, None, :] == groups[:, :, None])
+    valid = index[None, None, :] < lengths[:, None, None]
+    allowed = (causal & same & valid) | torch.eye(width, dtype=torch.bool)[None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample], max_length: int) -> dict:
+    """Samples -> right-padded `input_ids`, `attention_mask`, `labels` (+ `position_ids` and a 4-D
+    mask when a sample is `Branches`).
+
+    A sample is a string (every token trained), a list of `(text, trained)` segments, e.g. a
+    context that is only read and answers that are learned, or `Branches`. EOS ends every sample.
+    """
+    rows = [[part[:max_length] for part in encode_row(tokenizer, s)] for s in samples]
+    width = max(len(r[0]) for r in rows)
+    pad = lambda values, fill: torch.tensor([v + [fill] * (width - len(v)) for v in values])  # noqa: E731
+    batch = {
+        "input_ids": pad([r[0] for r in rows], tokenizer.pad_token_id),
+        "attention_mask": pad([[1] * len(r[0]) for r in rows], 0),
+        "labels": pad([r[1] for r in rows], -100),
     }
+    if any(isinstance(s, Branches) for s in samples):
+        batch["attention_mask"] = branch_attention_mask(pad([r[3] for r in rows], 0), batch["attention_mask"].sum(1))
+        batch["position_ids"] = pad([r[2] for r in rows], 0)
+    return batch
 
 
 def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
@@ -178,7 +225,7 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
 
 
 @torch.no_grad()
-def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[Sample],
+def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str | Segments],
                    stop: str, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
     """Greedy completions of `prompts` (strings, or segments tokenized one by one as in training),
     cut at `stop` (left padding for the batch)."""
