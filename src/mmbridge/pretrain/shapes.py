@@ -19,8 +19,8 @@ import torch
 from mmbridge.data.shapes.annotations import description, qa_pairs, relation_facts, short_caption
 from mmbridge.data.shapes.world import COLORS, SHAPES, SIZES, coverage_map, make_scene, relation, render, rng_for
 from mmbridge.pretrain.text import Branches
-from mmbridge.train.config import ConfigError
 from mmbridge.pretrain.vision import patch_labels
+from mmbridge.train.config import ConfigError
 
 #: Training scenes are indexed 0..TRAIN_SCENES-1 (the world's seeds keep splits disjoint).
 TRAIN_SCENES = 1_000_000

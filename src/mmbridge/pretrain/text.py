@@ -174,7 +174,10 @@ def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample]
     """
     rows = [[part[:max_length] for part in encode_row(tokenizer, s)] for s in samples]
     width = max(len(r[0]) for r in rows)
-    pad = lambda values, fill: torch.tensor([v + [fill] * (width - len(v)) for v in values])  # noqa: E731
+
+    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
     batch = {
         "input_ids": pad([r[0] for r in rows], tokenizer.pad_token_id),
         "attention_mask": pad([[1] * len(r[0]) for r in rows], 0),
