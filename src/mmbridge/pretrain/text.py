@@ -206,6 +206,8 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
     for step in range(cfg.steps):
         batch = encode_samples(tokenizer, sample_texts(rng, cfg.batch_size), cfg.max_length)
         labels = batch.pop("labels")
+        if batch["attention_mask"].ndim == 4:  # an additive mask (`Branches`): SDPA wants the model's dtype
+            batch["attention_mask"] = batch["attention_mask"].to(model.dtype)
         loss = model(**batch, labels=labels).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
