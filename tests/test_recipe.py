@@ -57,6 +57,16 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
     assert "[stage3] done before, skipped" in out and "[lm] running" not in out
 
 
+def test_lm_gate_stops_the_recipe_and_keeps_the_trained_lm(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "shapes-smoke", "--out", out, "--until", "lm_gate"]
+    assert main(args + ["lm_gate.min_accuracy=0.98"]) == 2
+    assert "LM gate: text-only QA on held-out scenes is" in capsys.readouterr().err
+    assert (tmp_path / "run" / "lm" / "config.json").is_file()
+    assert main(args) == 0  # the smoke recipe's gate (0): goes on without training the LM again
+    assert "[lm] done before, skipped" in capsys.readouterr().out
+
+
 def test_unknown_recipe_and_bad_until_are_named(tmp_path, capsys):
     assert main(["train", "shapez", "--out", str(tmp_path / "x")]) == 2
     assert "shapes-smoke" in capsys.readouterr().err

@@ -33,13 +33,20 @@ from mmbridge.train.config import ConfigError, _build, apply_overrides
 logger = logging.getLogger("mmbridge.recipe")
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-STAGES = ("tokenizer", "lm", "vision", "compose", "data", "stage1", "stage2", "stage3", "export")
+STAGES = ("tokenizer", "lm", "lm_gate", "vision", "compose", "data", "stage1", "stage2", "stage3", "export")
 
 
 @dataclass
 class TokenizerStage:
     vocab_size: int = 512
     corpus_dialogues: int = 2000
+
+
+@dataclass
+class LMGate:
+    """Text-only QA (canonical questions, 100 val scenes) the LM needs before it is frozen (ROADMAP §2)."""
+    min_accuracy: float = 0.98
+    min_type_accuracy: float = 0.95
 
 
 @dataclass
@@ -79,6 +86,7 @@ class RecipeConfig:
     data: DataStage
     stage2: TrainerStage
     stage3: TrainerStage
+    lm_gate: LMGate = field(default_factory=LMGate)
     seed: int = 0
     threads: int = 2
     dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (ROADMAP §2 probe)
@@ -164,18 +172,28 @@ class Recipe:
     def _lm(self) -> dict:
         from transformers import PreTrainedTokenizerFast
 
-        from mmbridge.pretrain.shapes import lm_samples, text_qa_accuracy
+        from mmbridge.pretrain.shapes import lm_samples, retrieval_check, text_qa_accuracy
         from mmbridge.pretrain.text import build_causal_lm, pretrain_causal_lm
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
         lm = build_causal_lm(tokenizer, self.cfg.lm)
         losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"),
-                                    evaluate=lambda model: text_qa_accuracy(model, tokenizer, num_scenes=30))
+                                    evaluate=lambda model: {"text_qa": text_qa_accuracy(model, tokenizer, num_scenes=30),
+                                                            "retrieval": retrieval_check(model, tokenizer)})
         lm.save_pretrained(self.out / "lm")
         tokenizer.save_pretrained(self.out / "lm")
         accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)
         return {"final_loss": _tail_mean(losses), "params": sum(p.numel() for p in lm.parameters()),
-                "text_qa_accuracy_val": accuracy}
+                "text_qa_accuracy_val": accuracy, "retrieval_val": retrieval_check(lm, tokenizer)}
+
+    def _lm_gate(self) -> dict:
+        """A stage of its own so that a failed gate keeps the trained LM: rerun with a lower gate to go on."""
+        from mmbridge.pretrain.shapes import check_lm_gate
+
+        accuracy = self._report()["stages"]["lm"]["text_qa_accuracy_val"]
+        check_lm_gate(accuracy, self.cfg.lm_gate.min_accuracy, self.cfg.lm_gate.min_type_accuracy)
+        return {"text_qa_accuracy_val": accuracy["all"], "min_accuracy": self.cfg.lm_gate.min_accuracy,
+                "min_type_accuracy": self.cfg.lm_gate.min_type_accuracy}
 
     def _vision(self) -> dict:
         from transformers import PreTrainedTokenizerFast

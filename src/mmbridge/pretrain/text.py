@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mmbridge.pretrain import adamw_with_warmup_cosine
@@ -36,11 +36,35 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
+#: Where a word touches punctuation ("circle?", "red###"): a space goes in before tokenizing and
+#: comes out again when decoding. Not before "<": special tokens ("</s>") never pass the normalizer,
+#: but do pass the decoder, which would eat the space of "red </s>".
+WORD_PUNCT = r"(?<=\w)(?=[^\w\s<])"
+SPACED_WORD_PUNCT = r"(?<=\w) (?=[^\w\s<])"
+
+
+def word_token_normalizer() -> normalizers.Normalizer:
+    """Every word ends in its trailing space ("circle?" -> "circle ?"), so it is one token everywhere.
+
+    With trailing-space pre-tokenization alone, "triangle?" gives `triangle` while the description
+    has `triangleĠ`, and an answer "red###" gives `red` while the context has `redĠ`: two unrelated
+    embeddings for one word, so an answer could never be a copy of a context token.
+    """
+    return normalizers.Replace(Regex(WORD_PUNCT), " ")
+
+
+def word_token_decoder() -> decoders.Decoder:
+    """Undoes `word_token_normalizer`: exact round trip for texts without a space between a word and
+    the punctuation after it (all of ours)."""
+    return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Replace(Regex(SPACED_WORD_PUNCT), "")])
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = word_token_normalizer()
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.decoder = word_token_decoder()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -80,33 +104,89 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerFast, cfg: LMConfig) -> LlamaF
     return LlamaForCausalLM(config)
 
 
-Sample = str | Sequence[tuple[str, bool]]
+Segments = Sequence[tuple[str, bool]]
+
+
+@dataclass
+class Branches:
+    """A shared prefix and continuations that each see the prefix but not one another: one row, a
+    block attention mask, and positions that restart after the prefix, so every branch is trained
+    exactly as if it followed the prefix alone (several first turns about one context for the price
+    of one context). Each branch ends with EOS."""
+
+    prefix: Segments
+    branches: Sequence[Segments]
+
+    def text(self) -> str:
+        return "".join(t for t, _ in self.prefix) + "".join(t for b in self.branches for t, _ in b)
+
+
+Sample = str | Segments | Branches
+
+
+def encode_segments(tokenizer: PreTrainedTokenizerFast, sample: str | Segments) -> tuple[list[int], list[int]]:
+    """A sample's token ids and labels, each segment tokenized on its own (how training sees it)."""
+    segments = [(sample, True)] if isinstance(sample, str) else list(sample)
+    ids, labels = [], []
+    for text, trained in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [-100] * len(piece)
+    return ids, labels
+
+
+def encode_row(tokenizer: PreTrainedTokenizerFast, sample: Sample) -> tuple[list[int], list[int], list[int], list[int]]:
+    """ids, labels, positions and branch numbers (0: seen by every later token) of one sample."""
+    eos = [(tokenizer.eos_token, True)]
+    if not isinstance(sample, Branches):
+        segments = [(sample, True)] if isinstance(sample, str) else list(sample)
+        ids, labels = encode_segments(tokenizer, [*segments, *eos])
+        return ids, labels, list(range(len(ids))), [0] * len(ids)
+    ids, labels = encode_segments(tokenizer, sample.prefix)
+    positions, groups = list(range(len(ids))), [0] * len(ids)
+    start = len(ids)
+    for k, branch in enumerate(sample.branches, 1):
+        b_ids, b_labels = encode_segments(tokenizer, [*branch, *eos])
+        ids, labels = ids + b_ids, labels + b_labels
+        positions += range(start, start + len(b_ids))
+        groups += [k] * len(b_ids)
+    return ids, labels, positions, groups
+
+
+def branch_attention_mask(groups: torch.Tensor, lengths: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(batch, 1, L, L) additive mask: causal, within the row's length, and a token of branch k sees
+    the prefix (0) and branch k only. Padding rows see themselves (no all-masked softmax rows)."""
+    width = groups.shape[1]
+    index = torch.arange(width)
+    causal = index[None, :, None] >= index[None, None, :]
+    same = (groups[:, None, :] == 0) | (groups[:, None, :] == groups[:, :, None])
+    valid = index[None, None, :] < lengths[:, None, None]
+    allowed = (causal & same & valid) | torch.eye(width, dtype=torch.bool)[None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample], max_length: int) -> dict:
-    """Samples -> right-padded `input_ids`, `attention_mask`, `labels`.
+    """Samples -> right-padded `input_ids`, `attention_mask`, `labels` (+ `position_ids` and a 4-D
+    mask when a sample is `Branches`).
 
-    A sample is a string (every token trained) or a list of `(text, trained)` segments, e.g. a
-    context that is only read and answers that are learned. EOS ends every sample.
+    A sample is a string (every token trained), a list of `(text, trained)` segments, e.g. a
+    context that is only read and answers that are learned, or `Branches`. EOS ends every sample.
     """
-    rows, targets = [], []
-    for sample in samples:
-        segments = [(sample, True)] if isinstance(sample, str) else list(sample)
-        segments.append((tokenizer.eos_token, True))
-        ids, labels = [], []
-        for text, trained in segments:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += piece if trained else [-100] * len(piece)
-        rows.append(ids[:max_length])
-        targets.append(labels[:max_length])
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([t + [-100] * (width - len(t)) for t in targets]),
+    rows = [[part[:max_length] for part in encode_row(tokenizer, s)] for s in samples]
+    width = max(len(r[0]) for r in rows)
+
+    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+    batch = {
+        "input_ids": pad([r[0] for r in rows], tokenizer.pad_token_id),
+        "attention_mask": pad([[1] * len(r[0]) for r in rows], 0),
+        "labels": pad([r[1] for r in rows], -100),
     }
+    if any(isinstance(s, Branches) for s in samples):
+        batch["attention_mask"] = branch_attention_mask(pad([r[3] for r in rows], 0), batch["attention_mask"].sum(1))
+        batch["position_ids"] = pad([r[2] for r in rows], 0)
+    return batch
 
 
 def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
@@ -126,6 +206,8 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
     for step in range(cfg.steps):
         batch = encode_samples(tokenizer, sample_texts(rng, cfg.batch_size), cfg.max_length)
         labels = batch.pop("labels")
+        if batch["attention_mask"].ndim == 4:  # an additive mask (`Branches`): SDPA wants the model's dtype
+            batch["attention_mask"] = batch["attention_mask"].to(model.dtype)
         loss = model(**batch, labels=labels).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
@@ -148,16 +230,19 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
 
 
 @torch.no_grad()
-def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str],
+def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str | Segments],
                    stop: str, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
-    """Greedy completions of `prompts`, cut at `stop` (left padding for the batch)."""
-    tokenizer.padding_side = "left"
+    """Greedy completions of `prompts` (strings, or segments tokenized one by one as in training),
+    cut at `stop` (left padding for the batch)."""
     answers = []
     for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, stop_strings=[stop], tokenizer=tokenizer)
-        for row in out[:, batch["input_ids"].shape[1]:]:
+        rows = [encode_segments(tokenizer, p)[0] for p in prompts[i:i + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, stop_strings=[stop],
+                             tokenizer=tokenizer)
+        for row in out[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).split(stop)[0].strip())
-    tokenizer.padding_side = "right"
     return answers

@@ -1,0 +1,176 @@
+"""The stage-0 LM's text (issue 13): content lookup instead of position, balanced question types,
+one token per word, the retrieval check and the gate before the LM is frozen."""
+
+import random
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from mmbridge.data.shapes.annotations import description, relation_facts
+from mmbridge.data.shapes.dataset import eval_questions
+from mmbridge.data.shapes.world import make_scene
+from mmbridge.pretrain.shapes import (
+    END, LMGateFailed, balanced_questions, chat_text, check_lm_gate, lm_corpus, lm_description, lm_samples,
+    qa_turns, relation_sentences, retrieval_check, shape_word_targets,
+)
+from mmbridge.pretrain.text import LMConfig, build_causal_lm, encode_segments, train_tokenizer
+
+SCENES = [make_scene("train", i, 0) for i in range(200)]
+MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+SENTENCE = re.compile(r"The (.+?) is (.+) the (.+)\.")
+
+
+def canonical_facts(scene, sentences: list[str]) -> set[tuple]:
+    """Each sentence as (earlier object, later object, relation words as seen from the earlier one)."""
+    order = [o.name for o in scene.objects]
+    facts = set()
+    for sentence in sentences:
+        a, words, b = SENTENCE.fullmatch(sentence).groups()
+        words = words.split(" and ")
+        if order.index(a) > order.index(b):
+            a, b, words = b, a, [MIRROR[w] for w in words]
+        facts.add((a, b, tuple(words)))
+    return facts
+
+
+def test_relation_sentences_state_the_same_facts_in_random_order_and_both_ways_round():
+    flipped = reordered = total = 0
+    for k, scene in enumerate(SCENES):
+        fixed, shuffled = relation_facts(scene), relation_sentences(scene, random.Random(k))
+        assert len(shuffled) == len(fixed)
+        assert canonical_facts(scene, shuffled) == canonical_facts(scene, fixed)
+        flipped += sum(s not in fixed for s in shuffled)
+        reordered += len(fixed) > 1 and [s for s in shuffled if s in fixed] != [s for s in fixed if s in shuffled]
+        total += len(fixed)
+    assert 0.4 < flipped / total < 0.6
+    assert reordered > 20
+
+
+def test_lm_description_keeps_the_head_of_the_description():
+    for k, scene in enumerate(SCENES[:50]):
+        text, fixed = lm_description(scene, random.Random(k)), description(scene)
+        assert text.split(". The ")[0] == fixed.split(". The ")[0]
+        assert text.count(". The ") == fixed.count(". The ")
+
+
+def test_lm_chats_train_the_shuffled_description_and_the_answers_only():
+    sample = lm_samples(random.Random(0), 1)[0]
+    assert [on for _, on in sample.prefix] == [False, True] and sample.prefix[1][0].startswith("There ")
+    for branch in sample.branches:
+        assert [on for _, on in branch] == [False, True] and branch[1][0].endswith(END)
+    assert sample.text().startswith("###Human: <Img>There ")
+
+
+def test_balanced_questions_draw_the_type_first():
+    pool = [{"type": "relation", "q": i} for i in range(40)] + [{"type": "color", "q": 0}, {"type": "count", "q": 0}]
+    first = Counter(balanced_questions(pool, random.Random(seed), 1)[0]["type"] for seed in range(600))
+    assert all(150 < first[t] < 250 for t in ("color", "count", "relation"))  # not 40 : 1 : 1
+    picked = balanced_questions(pool, random.Random(0), 10)
+    assert len({id(q) for q in picked}) == 10  # without repeats
+    assert len(balanced_questions(pool[:2], random.Random(0), 5)) == 2  # never more than the pool
+
+
+def test_lookup_questions_come_from_large_scenes_about_as_often_as_in_the_eval():
+    """Issue 13 (b): uniform draws from the pool gave colour questions 41 % from 1-object scenes (eval: 16 %)."""
+    train, evaluation = Counter(), Counter()
+    rng = random.Random(0)
+    for scene in SCENES:
+        objects = len(scene.objects)
+        for question, _ in qa_turns(scene, rng, 8):
+            if question.startswith("What color is the "):
+                train[objects] += 1
+        evaluation.update(objects for q in eval_questions(scene) if q["type"] == "color")
+    share = {n: train[n] / sum(train.values()) for n in train}
+    eval_share = {n: evaluation[n] / sum(evaluation.values()) for n in evaluation}
+    assert share[1] < 0.25 and share[3] + share[4] > 0.45
+    assert abs(share[1] - eval_share[1]) < 0.1
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(lm_corpus(200), vocab_size=512)
+
+
+def test_tokenizer_round_trips_our_texts_exactly(tokenizer):
+    texts = lm_corpus(100, seed=1) + ["###Human: <Img><ImageHere></Img> What color is the ünïcode? ###Assistant: red###",
+                                      "[INST] Is it red? [/INST] red </s>"]  # the space before a special token stays
+    for text in texts:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_a_word_is_the_same_token_before_a_space_and_before_punctuation(tokenizer):
+    tokens = tokenizer.tokenize("Is there a red triangle? ###Assistant: red###The red triangle is small.")
+    assert tokens.count("triangleĠ") == 2 and tokens.count("redĠ") == 3
+    assert tokenizer.convert_tokens_to_ids("<ImageHere>") == 4
+    assert tokenizer.tokenize("<Img><ImageHere></Img>").count("<ImageHere>") == 1
+
+
+def test_prompt_tokens_are_a_prefix_of_the_conversation(tokenizer):
+    rng = random.Random(0)
+    for scene in SCENES[:30]:
+        for question, answer in qa_turns(scene, rng, 3):
+            prompt = "".join(t for t, _ in chat_text(description(scene), [(question, "")]))[:-len(END)]
+            ids = tokenizer(prompt)["input_ids"]
+            assert tokenizer(prompt + answer + END)["input_ids"][:len(ids)] == ids
+
+
+def test_retrieval_check_targets_shape_words_that_the_text_determines(tokenizer):
+    for k, scene in enumerate(SCENES[:50]):
+        text, offsets = shape_word_targets(scene, random.Random(k))
+        named = [(o.size, o.color) for o in scene.objects]
+        for offset in offsets:
+            size, color = text[:offset].split()[-2:]
+            shape = re.match(r"\w+", text[offset:])[0]
+            assert named.count((size, color)) == 1
+            assert scene.find(color, shape)[0].size == size
+            assert offset > text.index(". The ")  # in a relation sentence, not the list of objects
+    lm = build_causal_lm(tokenizer, LMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    result = retrieval_check(lm.eval(), tokenizer, num_scenes=8)
+    assert result["n"] > 8 and 0 <= result["acc"] <= 1 and torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_text_qa_prompts_are_tokenized_segment_by_segment_as_in_training(tokenizer):
+    """Whole-string tokenization glues the description's last "." to "</" — a token training never shows."""
+    scene = SCENES[0]
+    segments = chat_text(description(scene), [("How many shapes are there?", "")])[:-1]
+    whole = tokenizer("".join(t for t, _ in segments))["input_ids"]
+    assert encode_segments(tokenizer, segments)[0] != whole
+    assert ".</" in tokenizer.convert_ids_to_tokens(whole)
+
+
+ACCURACY = {"all": 0.985, "n": 900, "color": 0.99, "count": 1.0, "exists": 0.96, "relation": 0.97}
+
+
+def test_lm_gate_passes_a_good_lm_and_names_what_fails():
+    check_lm_gate(ACCURACY, 0.98, 0.95)
+    with pytest.raises(LMGateFailed, match=r"98\.5 %.*exists 96\.0.*99 % overall") as err:
+        check_lm_gate(ACCURACY, 0.99, 0.95)
+    assert "lm_gate.min_accuracy=0" in str(err.value)
+    with pytest.raises(LMGateFailed, match="95 % per type"):
+        check_lm_gate({**ACCURACY, "exists": 0.9}, 0.98, 0.95)
+    check_lm_gate({**ACCURACY, "all": 0.2, "exists": 0.5}, 0, 0)  # the smoke recipe's setting
+
+
+def test_branches_are_trained_exactly_as_if_each_followed_the_prefix_alone(tokenizer):
+    from mmbridge.pretrain.text import encode_samples
+
+    sample = lm_samples(random.Random(0), 1)[0]
+    assert len(sample.branches) > 2 and all(b[0][0].startswith("</Img> ") for b in sample.branches)
+    lm = build_causal_lm(tokenizer, LMConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)).eval()
+    batch = encode_samples(tokenizer, [sample, "a plain row"], max_length=448)
+    labels = batch.pop("labels")
+    logits = lm(**batch).logits[0]
+    prefix = len(encode_segments(tokenizer, sample.prefix)[0])
+    start = prefix
+    for branch in sample.branches:
+        ids, branch_labels = encode_segments(tokenizer, [*sample.prefix, *branch, (tokenizer.eos_token, True)])
+        alone = lm(input_ids=torch.tensor([ids])).logits[0]
+        n = len(ids) - prefix
+        assert torch.allclose(logits[start:start + n], alone[prefix:], atol=1e-5)
+        assert labels[0, start:start + n].tolist() == branch_labels[prefix:]
+        start += n
+    n = len(encode_segments(tokenizer, [("a plain row", True), (tokenizer.eos_token, True)])[0])
+    plain = lm(input_ids=batch["input_ids"][1:2, :n]).logits[0]
+    assert torch.allclose(lm(**{k: v[1:] for k, v in batch.items()}).logits[0, :n], plain, atol=1e-5)
