@@ -12,8 +12,18 @@ from mmbridge.data.shapes.annotations import description, relation_facts
 from mmbridge.data.shapes.dataset import eval_questions
 from mmbridge.data.shapes.world import make_scene
 from mmbridge.pretrain.shapes import (
-    END, LMGateFailed, balanced_questions, chat_text, check_lm_gate, lm_corpus, lm_description, lm_samples,
-    qa_turns, relation_sentences, retrieval_check, shape_word_targets,
+    END,
+    LMGateFailed,
+    balanced_questions,
+    chat_text,
+    check_lm_gate,
+    lm_corpus,
+    lm_description,
+    lm_samples,
+    qa_turns,
+    relation_sentences,
+    retrieval_check,
+    shape_word_targets,
 )
 from mmbridge.pretrain.text import LMConfig, build_causal_lm, encode_segments, train_tokenizer
 
@@ -94,8 +104,9 @@ def tokenizer():
 
 
 def test_tokenizer_round_trips_our_texts_exactly(tokenizer):
-    texts = lm_corpus(100, seed=1) + ["###Human: <Img><ImageHere></Img> What color is the ünïcode? ###Assistant: red###",
-                                      "[INST] Is it red? [/INST] red </s>"]  # the space before a special token stays
+    texts = lm_corpus(100, seed=1) + [
+        "###Human: <Img><ImageHere></Img> What color is the ünïcode? ###Assistant: red###",
+        "[INST] Is it red? [/INST] red </s>"]  # the space before a special token stays
     for text in texts:
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 

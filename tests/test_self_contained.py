@@ -14,14 +14,8 @@ TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".jinja", ".txt", ".cfg
 # Built from pieces so that this file does not match itself.
 OUTSIDE = re.compile("|".join([r"\bROAD" + r"MAP\b", r"\.\./" + "shared", r"/work/" + "shared"]))
 
-# Files that still cite an outside note and are being rewritten right now, as paths from the repo root.
-# TEMP — to be removed by the heads-core work (repoint them to docs/); the list can only shrink.
-KNOWN_OUTSIDE_REFERENCES = {
-    "src/mmbridge/pretrain/recipe.py",  # the feasibility-probe note -> docs/recipe.md, "Design choices"
-    "src/mmbridge/pretrain/shapes.py",  # the feasibility-probe note -> docs/recipe.md, "Design choices"
-    "src/mmbridge/recipes/tiny_stage1.yaml",  # the anchor's numbers: drop the citation, they are stated there
-    "src/mmbridge/recipes/tiny_stage2.yaml",  # same
-}
+# Files that may cite an outside note (none: what the code relies on is written down in docs/).
+KNOWN_OUTSIDE_REFERENCES: set[str] = set()
 
 
 def _files():

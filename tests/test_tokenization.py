@@ -1,8 +1,5 @@
-"""`mmbridge.tokenization` is the one home of tokenizer training and the Q-Former text helper.
-
-Until stage-0 pretraining imports `train_tokenizer` from here, its own copy must agree with this one
-exactly: the shipped model's tokenizer was trained by `pretrain.text.train_tokenizer`.
-"""
+"""`mmbridge.tokenization` is the one home of tokenizer training and the Q-Former text helper;
+stage-0 pretraining trains its tokenizers with it."""
 
 from mmbridge.tokenization import SPECIAL_TOKENS, tokenize_qformer_text, train_tokenizer
 
@@ -10,15 +7,17 @@ TEXTS = ["How many shapes are there? 3", "What color is the circle? red",
          "###Human: <Img><ImageHere></Img> Describe the image. ###Assistant: a small red circle###"] * 5
 
 
-def test_same_tokenizer_as_stage0_pretraining():
-    from mmbridge.pretrain.text import train_tokenizer as stage0_train_tokenizer
+def test_stage0_pretraining_uses_the_one_tokenizer_trainer():
+    from mmbridge.pretrain import text
 
-    ours, theirs = train_tokenizer(TEXTS, vocab_size=300), stage0_train_tokenizer(TEXTS, vocab_size=300)
-    assert ours.get_vocab() == theirs.get_vocab()
-    assert ours.all_special_tokens == theirs.all_special_tokens
-    for text in TEXTS[:3]:
-        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
-    assert set(SPECIAL_TOKENS) <= set(ours.get_vocab())
+    assert text.train_tokenizer is train_tokenizer
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    assert set(SPECIAL_TOKENS) <= set(tokenizer.get_vocab())
+    # one token per word, before punctuation too ("circle?" and "circle " share "circle")
+    question, = (tokenizer("the circle?", add_special_tokens=False)["input_ids"],)
+    statement = tokenizer("the circle ", add_special_tokens=False)["input_ids"]
+    assert question[:2] == statement[:2]
+    assert tokenizer.decode(question) == "the circle?"
 
 
 def test_qformer_text_inputs_are_first_token_text_eos_right_padded():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 #: "[DEC]" starts the Q-Former's text in ITG (BLIP-2 adds it to BERT's vocabulary); the LM never sees it.
@@ -35,11 +35,37 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
+#: Where a word touches punctuation ("circle?", "red###"): a space goes in before tokenizing and
+#: comes out again when decoding. Not before "<": special tokens ("</s>") never pass the normalizer,
+#: but do pass the decoder, which would eat the space of "red </s>".
+WORD_PUNCT = r"(?<=\w)(?=[^\w\s<])"
+SPACED_WORD_PUNCT = r"(?<=\w) (?=[^\w\s<])"
+
+
+def word_token_normalizer() -> normalizers.Normalizer:
+    """Every word ends in its trailing space ("circle?" -> "circle ?"), so it is one token everywhere.
+
+    With trailing-space pre-tokenization alone, "triangle?" gives `triangle` while the description
+    has `triangleĠ`, and an answer "red###" gives `red` while the context has `redĠ`: two unrelated
+    embeddings for one word, so an answer could never be a copy of a context token.
+    """
+    return normalizers.Replace(Regex(WORD_PUNCT), " ")
+
+
+def word_token_decoder() -> decoders.Decoder:
+    """Undoes `word_token_normalizer`: exact round trip for texts without a space between a word and
+    the punctuation after it (all of ours)."""
+    return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Replace(Regex(SPACED_WORD_PUNCT), "")])
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects."""
+    """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects, one token
+    per word wherever the word appears (`word_token_normalizer`). A saved tokenizer keeps the rules it
+    was trained with (the shipped `shapes` model's predates the word-token normalizer)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = word_token_normalizer()
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.decoder = word_token_decoder()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)

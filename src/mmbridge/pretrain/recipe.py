@@ -6,9 +6,9 @@
     stage 3  template fine-tune on instruction chats (LLaVA JSON)                     (MiniGPT-4 stage 2)
 
 The recipe is a YAML file (`recipes/shapes.yaml`); stages 1-3 are ordinary trainer stage configs
-run by `mmbridge.train` (stage 1 with the named losses itc / itm / itg). Each stage writes its result under the output directory and a line in
-`report.json` (seconds, final losses, checks); re-running skips finished stages, so an interrupted
-recipe resumes at the stage it was in.
+run by `mmbridge.train` (stage 1 with the named losses itc / itm / itg). Each stage writes its result
+under the output directory and a line in `report.json` (seconds, final losses, checks); re-running
+skips finished stages, so an interrupted recipe resumes at the stage it was in.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -44,7 +44,8 @@ class TokenizerStage:
 
 @dataclass
 class LMGate:
-    """Text-only QA (canonical questions, 100 val scenes) the LM needs before it is frozen (ROADMAP §2)."""
+    """Text-only QA (canonical questions, 100 val scenes) the LM needs before it is frozen
+    (docs/world.md; docs/recipe.md, "Design choices, and why")."""
     min_accuracy: float = 0.98
     min_type_accuracy: float = 0.95
 
@@ -89,7 +90,7 @@ class RecipeConfig:
     lm_gate: LMGate = field(default_factory=LMGate)
     seed: int = 0
     threads: int = 2
-    dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (ROADMAP §2 probe)
+    dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (docs/recipe.md)
     base_dir: str = "."
 
 
@@ -177,9 +178,12 @@ class Recipe:
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
         lm = build_causal_lm(tokenizer, self.cfg.lm)
+        def evaluate(model) -> dict:
+            return {"text_qa": text_qa_accuracy(model, tokenizer, num_scenes=30),
+                    "retrieval": retrieval_check(model, tokenizer)}
+
         losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"),
-                                    evaluate=lambda model: {"text_qa": text_qa_accuracy(model, tokenizer, num_scenes=30),
-                                                            "retrieval": retrieval_check(model, tokenizer)})
+                                    evaluate=evaluate)
         lm.save_pretrained(self.out / "lm")
         tokenizer.save_pretrained(self.out / "lm")
         accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)

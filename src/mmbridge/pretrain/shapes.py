@@ -4,7 +4,7 @@ Scenes are generated from `(split, index)`, so a stage can draw as many fresh tr
 needs and the test split is never touched. The LM's text mirrors the chat template exactly, with
 the scene's detailed description standing where the image's soft prompt will later stand:
 `###Human: <Img>{description}</Img> {question} ###Assistant: {answer}###Human: …` — the frozen LM
-can only read from image tokens what it learned to read from this text (ROADMAP §2, feasibility probe).
+can only read from image tokens what it learned to read from this text (docs/recipe.md, "Design choices, and why").
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def relation_sentences(scene, rng: random.Random) -> list[str]:
         if rng.random() < 0.5:
             a, b = b, a
         rx, ry = relation(a, b, "x"), relation(a, b, "y")
-        words = ([] if not rx else ["left of" if rx > 0 else "right of"]) + ([] if not ry else ["above" if ry > 0 else "below"])
+        words = (([] if not rx else ["left of" if rx > 0 else "right of"])
+                 + ([] if not ry else ["above" if ry > 0 else "below"]))
         if words:
             sentences.append(f"The {a.name} is {' and '.join(words)} the {b.name}.")
     rng.shuffle(sentences)
@@ -152,7 +153,8 @@ def vision_batch(rng: random.Random, n: int, tokenizer, patch_size: int, split: 
     for s in scenes:
         masks = [coverage_map(o) > 0.5 for o in s.objects]
         size = pixels.shape[-1]
-        dense["color"].append(patch_labels(masks, [list(COLORS).index(o.color) + 1 for o in s.objects], size, patch_size))
+        colors = [list(COLORS).index(o.color) + 1 for o in s.objects]
+        dense["color"].append(patch_labels(masks, colors, size, patch_size))
         dense["shape"].append(patch_labels(masks, [SHAPES.index(o.shape) + 1 for o in s.objects], size, patch_size))
         dense["size"].append(patch_labels(masks, [1 + (o.size == "large") for o in s.objects], size, patch_size))
     return {"pixel_values": pixels, "input_ids": texts["input_ids"], "attention_mask": texts["attention_mask"],
@@ -171,7 +173,8 @@ def shapes_processor(tokenizer, num_query_tokens: int, image_size: int = 64, ins
                                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return MMBridgeProcessor(image_processor, tokenizer, chat_template=chat_template_preset("minigpt4"),
                              num_query_tokens=num_query_tokens, stop_strings=PRESET_STOP_STRINGS["minigpt4"],
-                             qformer_cls_token_id=tokenizer.bos_token_id if instruction else None, qformer_max_length=64)
+                             qformer_cls_token_id=tokenizer.bos_token_id if instruction else None,
+                             qformer_max_length=64)
 
 
 @torch.no_grad()
@@ -249,7 +252,8 @@ def accuracy_by_type(correct: list[bool], types: list[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def scene_features(model, split: str, num: int, start: int = 0, batch_size: int = 128) -> tuple[torch.Tensor, list[str]]:
+def scene_features(model, split: str, num: int, start: int = 0,
+                   batch_size: int = 128) -> tuple[torch.Tensor, list[str]]:
     """Frozen-ViT features and short captions of scenes `start .. start+num` of a split."""
     feats, texts = [], []
     for i in range(start, start + num, batch_size):

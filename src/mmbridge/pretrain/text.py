@@ -1,75 +1,27 @@
-"""Tokenizer and causal-LM pretraining on a text corpus (HF `tokenizers` + a transformers Llama)."""
+"""Causal-LM pretraining on a text corpus (a transformers Llama; the tokenizer: `mmbridge.tokenization`)."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mmbridge.pretrain import adamw_with_warmup_cosine
 
-#: "[DEC]" starts the Q-Former's text in ITG (BLIP-2 adds it to BERT's vocabulary); the LM never sees it.
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<ImageHere>", "[DEC]"]
-
-
-def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    """Words keep their *trailing* whitespace ("Assistant: " -> "Assistant:Ġ").
-
-    GPT-2-style pre-tokenization glues a space to the *next* word, so a prompt ending in a space
-    ("###Assistant: ", MiniGPT-4's template) tokenizes differently from the same prompt followed by
-    its answer ("…:", "Ġred" vs "…:", "Ġ"), and a model trained on whole conversations then never
-    sees the prompt's last token. With trailing whitespace the prompt's tokens are a prefix of the
-    conversation's tokens.
-
-    Punctuation is split from words ("circle." -> "circle", ".Ġ") so a word is the same token at the
-    end of a sentence, before a question mark and in a list — one less thing a small LM must learn.
-    """
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\w+\s*|[^\w\s]+\s*|\s+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-
-
-#: Where a word touches punctuation ("circle?", "red###"): a space goes in before tokenizing and
-#: comes out again when decoding. Not before "<": special tokens ("</s>") never pass the normalizer,
-#: but do pass the decoder, which would eat the space of "red </s>".
-WORD_PUNCT = r"(?<=\w)(?=[^\w\s<])"
-SPACED_WORD_PUNCT = r"(?<=\w) (?=[^\w\s<])"
-
-
-def word_token_normalizer() -> normalizers.Normalizer:
-    """Every word ends in its trailing space ("circle?" -> "circle ?"), so it is one token everywhere.
-
-    With trailing-space pre-tokenization alone, "triangle?" gives `triangle` while the description
-    has `triangleĠ`, and an answer "red###" gives `red` while the context has `redĠ`: two unrelated
-    embeddings for one word, so an answer could never be a copy of a context token.
-    """
-    return normalizers.Replace(Regex(WORD_PUNCT), " ")
-
-
-def word_token_decoder() -> decoders.Decoder:
-    """Undoes `word_token_normalizer`: exact round trip for texts without a space between a word and
-    the punctuation after it (all of ours)."""
-    return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Replace(Regex(SPACED_WORD_PUNCT), "")])
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = word_token_normalizer()
-    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
-    tokenizer.decoder = word_token_decoder()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>", additional_special_tokens=["<ImageHere>", "[DEC]"])
+# Tokenizer training lives in `mmbridge.tokenization` (the test kit and the processor use it too);
+# stage 0 trains the shipped tokenizers with it, so it is re-exported here.
+from mmbridge.tokenization import (  # noqa: F401
+    SPECIAL_TOKENS,
+    byte_level_pre_tokenizer,
+    train_tokenizer,
+    word_token_decoder,
+    word_token_normalizer,
+)
 
 
 @dataclass
