@@ -41,8 +41,9 @@ def test_the_drawn_image_is_shown_in_the_chat(ui_server):
     from mmbridge.serve.testing import DRAW_PROMPT
 
     url, pipeline = ui_server
-    [result] = pipeline.generate([{"role": "user", "content": DRAW_PROMPT}], max_new_tokens=12)
-    [expected] = [p.image for p in result.parts if isinstance(p, ImagePart)]
+    # what the UI asks for by default (greedy, 64 new tokens); the chat shows the answer's last drawing last
+    [result] = pipeline.generate([{"role": "user", "content": DRAW_PROMPT}], max_new_tokens=64)
+    expected = [p.image for p in result.parts if isinstance(p, ImagePart)][-1]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
