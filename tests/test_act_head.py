@@ -143,8 +143,9 @@ def test_eval_detect_scores_with_cocoeval(trained, tmp_path):
 
     # The conversion (fractions -> pixels, RLE at mask_size -> image size) is exact: answers made from
     # the ground truth score AP 1.0 through the same path.
-    from mmbridge.generation import DetectionsPart, GenerationResult
     from pycocotools import mask as mask_utils
+
+    from mmbridge.generation import DetectionsPart, GenerationResult
 
     class GroundTruthPipeline:
         def __init__(self):
