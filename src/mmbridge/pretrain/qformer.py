@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mmbridge.evaluate import recall_at_1
 from mmbridge.modeling.qformer import QFormer
 from mmbridge.tokenization import tokenize_qformer_text
 
@@ -33,11 +34,3 @@ def retrieval_recall(qformer: QFormer, image_features: torch.Tensor, texts: Sequ
     return {"image_to_text_r1": i2t.float().mean().item(), "text_to_image_r1": t2i.float().mean().item(),
             "n": len(texts)}
 
-
-def recall_at_1(sim: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-item R@1 hits from an (images, texts) similarity of aligned pairs: (image->text hits,
-    text->image hits, best text per image). Identical texts are equally right answers."""
-    same_text = torch.tensor([[a == b for b in texts] for a in texts])
-    rows = torch.arange(len(texts))
-    best_text = sim.argmax(dim=1)
-    return same_text[rows, best_text], same_text[sim.argmax(dim=0), rows], best_text
