@@ -24,8 +24,13 @@ def target_layout(config: MMBridgeConfig) -> tuple[dict[str, tuple[int, ...]], s
     """(key -> shape, tied alias keys) of the model `config` describes, built on the meta device."""
     from mmbridge.modeling import MMBridgeModel
 
+    return module_layout(MMBridgeModel, config)
+
+
+def module_layout(cls, config) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(key -> shape, tied alias keys) of `cls(config)`, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
-        model = MMBridgeModel(config)
+        model = cls(config)
     shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     seen: dict[int, str] = {}
     aliases = set()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from mmbridge.interop.convert import module_layout
+
 #: Vision towers that `Blip2VisionModel` / `InstructBlipVisionModel` hold exactly (same modules, same names).
 BLIP_VISION_TYPES = ("blip_2_vision_model", "instructblip_vision_model")
 
@@ -160,16 +162,7 @@ def _target_layout(hf_config, plan: ExportPlan) -> tuple[dict[str, tuple[int, ..
     from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
     cls = Blip2ForConditionalGeneration if plan.target == "blip2" else InstructBlipForConditionalGeneration
-    with torch.device("meta"):
-        model = cls(hf_config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    seen: dict[int, str] = {}
-    aliases = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            aliases.add(name)
-        seen.setdefault(id(param), name)
-    return shapes, aliases
+    return module_layout(cls, hf_config)
 
 
 def export_key(key: str, target: str) -> str | None:
