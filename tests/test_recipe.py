@@ -1,6 +1,7 @@
 """The ShapesWorld recipe end to end on tiny settings (`shapes-smoke`), and `mmbridge eval` on its result."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,9 @@ def test_every_stage_runs_and_reports(smoke_run):
     assert set(report["stages"]["stage1"]["final_losses"]) == {"itc", "itm", "itg"}
     assert report["stages"]["stage2"]["steps"] == 2 and report["stages"]["stage3"]["steps"] == 2
     assert report["stages"]["export"]["frozen_parts_identical"] is True
+    # draw's stage 0: a StableDiffusionPipeline dir conditioned on the stage-0 CLIP text tower
+    generator = Path(report["stages"]["generator"]["generator_dir"])
+    assert (generator / "model_index.json").is_file() and (generator / "unet").is_dir()
     # stage 3 learned from the LLaVA chats the data stage wrote; stage 2 from both shard sets
     assert (smoke_run / "data" / "instruct.json").is_file()
     assert list((smoke_run / "data" / "captions").glob("shard-*.tar"))

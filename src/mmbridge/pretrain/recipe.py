@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mmbridge.pretrain.diffusion import GeneratorConfig
 from mmbridge.pretrain.text import LMConfig
 from mmbridge.pretrain.vision import VisionConfig
 from mmbridge.train.config import ConfigError, _build, apply_overrides
@@ -33,7 +34,8 @@ from mmbridge.train.config import ConfigError, _build, apply_overrides
 logger = logging.getLogger("mmbridge.recipe")
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-STAGES = ("tokenizer", "lm", "lm_gate", "vision", "compose", "data", "stage1", "stage2", "stage3", "export")
+STAGES = ("tokenizer", "lm", "lm_gate", "vision", "generator", "compose", "data", "stage1", "stage2", "stage3",
+          "export")
 
 
 @dataclass
@@ -88,6 +90,9 @@ class RecipeConfig:
     stage2: TrainerStage
     stage3: TrainerStage
     lm_gate: LMGate = field(default_factory=LMGate)
+    # draw's stage 0: a VAE + text-conditioned UNet (hours on 2 cores, resumable); off in the see recipe
+    draw_generator: bool = False
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     seed: int = 0
     threads: int = 2
     dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (docs/recipe.md)
@@ -213,9 +218,24 @@ class Recipe:
         losses = pretrain_vision(model, lambda step, n: vision_batch(rng, n, tokenizer, cfg.patch_size), cfg,
                                  log=lambda d: self.log(f"  vision {d}"))
         model.vision_tower().save_pretrained(self.out / "vision")
+        model.text_tower().save_pretrained(self.out / "text_encoder")  # conditions the draw generator
         val = vision_batch(random.Random(12345), 256, tokenizer, cfg.patch_size, split="val")
         recall = retrieval_recall_at_1(model, val["pixel_values"], val["input_ids"], val["attention_mask"])
         return {"final_loss": _tail_mean(losses), "clip_recall_at_1_val256": recall}
+
+    def _generator(self) -> dict:
+        """Draw's frozen image generator (pretrain.diffusion), conditioned on the stage-0 CLIP text tower;
+        written as a StableDiffusionPipeline dir at OUT/generator."""
+        if not self.cfg.draw_generator:
+            return {"skipped": "draw_generator is false"}
+        from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+        from mmbridge.pretrain.diffusion import train_generator
+
+        text_encoder = CLIPTextModel.from_pretrained(self.out / "text_encoder")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
+        return train_generator(self.out, text_encoder.eval(), tokenizer, self.cfg.generator,
+                               log=lambda d: self.log(f"  generator {d}"))
 
     def _compose(self) -> dict:
         """Frozen ViT + fresh Q-Former (with BLIP-2's text side) + projection + frozen LM, saved whole."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModel, PreTrainedTokenizerFast
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from mmbridge.pretrain import adamw_with_warmup_cosine
@@ -92,6 +92,12 @@ class CLIPWithDenseHeads(nn.Module):
         """The vision encoder alone, as an HF model (what mmbridge freezes and composes)."""
         tower = CLIPVisionModel(self.clip.vision_model.config)
         tower.load_state_dict(self.clip.vision_model.state_dict())
+        return tower.eval()
+
+    def text_tower(self) -> CLIPTextModel:
+        """The text encoder alone (what conditions the draw generator's UNet, as CLIP's does SD's)."""
+        tower = CLIPTextModel(self.clip.text_model.config)
+        tower.load_state_dict(self.clip.text_model.state_dict())
         return tower.eval()
 
 
