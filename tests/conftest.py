@@ -49,3 +49,14 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def gradio_env(tmp_path_factory):
+    """Gradio's documented env settings for UI tests: no analytics, uploads in a temp dir we can inspect."""
+    upload_dir = tmp_path_factory.mktemp("gradio-uploads")
+    saved = {k: os.environ.get(k) for k in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR")}
+    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(upload_dir))
+    yield upload_dir
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -12,17 +11,6 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="needs /usr/bin/chromium (apt-get install chromium)")
-
-
-@pytest.fixture(scope="module")
-def gradio_env(tmp_path_factory):
-    """Gradio's documented env settings: no analytics, uploads in a temp dir we can inspect."""
-    upload_dir = tmp_path_factory.mktemp("gradio-uploads")
-    saved = {k: os.environ.get(k) for k in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR")}
-    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(upload_dir))
-    yield upload_dir
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,14 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory):
+def ui_server(gradio_env, tmp_path_factory):
     from mmbridge.generation import MMBridgePipeline
     from mmbridge.serve.app import ServeSettings, create_app
     from mmbridge.serve.testing import running_server, tiny_draw_model_dir
 
-    saved = {k: os.environ.get(k) for k in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR")}
-    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")))
     pipeline = MMBridgePipeline.from_pretrained(tiny_draw_model_dir(tmp_path_factory.mktemp("tiny-draw")))
-    try:
-        with running_server(create_app(pipeline, ServeSettings(model_name="draw", ui=True))) as url:
-            yield url, pipeline
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    with running_server(create_app(pipeline, ServeSettings(model_name="draw", ui=True))) as url:
+        yield url, pipeline
 
 
 def test_the_drawn_image_is_shown_in_the_chat(ui_server):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 
 import httpx
 import pytest
@@ -22,16 +21,6 @@ def png_bytes(size, mode="RGB", color=0) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def gradio_env(tmp_path_factory):
-    upload_dir = tmp_path_factory.mktemp("gradio-uploads")
-    saved = {k: os.environ.get(k) for k in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR")}
-    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(upload_dir))
-    yield upload_dir
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")

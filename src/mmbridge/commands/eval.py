@@ -93,24 +93,31 @@ def handle(args) -> int:
 
 
 def _detect(args) -> int:
+    """`mmbridge eval detect --model DIR --coco FILE.json [--prompt ...]`: COCOeval box / mask AP."""
+    from mmbridge.evaluate import DETECTION_PROMPT, evaluate_detection
+
+    return _coco_task(args, "detect", evaluate_detection, DETECTION_PROMPT, "a COCO file")
+
+
+def _coco_task(args, task: str, evaluate, default_prompt: str, what: str) -> int:
+    """The COCO-scored tasks (detect, pose): check the file, run, print one JSON object, `--out` the results."""
     import os
 
     from mmbridge.cli import CLIError
     from mmbridge.commands.chat import load_pipeline
-    from mmbridge.evaluate import DETECTION_PROMPT, evaluate_detection
 
     if not args.coco or not os.path.isfile(args.coco):
-        raise CLIError(f"eval detect needs --coco FILE.json (a COCO file); got {args.coco}")
+        raise CLIError(f"eval {task} needs --coco FILE.json ({what}); got {args.coco}")
     pipeline = load_pipeline(args.model)
     try:
-        summary, detections = evaluate_detection(pipeline, args.coco, args.prompt or DETECTION_PROMPT,
-                                                 args.batch_size, args.limit, progress=not args.no_progress)
+        summary, results = evaluate(pipeline, args.coco, args.prompt or default_prompt, args.batch_size,
+                                    args.limit, progress=not args.no_progress)
     except ValueError as err:
         raise CLIError(str(err)) from None
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(detections, f)
-    json.dump({"task": "detect", "model": args.model, **summary}, sys.stdout)
+            json.dump(results, f)
+    json.dump({"task": task, "model": args.model, **summary}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
@@ -173,24 +180,7 @@ def _draw(args) -> int:
 
 def _pose(args) -> int:
     """`mmbridge eval pose --model DIR --coco pose/coco_pose_SPLIT.json [--prompt ...]`: COCOeval keypoints AP."""
-    import os
-
-    from mmbridge.cli import CLIError
-    from mmbridge.commands.chat import load_pipeline
     from mmbridge.evaluate import POSE_PROMPT, evaluate_pose
 
-    if not args.coco or not os.path.isfile(args.coco):
-        raise CLIError(f"eval pose needs --coco FILE.json (COCO keypoints: pose/coco_pose_SPLIT.json of "
-                       f"`mmbridge data shapes --format wave2`); got {args.coco}")
-    pipeline = load_pipeline(args.model)
-    try:
-        summary, results = evaluate_pose(pipeline, args.coco, args.prompt or POSE_PROMPT, args.batch_size,
-                                         args.limit, progress=not args.no_progress)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f)
-    json.dump({"task": "pose", "model": args.model, **summary}, sys.stdout)
-    sys.stdout.write("\n")
-    return 0
+    return _coco_task(args, "pose", evaluate_pose, POSE_PROMPT,
+                      "COCO keypoints: pose/coco_pose_SPLIT.json of `mmbridge data shapes --format wave2`")
