@@ -10,10 +10,11 @@ import torch
 
 from mmbridge.data.shapes.annotations import description, relation_facts
 from mmbridge.data.shapes.dataset import eval_questions
-from mmbridge.data.shapes.world import make_scene
+from mmbridge.data.shapes.world import make_scene, relation
 from mmbridge.pretrain.shapes import (
     END,
     LMGateFailed,
+    attribute_sentences,
     balanced_questions,
     chat_text,
     check_lm_gate,
@@ -22,6 +23,7 @@ from mmbridge.pretrain.shapes import (
     lm_samples,
     qa_turns,
     relation_sentences,
+    relative_sentences,
     retrieval_check,
     shape_word_targets,
 )
@@ -71,6 +73,47 @@ def test_lm_chats_train_the_shuffled_description_and_the_answers_only():
     for branch in sample.branches:
         assert [on for _, on in branch] == [False, True] and branch[1][0].endswith(END)
     assert sample.text().startswith("###Human: <Img>There ")
+
+
+ATTRIBUTE = re.compile(r"The (\w+) is (\w+) and (\w+)\.|The (\w+) one is an? (\w+)\.|The (\w+) (\w+) is (\w+)\.")
+RELATIVE = re.compile(r"Compared with the (\w+) (\w+), the (\w+) (\w+) is (.+)\.")
+
+
+def test_restatements_are_true_and_name_what_they_ask_first():
+    """The dialogue's "Describe each shape." / "Where are the shapes…?" answers restate the
+    description in the questions' orders (shape -> size and colour, colour -> shape, both names ->
+    relation): every sentence is true and only asked where its names pick out one object."""
+    seen = Counter()
+    for k, scene in enumerate(SCENES):
+        rng = random.Random(k)
+        for sentence in filter(None, attribute_sentences(scene, rng).split(". ")):
+            m = ATTRIBUTE.fullmatch(sentence.rstrip(".") + ".")
+            if m[1]:
+                (o,) = scene.find(shape=m[1])
+                assert (o.size, o.color) == (m[2], m[3])
+                seen["shape->size,colour"] += 1
+            elif m[4]:
+                (o,) = scene.find(color=m[4])
+                assert o.shape == m[5]
+                seen["colour->shape"] += 1
+            else:
+                (o,) = scene.find(m[6], m[7])
+                assert o.size == m[8]
+                seen["name->size"] += 1
+        for sentence in filter(None, relative_sentences(scene, rng).split(". ")):
+            c2, s2, c1, s1, words = RELATIVE.fullmatch(sentence.rstrip(".") + ".").groups()
+            (b,), (a,) = scene.find(c2, s2), scene.find(c1, s1)
+            expect = {"to the left": ("x", 1), "to the right": ("x", -1), "above": ("y", 1), "below": ("y", -1)}
+            assert all(relation(a, b, expect[w][0]) == expect[w][1] for w in words.split(" and "))
+            seen["relative"] += 1
+    assert min(seen.values()) > 50 and len(seen) == 4
+
+
+def test_restatements_are_their_own_branches_so_questions_cannot_read_them():
+    sample = lm_samples(random.Random(3), 1)[0]
+    questions = [branch[0][0] for branch in sample.branches]
+    assert any("Describe each shape." in q for q in questions)
+    assert "Compared with" not in "".join(t for t, _ in sample.prefix)
 
 
 def test_balanced_questions_draw_the_type_first():

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from mmbridge.data.shapes.annotations import description, qa_pairs, relation_facts, short_caption
+from mmbridge.data.shapes.annotations import article, description, qa_pairs, relation_facts, short_caption
 from mmbridge.data.shapes.world import COLORS, SHAPES, SIZES, coverage_map, make_scene, relation, render, rng_for
 from mmbridge.pretrain.text import Branches
 from mmbridge.pretrain.vision import patch_labels
@@ -107,7 +107,56 @@ def lm_description(scene, rng: random.Random) -> str:
     return " ".join([head] + relation_sentences(scene, rng))
 
 
-def lm_dialogue(rng: random.Random, num_qa: int = 8, split: str = "train") -> Branches:
+def attribute_sentences(scene, rng: random.Random) -> str:
+    """Every object's attributes restated, looked up from the description, in random order: "The
+    circle is large and red." (where the shape names one object), "The red one is a circle." (where
+    the colour does) and "The red circle is large.".
+
+    The description names every object size -> colour -> shape, so its dense loss only trains
+    *forward* lookup (find "red", continue with "circle"); colour and size questions need the word
+    *before* the named shape. Restating the facts in the answers' orders trains those lookups on
+    every description instead of on one question per scene.
+    """
+    sentences = []
+    for o in scene.objects:
+        if len(scene.find(shape=o.shape)) == 1:
+            sentences.append(f"The {o.shape} is {o.size} and {o.color}.")
+        if len(scene.find(color=o.color)) == 1:
+            sentences.append(f"The {o.color} one is {article(o.shape)} {o.shape}.")
+        if len(scene.find(o.color, o.shape)) == 1:
+            sentences.append(f"The {o.color} {o.shape} is {o.size}.")
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def relative_sentences(scene, rng: random.Random) -> str:
+    """Every pairwise relation restated with both names *before* the relation words, in random
+    order and direction: "Compared with the blue square, the red circle is to the left and above."
+    — the two lookups and the mirror a relation question needs ("Is the red circle to the left of
+    the blue square?"), trained on every description. Empty where no pair is apart by the margin or
+    a colour-shape name is not unique."""
+    sentences = []
+    unique = [o for o in scene.objects if len(scene.find(o.color, o.shape)) == 1]
+    for a, b in itertools.combinations(unique, 2):
+        if rng.random() < 0.5:
+            a, b = b, a
+        rx, ry = relation(a, b, "x"), relation(a, b, "y")
+        words = (([] if not rx else ["to the left" if rx > 0 else "to the right"])
+                 + ([] if not ry else ["above" if ry > 0 else "below"]))
+        if words:
+            relative = " and ".join(words)
+            sentences.append(f"Compared with the {b.color} {b.shape}, the {a.color} {a.shape} is {relative}.")
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+#: Turns of every LM dialogue whose long answers restate the description's facts in the orders the
+#: questions ask them (see `attribute_sentences`, `relative_sentences`).
+RESTATEMENTS = (("Describe each shape.", attribute_sentences),
+                ("Where are the shapes relative to each other?", relative_sentences))
+
+
+def lm_dialogue(rng: random.Random, num_qa: int = 6, split: str = "train") -> Branches:
     """Text-only first turns about one scene, each seeing the description but not the other turns.
 
     The description is trained too: its shuffled relation sentences repeat object names, which is the
@@ -118,7 +167,10 @@ def lm_dialogue(rng: random.Random, num_qa: int = 8, split: str = "train") -> Br
     """
     scene = make_scene(split, rng.randrange(TRAIN_SCENES), 0)
     context = lm_description(scene, rng)
-    turns = [chat_text(context, [turn])[2:] for turn in qa_turns(scene, rng, num_qa)]
+    # restatements first: a row cut at `max_length` loses a question, not them
+    turns = [(question, text) for question, restate in RESTATEMENTS if (text := restate(scene, rng))]
+    turns += qa_turns(scene, rng, num_qa)
+    turns = [chat_text(context, [turn])[2:] for turn in turns]
     return Branches(first_turn(context, "")[:2], turns)
 
 
