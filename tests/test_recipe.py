@@ -71,6 +71,46 @@ def test_lm_gate_stops_the_recipe_and_keeps_the_trained_lm(tmp_path, capsys):
     assert "[lm] done before, skipped" in capsys.readouterr().out
 
 
+BRIDGES = "stages=[compose,data,stage1,stage2,stage3,export]"
+
+
+def test_bridges_train_on_a_foundation_directory_and_keep_it_frozen(smoke_run, tmp_path):
+    """`shapes` trains only the bridges, reading the frozen stage-0 models from a foundation dir
+    (`foundation=DIR`, or the package's `shipped` one) as the seeds read downloaded weights."""
+    from transformers import AutoModelForCausalLM
+
+    from mmbridge.modeling import MMBridgeModel
+
+    out = tmp_path / "bridges"
+    assert main(["train", "shapes-smoke", "--out", str(out), BRIDGES, f"foundation={smoke_run}"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == ["compose", "data", "stage1", "stage2", "stage3", "export"]
+    assert report["foundation"] == str(smoke_run) and not (out / "lm").exists()
+    model = MMBridgeModel.from_pretrained(out / "model").state_dict()
+    foundation_lm = AutoModelForCausalLM.from_pretrained(smoke_run / "lm").state_dict()
+    model = {k.replace(".base_layer.", "."): v for k, v in model.items()}
+    assert all(torch.equal(model[f"llm.model.{k}"], v) for k, v in foundation_lm.items() if f"llm.model.{k}" in model)
+    assert sum(f"llm.model.{k}" in model for k in foundation_lm) > 5
+
+
+def test_a_missing_or_mixed_foundation_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "shapes-smoke", "--out", str(tmp_path / "a"), BRIDGES, f"foundation={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "not a foundation directory" in err and "shapes-foundation" in err
+    assert main(["train", "shapes-smoke", "--out", str(tmp_path / "b"), f"foundation={tmp_path}"]) == 2
+    assert "cannot also train one" in capsys.readouterr().err
+    assert main(["train", "shapes-smoke", "--out", str(tmp_path / "c"), "stages=[lm,stage9]"]) == 2
+    assert "stage9" in capsys.readouterr().err
+
+
+def test_shipped_recipes_split_foundation_and_bridges():
+    from mmbridge.pretrain.recipe import BRIDGE_STAGES, FOUNDATION_STAGES, load_recipe
+
+    assert load_recipe("shapes-foundation").stages == list(FOUNDATION_STAGES)
+    bridges = load_recipe("shapes")
+    assert bridges.stages == list(BRIDGE_STAGES) and bridges.foundation == "shipped"
+
+
 def test_unknown_recipe_and_bad_until_are_named(tmp_path, capsys):
     assert main(["train", "shapez", "--out", str(tmp_path / "x")]) == 2
     assert "shapes-smoke" in capsys.readouterr().err

@@ -17,15 +17,15 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="stage config (YAML), see src/mmbridge/recipes/; or a whole recipe: "
-                                       "`shapes` (the shipped ShapesWorld model from nothing), `shapes-smoke`, "
-                                       "or a recipe YAML")
+                                       "`shapes-foundation` (ShapesWorld's frozen stage-0 models from nothing), "
+                                       "`shapes` (the bridges on that foundation), `shapes-smoke`, or a recipe YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     parser.add_argument("--out", required=True, help="run directory (config, logs, checkpoints, final model)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in --out (from scratch if none)")
     parser.add_argument("--until", default=None, metavar="STAGE",
-                        help="recipes only: stop after this stage (tokenizer, lm, vision, compose, stage1, data, "
-                             "stage2, stage3, export); run again to continue")
+                        help="recipes only: stop after this stage (tokenizer, lm, lm_gate, vision, generator; "
+                             "compose, data, stage1, stage2, stage3, export); run again to continue")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many optimizer steps in total (the schedule still spans "
                              "schedule.total_steps, so a later --resume continues the same curve)")

@@ -34,8 +34,16 @@ from mmbridge.train.config import ConfigError, _build, apply_overrides
 logger = logging.getLogger("mmbridge.recipe")
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-STAGES = ("tokenizer", "lm", "lm_gate", "vision", "generator", "compose", "data", "stage1", "stage2", "stage3",
-          "export")
+#: Stage 0: the models the seeds download (EVA ViT, Vicuna, Stable Diffusion), trained once here, then frozen
+#: and shipped (`recipes/shapes_foundation.yaml`, `mmbridge train shapes-foundation`).
+FOUNDATION_STAGES = ("tokenizer", "lm", "lm_gate", "vision", "generator")
+#: The seeds' method: the bridges, trained on a foundation (`recipes/shapes.yaml`).
+BRIDGE_STAGES = ("compose", "data", "stage1", "stage2", "stage3", "export")
+STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
+#: Where a trained foundation ships inside the package (`foundation: shipped` in a recipe).
+SHIPPED_FOUNDATION = Path(__file__).resolve().parent.parent / "assets" / "foundation" / "shapes"
+#: What a foundation directory holds (one subdirectory each; `generator` only with draw's stage 0).
+FOUNDATION_PARTS = ("tokenizer", "lm", "vision", "text_encoder")
 
 
 @dataclass
@@ -62,6 +70,8 @@ class QFormerShape:
     image_text_hidden_size: int = 64  # ITC embedding width (BLIP-2: 256)
     max_text_length: int = 160
     instruction: bool = False  # InstructBLIP: the question also enters the Q-Former (stages 2-3)
+    # the projection's output is scaled to the frozen LM's token-embedding RMS (MMBridgeConfig.projection_norm)
+    projection_norm: bool = True
 
 
 @dataclass
@@ -81,18 +91,26 @@ class TrainerStage:
 @dataclass
 class RecipeConfig:
     name: str
-    tokenizer: TokenizerStage
-    lm: LMConfig
-    vision: VisionConfig
-    qformer: QFormerShape
-    stage1: TrainerStage
-    data: DataStage
-    stage2: TrainerStage
-    stage3: TrainerStage
+    # the foundation's stages (shapes_foundation.yaml) ...
+    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    # ... and the bridges' (shapes.yaml)
+    qformer: QFormerShape = field(default_factory=QFormerShape)
+    stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_stage1_qformer.yaml"))
+    data: DataStage = field(default_factory=DataStage)
+    stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_stage2_align.yaml"))
+    stage3: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_stage3_instruct.yaml"))
     lm_gate: LMGate = field(default_factory=LMGate)
     # draw's stage 0: a VAE + text-conditioned UNet (hours on 2 cores, resumable); off in the see recipe
     draw_generator: bool = False
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    #: Which stages this recipe runs, in STAGES order (default: all of them).
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    #: Where the bridge stages find the frozen stage-0 models: a directory written by a foundation run
+    #: (its tokenizer/, lm/, vision/, text_encoder/, generator/), `shipped` (the package's), or null
+    #: (this run's own output directory, i.e. the recipe also runs the foundation stages).
+    foundation: str | None = None
     seed: int = 0
     threads: int = 2
     dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (docs/recipe.md)
@@ -120,13 +138,34 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise ConfigError(f"{path} is not a recipe file (it needs `recipe: shapes` at the top)")
     raw = apply_overrides({k: v for k, v in raw.items() if k != "recipe"}, list(overrides or []))
     raw["base_dir"] = str(path.parent)
-    return _build(RecipeConfig, raw, "")
+    cfg = _build(RecipeConfig, raw, "")
+    unknown = [name for name in cfg.stages if name not in STAGES]
+    if unknown:
+        raise ConfigError(f"{path}: unknown stages {unknown}; stages are {list(STAGES)}")
+    if cfg.foundation is not None and set(cfg.stages) & set(FOUNDATION_STAGES):
+        raise ConfigError(f"{path}: a recipe that reads a foundation ({cfg.foundation}) cannot also train one "
+                          f"(drop {sorted(set(cfg.stages) & set(FOUNDATION_STAGES))} from stages, or foundation=null)")
+    return cfg
+
+
+def resolve_foundation(foundation: str) -> Path:
+    """`shipped` or a directory written by `mmbridge train shapes-foundation`, checked to hold every part."""
+    path = SHIPPED_FOUNDATION if foundation == "shipped" else Path(foundation)
+    missing = [part for part in FOUNDATION_PARTS if not (path / part).is_dir()]
+    if missing:
+        hint = ("this install ships no trained foundation" if foundation == "shipped"
+                else f"{path} is not a foundation directory")
+        raise ConfigError(f"{hint} (missing {missing}); train one with `mmbridge train shapes-foundation --out DIR` "
+                          f"and pass `foundation=DIR`")
+    return path
 
 
 class Recipe:
     def __init__(self, cfg: RecipeConfig, out: str | os.PathLike, log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out), log
         self.report_path = self.out / "report.json"
+        # the frozen stage-0 models: this run's own (foundation stages in this recipe) or a trained foundation's
+        self.foundation = resolve_foundation(cfg.foundation) if cfg.foundation is not None else self.out
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _report(self) -> dict:
@@ -142,7 +181,10 @@ class Recipe:
         torch.set_num_threads(self.cfg.threads)
         report = self._report()
         report["recipe"] = self.cfg.name
-        for name in STAGES:
+        if self.foundation != self.out:
+            report["foundation"] = str(self.foundation)
+        stages = [name for name in STAGES if name in self.cfg.stages]
+        for name in stages:
             if name in report["stages"]:
                 self.log(f"[{name}] done before, skipped ({report['stages'][name].get('seconds', 0):.0f} s)")
             else:
@@ -162,8 +204,8 @@ class Recipe:
     def _tokenizer_and_lm(self):
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-        return (PreTrainedTokenizerFast.from_pretrained(self.out / "lm"),
-                AutoModelForCausalLM.from_pretrained(self.out / "lm"))
+        return (PreTrainedTokenizerFast.from_pretrained(self.foundation / "lm"),
+                AutoModelForCausalLM.from_pretrained(self.foundation / "lm"))
 
     # -- stage 0 ---------------------------------------------------------------------------------
     def _tokenizer(self) -> dict:
@@ -246,9 +288,9 @@ class Recipe:
         from mmbridge.pretrain.shapes import shapes_processor
 
         tokenizer, lm = self._tokenizer_and_lm()
-        vision = CLIPVisionModel.from_pretrained(self.out / "vision")
+        vision = CLIPVisionModel.from_pretrained(self.foundation / "vision")
         q = self.cfg.qformer
-        processor = shapes_processor(tokenizer, q.num_query_tokens, self.cfg.vision.image_size,
+        processor = shapes_processor(tokenizer, q.num_query_tokens, vision.config.image_size,
                                      instruction=q.instruction)
         config = MMBridgeConfig(
             vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
@@ -259,13 +301,15 @@ class Recipe:
             num_query_tokens=q.num_query_tokens, image_token_index=processor.image_token_id,
             image_text_hidden_size=q.image_text_hidden_size, qformer_cls_token_id=tokenizer.bos_token_id,
             qformer_dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), qformer_instruction=q.instruction,
+            projection_norm=q.projection_norm,  # the scale is measured from the LM when the model is built
         )
         torch.manual_seed(self.cfg.seed)
         model = MMBridgeModel(config, vision_model=vision, language_model=lm)
         model.save_pretrained(self.out / "base")
         processor.save_pretrained(self.out / "base")
         return {"params": {c: sum(p.numel() for p in getattr(model, c).parameters())
-                           for c in ("vision", "qformer", "projection", "llm")}}
+                           for c in ("vision", "qformer", "projection", "llm")},
+                "projection_norm_scale": model.config.projection_norm_scale}
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def _stage1(self) -> dict:
