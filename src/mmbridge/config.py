@@ -34,6 +34,14 @@ class MMBridgeConfig(PreTrainedConfig):
     vision_feature_layer: hidden state of the vision encoder fed to the Q-Former; `None` means the
         encoder's `last_hidden_state` (what HF BLIP-2 uses), an int indexes `hidden_states`.
     drop_cls_token: drop the first vision token (CLIP/ViT CLS) before the Q-Former.
+    projection_bias: the projection (`nn.Linear`) has a bias, as BLIP-2's and MiniGPT-4's do.
+    projection_norm: the projection ends in an RMS normalisation to the frozen LLM's input-embedding
+        scale, so soft-prompt vectors are as large as token embeddings (`modeling/bridge.py` says
+        why). Off by default: BLIP-2 / MiniGPT-4 have a plain linear bridge, and their imported
+        weights keep bit-level parity. The shapes recipe composes its models with it on.
+    projection_norm_scale: the RMS (per element) every soft-prompt vector is scaled to; `None` with
+        `projection_norm` means "measure it": the mean RMS of the LLM's token embeddings when the
+        model is built, written back here so that it is saved with the model.
     image_token / image_token_index: the tokenizer's placeholder. The processor expands each image
         placeholder to `num_query_tokens` copies; the model scatters projected queries into them.
     trainable: component -> bool. Frozen components get `requires_grad=False` and `eval()`.
@@ -75,6 +83,8 @@ class MMBridgeConfig(PreTrainedConfig):
     vision_feature_layer: int | None = None
     drop_cls_token: bool = False
     projection_bias: bool = True
+    projection_norm: bool = False
+    projection_norm_scale: float | None = None
     image_token: str = "<ImageHere>"
     image_token_index: int | None = None
     trainable: dict | None = None
@@ -115,6 +125,8 @@ class MMBridgeConfig(PreTrainedConfig):
             raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(self.components)}")
         if self.qformer_instruction and not self.image_text_hidden_size:
             raise ValueError("qformer_instruction needs the Q-Former's text side: set image_text_hidden_size")
+        if self.projection_norm_scale is not None and not self.projection_norm_scale > 0:
+            raise ValueError(f"projection_norm_scale must be > 0, got {self.projection_norm_scale}")
         if self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
 

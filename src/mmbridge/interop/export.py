@@ -98,6 +98,11 @@ def plan_export(config, merge_lora: bool = False) -> ExportPlan:
         plan.problems.append(
             f"its Q-Former reads vision layer {config.vision_feature_layer} (drop_cls_token={config.drop_cls_token}), "
             "but BLIP-2 always feeds the vision encoder's last_hidden_state, CLS token included")
+    if config.projection_norm:
+        plan.problems.append(
+            "its projection ends in an RMS normalisation to the LLM's embedding scale (projection_norm), but "
+            f"{plan.class_name}'s language_projection is one linear layer; a normalisation is not linear, so it "
+            "cannot be folded into it")
     if config.llm_lora:
         if merge_lora:
             plan.notes.append(f"LoRA adapters (r={config.llm_lora.get('r')}) merged into the exported LLM weights "

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from mmbridge.config import QFORMER_LOSSES, MMBridgeConfig
-from mmbridge.modeling.bridge import build_projection
+from mmbridge.modeling.bridge import build_projection, embedding_rms
 from mmbridge.modeling.components import load_component
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
 from mmbridge.modeling.llm import LanguageModel
@@ -59,7 +59,20 @@ class MMBridgeModel(PreTrainedModel):
             self.add_module(name, build_head(head_config, config))
             self.head_names.append(name)
         self.post_init()
+        if config.projection_norm:
+            self._match_llm_embedding_scale()
         self.apply_trainable_policy()
+
+    def _match_llm_embedding_scale(self) -> None:
+        """`projection_norm`: scale soft prompts to the LLM's token-embedding RMS, measured now unless the
+        config already holds it (a saved model keeps the scale it was composed with)."""
+        if self.config.projection_norm_scale is None:
+            weight = self.get_input_embeddings().weight
+            if weight.is_meta:
+                raise ValueError("projection_norm needs projection_norm_scale, or an LLM with weights to "
+                                 "measure it from")
+            self.config.projection_norm_scale = embedding_rms(weight)
+        self.projection.scale = float(self.config.projection_norm_scale)
 
     def get_input_embeddings(self) -> nn.Module:
         """The LLM's token embeddings (what transformers and accelerate's FSDP ask a model for)."""
@@ -291,6 +304,7 @@ class MMBridgeModel(PreTrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         qformer_text_ids: torch.Tensor | None = None,
         qformer_text_mask: torch.Tensor | None = None,
+        qformer_text_rows: torch.Tensor | None = None,
         region_image_index: torch.Tensor | None = None,
         region_masks: torch.Tensor | None = None,
         head_targets: dict | None = None,
@@ -302,7 +316,8 @@ class MMBridgeModel(PreTrainedModel):
         * `lm` — next-token loss over `labels` (the processor masks prompt and image positions with -100);
         * `itc` / `itm` / `itg` — BLIP-2 stage 1 on `qformer_text_ids` (CLS + text + EOS, one row per
           image, as the processor returns with `return_qformer_text=True`); the LLM does not run when
-          only these are asked for;
+          only these are asked for; `qformer_text_rows` (indices into the batch's images) pairs the texts
+          with some images only (a stage mixing captions with chats), otherwise text i goes with image i;
         * each head's losses, from its slots' hidden states and `head_targets[head_name]`.
         """
         wanted = set(self.config.loss_names if loss_names is None else loss_names)
@@ -315,8 +330,9 @@ class MMBridgeModel(PreTrainedModel):
         stage1 = sorted(wanted & set(QFORMER_LOSSES)) if qformer_text_ids is not None else []
         if stage1:
             vision_features = self.vision(pixel_values)
+            paired = vision_features if qformer_text_rows is None else vision_features[qformer_text_rows]
             losses.update(self.qformer.stage1_losses(
-                vision_features.to(self.qformer.query_tokens.dtype), qformer_text_ids, qformer_text_mask,
+                paired.to(self.qformer.query_tokens.dtype), qformer_text_ids, qformer_text_mask,
                 cls_token_id=self.config.qformer_cls_token_id, dec_token_id=self.config.qformer_dec_token_id,
                 losses=stage1))
         run_llm = input_ids is not None or inputs_embeds is not None
