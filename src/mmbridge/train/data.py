@@ -117,26 +117,37 @@ def _head_parts(text: str, targets: dict[str, list]) -> list[dict]:
     return parts
 
 
-def llava_to_messages(turns: list[dict], images: list, targets: dict | None = None) -> list[dict]:
+def llava_to_messages(turns: list[dict], images: list, targets: dict | None = None,
+                      regions: list | None = None) -> list[dict]:
     """LLaVA `conversations` -> messages; each `<image>` in a human turn becomes the next image part.
     Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention);
     `<image>` in an answer is an image the model draws.
     `targets` (a record's optional `"targets"`: head trigger -> one target per occurrence, in order)
-    turn each trigger written in an answer ("There are [CNT] shapes") into a head part."""
+    turn each trigger written in an answer ("There are [CNT] shapes") into a head part; `regions` (a record's
+    optional `"regions"`: visual prompts) fill the `<region>` tags of its human turns."""
     problem = record_problem({"conversations": turns})
     if problem:
         raise SampleError(f"{problem}: {str(turns)[:80]}")
     pending = list(images)
-    messages = to_messages(turns)  # the one LLaVA reader's conversion (data/formats)
+    if regions is not None and not (isinstance(regions, list) and all(isinstance(r, dict) for r in regions)):
+        raise SampleError("'regions' must be a list of visual prompts ({'box': [x0, y0, x1, y1]}, ...)")
+    try:
+        messages = to_messages(turns, regions)  # the one LLaVA reader's conversion (data/formats)
+    except ValueError as err:
+        raise SampleError(str(err)) from None
     for message in messages:
         parts = []
+        # text around a marked region keeps its spaces ("What color is " <region> "?"), as at inference
+        marked = any(part["type"] == "region" for part in message["content"])
         for part in message["content"]:
             if part["type"] == "image":  # in an answer: an image the model draws (a drawing target)
                 if message["role"] == "system" or not pending:
                     raise SampleError("an <image> tag without an image")
                 parts.append({"type": "image", "image": pending.pop(0)})
+            elif part["type"] == "region":
+                parts.append(part)
             elif part["text"].strip():
-                text = part["text"].strip()
+                text = part["text"] if marked else part["text"].strip()
                 heads = message["role"] == "assistant" and targets
                 parts += _head_parts(text, targets) if heads else [{"type": "text", "text": text}]
         message["content"] = parts or [{"type": "text", "text": ""}]
@@ -248,7 +259,7 @@ class LlavaJsonDataset(Dataset):
             targets = {trigger: [{**t, "image": load_image(self.image_root / t["image"])}
                                  if isinstance(t, dict) and isinstance(t.get("image"), str) else t for t in items]
                        for trigger, items in targets.items()}
-        return llava_to_messages(record.get("conversations"), images, targets)
+        return llava_to_messages(record.get("conversations"), images, targets, record.get("regions"))
 
 
 class LlavaJsonSource:

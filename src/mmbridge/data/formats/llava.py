@@ -3,7 +3,9 @@
 
 ``image`` is relative to an image folder the user names (LLaVA's ``--image_folder``); our writer
 makes it relative to the JSON file's directory, the default folder of the reader.  Records without
-``image`` are text-only turns, as in LLaVA's mixes.
+``image`` are text-only turns, as in LLaVA's mixes.  mmbridge's extensions: ``"regions"`` (visual
+prompts filling ``<region>`` tags, see `to_messages`) and ``"targets"`` (what an output head must
+return for each routing token an answer writes; docs/architecture.md, "How to add an output head").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from .common import ReadStats
 
 IMAGE_TOKEN = "<image>"
+REGION_TOKEN = "<region>"  # a visual prompt in a human turn: the record's next entry of "regions"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -43,10 +46,15 @@ def write_llava(records: Iterable[dict], path: str) -> int:
     return len(records)
 
 
-def to_messages(conversations: list[dict]) -> list[dict]:
+def to_messages(conversations: list[dict], regions: list[dict] | None = None) -> list[dict]:
     """LLaVA turns → chat messages with content parts (``{"type": "image"}`` where ``<image>`` was,
-    ``{"type": "text", "text": …}``), the transformers processor convention."""
+    ``{"type": "text", "text": …}``), the transformers processor convention.
+
+    ``regions`` (a record's optional ``"regions"``: visual prompts, each ``{"box" | "point" | "scribble" |
+    "mask": …}`` in fractions of the image) fill the ``<region>`` tags of human turns in order, as
+    ``{"type": "region", …}`` parts; a tag without a region left is an error."""
     out = []
+    pending = list(regions or [])
     for turn in conversations:
         role = _ROLES[turn["from"]]
         text = turn["value"]
@@ -56,9 +64,19 @@ def to_messages(conversations: list[dict]) -> list[dict]:
             if k:
                 parts.append({"type": "image"})
             piece = piece.strip("\n") if len(pieces) > 1 else piece
-            if piece:
+            if regions is not None and role == "user" and REGION_TOKEN in piece:
+                for n, chunk in enumerate(piece.split(REGION_TOKEN)):
+                    if n:
+                        if not pending:
+                            raise ValueError(f"more {REGION_TOKEN} tags than regions in the record")
+                        parts.append({"type": "region", **pending.pop(0)})
+                    if chunk:
+                        parts.append({"type": "text", "text": chunk})
+            elif piece:
                 parts.append({"type": "text", "text": piece})
         out.append({"role": role, "content": parts})
+    if pending:
+        raise ValueError(f"{len(pending)} region(s) in the record but no {REGION_TOKEN} tag left for them")
     return out
 
 

@@ -7,7 +7,8 @@ scipy underneath; costs as DETR: class 2, L1 5, GIoU 2) and reports `act_cls` (s
 `act_l1`, `act_giou` and, where targets carry masks, `act_mask` (focal) and `act_dice`.
 
 Targets, one per routing token in reading order: `{"boxes": [[x0, y0, x1, y1], ...] in [0, 1] of the
-image, "masks": optional list of (H, W) binary arrays}`; `[GRD]` takes exactly one box.
+image, "masks": optional list of (H, W) binary arrays or COCO RLE dicts}`; `[GRD]` takes exactly one box;
+an empty `boxes` list (the category is not in the image) trains every query towards "nothing here".
 
 `[POSE]` (`keypoints.py`) has its own decoder with a keypoint head, OKS matching and the losses
 `act_cls`, `act_keypoints` (L1 on visible keypoints), `act_oks` (1 − OKS), `act_visibility` (BCE) and
@@ -45,8 +46,28 @@ def corners_to_center(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_tensor(mask, size: int) -> torch.Tensor:
+    """A target mask (an (H, W) binary array, or COCO RLE `{"size": [H, W], "counts": ...}` as JSON data
+    holds it) at the decoder's mask size."""
+    if isinstance(mask, dict):
+        mask = _decode_rle(mask)
     mask = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     return F.interpolate(mask[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0].round()
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE: `counts` as a list of run lengths (uncompressed, column-major, starting with zeros) or
+    pycocotools' compressed string."""
+    height, width = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        from pycocotools import mask as mask_utils
+
+        return mask_utils.decode({"size": [height, width], "counts": counts if isinstance(counts, bytes)
+                                  else counts.encode()})
+    values = np.repeat(np.arange(len(counts)) % 2, counts).astype(np.uint8)
+    if values.size != height * width:
+        raise ValueError(f"act: an RLE mask's runs cover {values.size} pixels, not {height} x {width}")
+    return values.reshape(width, height).T
 
 
 @register_head
@@ -105,6 +126,10 @@ class ActHead(OutputHead):
         giou = torch.diag(generalized_box_iou(center_to_corners_format(predicted), center_to_corners_format(target)))
         losses["act_giou"] = (1 - giou).sum() / num_boxes
         if out["masks"] is not None and all(t.get("masks") is not None for t in targets):
+            if not len(rows):  # every request of the batch names nothing in its image: no mask to learn
+                zero = out["masks"].sum() * 0.0
+                losses["act_mask"], losses["act_dice"] = zero, zero.clone()
+                return losses
             size = self.config.mask_size
             target_masks = torch.cat([torch.stack([_mask_tensor(targets[i]["masks"][j], size) for j in tgt.tolist()])
                                       for i, (_, tgt) in enumerate(indices) if len(tgt)]).to(device)

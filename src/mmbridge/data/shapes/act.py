@@ -1,0 +1,256 @@
+"""Act instructions on a ShapesWorld scene: requests that route to the act head's tasks, in many phrasings.
+
+Every request is a dict `{"task", "request", "route", "answer", "target", "region"}`:
+
+* `task`: `det` (boxes of every object a category names), `seg` (the same with masks), `grd` (the one
+  object a referring expression names), `region_vqa` ("What color is <region>?"), `region_det` ("Find all
+  objects of the same shape as <region>": routes to `[DET]`), `unknown` (a class the world lacks);
+* `request`: the user's words; `<region>` where a visual prompt fills in;
+* `route`: the routing token the answer writes (`[DET]`, `[SEG]`, `[GRD]`), or None for a text answer;
+* `answer`: the assistant's text: the routing token alone, or a word / a sentence;
+* `target`: what the route's decoder must return: boxes `[x0, y0, x1, y1]` as fractions of the image and,
+  for `[SEG]` / `[GRD]`, masks as COCO RLE (`{"size", "counts"}`);
+* `region`: the visual prompt (`box` / `point` / `scribble` / `mask`, fractions of the image), or None.
+
+Categories are open vocabulary: the request names them ("red shapes", "large circles", "every object"),
+and the target is every object that fits. A category the world has but the scene lacks routes with no
+boxes (the decoder learns to find nothing); one the world lacks ("hexagons", "pink shapes", "cars") gets
+a text answer that says so.
+
+Phrasings come in two disjoint sets: `split="train"` for the training data, `split="heldout"` for
+measuring whether the model picks the right route for wordings it never saw (`route_records`).
+numpy + Pillow only (the data layer): the recipe (`pretrain/act.py`) writes files from these records and
+`mmbridge eval` reads them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from .annotations import RELATIONS, referring_expressions
+from .world import COLORS, IMAGE_SIZE, SHAPES, Scene, ShapeObject, coverage_map, relation
+
+ROUTES = {"det": "[DET]", "seg": "[SEG]", "grd": "[GRD]", "region_det": "[DET]"}
+SIZES = ("small", "large")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
+          "cross": "crosses"}
+
+# {one}: a category in the singular ("red shape"), {many}: the plural ("red shapes"); {expr}: a referring
+# expression ("the small shape left of the blue square"). The two sets of a task share no template.
+PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "det": {
+        "train": ("Find every {one}.", "Detect all {many}.", "Where are the {many}?", "Locate all {many}.",
+                  "Find all {many} in the image.", "Detect every {one}.", "Show me the {many}.",
+                  "Give me the boxes of all {many}.", "Mark every {one} with a box.",
+                  "Find the {many}.", "Detect the {many} in this picture."),
+        "heldout": ("Can you find the {many}?", "Put boxes around the {many}.", "I am looking for every {one}.",
+                    "Spot all {many}.", "Please detect each {one}."),
+    },
+    "seg": {
+        "train": ("Segment every {one}.", "Segment all {many}.", "Give me the masks of the {many}.",
+                  "Outline every {one}.", "Find the exact pixels of all {many}.", "Segment the {many}.",
+                  "Give me a mask for each {one}.", "Which pixels are {many}? Segment them."),
+        "heldout": ("Cut out the {many}.", "Produce a segmentation of every {one}.", "Mask all {many}.",
+                    "Can you segment each {one}?"),
+    },
+    "grd": {
+        "train": ("Find {expr}.", "Where is {expr}?", "Locate {expr}.", "Point out {expr}.", "Show me {expr}.",
+                  "Put a box around {expr}.", "Which object is {expr}? Find it."),
+        "heldout": ("Can you spot {expr}?", "Highlight {expr}.", "Give me the box of {expr}.",
+                    "I need the location of {expr}."),
+    },
+    "region_vqa": {  # {attr}: color / shape / size; the answer is one word
+        "train": ("What {attr} is <region>?", "Which {attr} does <region> have?", "Tell me the {attr} of <region>.",
+                  "What is the {attr} of the object in <region>?"),
+        "heldout": ("What is the {attr} of <region>?", "Name the {attr} of <region>.",
+                    "Can you tell me which {attr} <region> is?"),
+    },
+    "region_det": {  # {attr}: shape / color
+        "train": ("Find all objects of the same {attr} as <region>.", "Detect every object with the {attr} of "
+                  "<region>.", "Where are the objects that share the {attr} of <region>?"),
+        "heldout": ("Find everything that has the same {attr} as <region>.",
+                    "Spot all objects matching the {attr} of <region>."),
+    },
+}
+# A class the world lacks: shapes, colours and things it never has (docs/world.md lists what it has).
+UNKNOWN = {
+    "train": {"shape": ("hexagon", "star", "pentagon", "heart", "oval"), "color": ("pink", "brown", "black"),
+              "thing": ("car", "dog", "tree", "house")},
+    "heldout": {"shape": ("octagon", "crescent", "arrow"), "color": ("gray", "magenta"),
+                "thing": ("cat", "bicycle", "flower")},
+}
+THING_PLURAL = {"cross": "crosses", "bicycle": "bicycles"}
+#: The canonical request of each task (what `mmbridge eval` asks; a training phrasing).
+CANONICAL = {"det": "Find every {one}.", "seg": "Segment every {one}.", "grd": "Find {expr}.",
+             "color": "What color is <region>?", "shape": "What shape is <region>?",
+             "size": "What size is <region>?"}
+TASK_WEIGHTS = {"det": 3, "seg": 3, "grd": 3, "region_vqa": 2, "region_det": 1, "unknown": 1}
+
+
+def plural(word: str) -> str:
+    return PLURAL.get(word) or THING_PLURAL.get(word) or word + "s"
+
+
+def unknown_answer(many: str) -> str:
+    """The text answer to a request for a class the world lacks (no route)."""
+    return (f"There are no {many} in this world. I can find circles, squares, triangles, diamonds and crosses "
+            f"in {', '.join(list(COLORS)[:-1])} and {list(COLORS)[-1]}.")
+
+
+def rle(mask: np.ndarray) -> dict:
+    """A binary mask as COCO RLE with `counts` a str (pycocotools' column-major runs, uncompressed)."""
+    flat = np.asarray(mask, dtype=bool).flatten(order="F")
+    change = np.flatnonzero(np.diff(np.concatenate([[False], flat, [not flat[-1]]]).astype(np.int8)))
+    runs = np.diff(np.concatenate([[0], change]))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
+
+
+def object_mask(obj: ShapeObject) -> np.ndarray:
+    return coverage_map(obj) >= 0.5  # as `Scene.masks` and the COCO files
+
+
+def _box(obj: ShapeObject) -> list[float]:
+    return [round(v / IMAGE_SIZE, 4) for v in obj.box]
+
+
+def categories(scene: Scene, rng: random.Random) -> list[tuple[str, str, list[int]]]:
+    """(singular, plural, indices of the objects that fit) for a mix of the world's categories: every object,
+    a colour, a shape, a colour + shape, a size, a size + shape — present in the scene or not."""
+    objs = scene.objects
+    out = [("object", "objects", list(range(len(objs)))), ("shape", "shapes", list(range(len(objs))))]
+    present = [o for o in objs]
+    color = rng.choice(present).color if rng.random() < 0.75 else rng.choice(list(COLORS))
+    shape = rng.choice(present).shape if rng.random() < 0.75 else rng.choice(SHAPES)
+    size = rng.choice(SIZES)
+    pick = rng.choice(present)
+    out += [
+        (f"{color} shape", f"{color} shapes", [i for i, o in enumerate(objs) if o.color == color]),
+        (shape, plural(shape), [i for i, o in enumerate(objs) if o.shape == shape]),
+        (f"{pick.color} {pick.shape}", f"{pick.color} {plural(pick.shape)}",
+         [i for i, o in enumerate(objs) if o.color == pick.color and o.shape == pick.shape]),
+        (f"{size} shape", f"{size} shapes", [i for i, o in enumerate(objs) if o.size == size]),
+        (f"{pick.size} {pick.shape}", f"{pick.size} {plural(pick.shape)}",
+         [i for i, o in enumerate(objs) if o.size == pick.size and o.shape == pick.shape]),
+    ]
+    return out
+
+
+def relational_expressions(scene: Scene) -> list[dict]:
+    """"the small shape left of the blue square": an object named by its size (or as "the shape") and its
+    relation to another object named by colour and shape, where exactly one object fits."""
+    objs, out = scene.objects, []
+    words = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+    for b in objs:
+        for rel, (_, axis, sign) in RELATIONS.items():
+            fits = [i for i, a in enumerate(objs) if a is not b and relation(a, b, axis) == sign]
+            for size in (None, *SIZES):
+                chosen = [i for i in fits if size is None or objs[i].size == size]
+                if len(chosen) == 1:
+                    head = "the shape" if size is None else f"the {size} shape"
+                    out.append({"expression": f"{head} {words[rel]} the {b.color} {b.shape}", "object": chosen[0]})
+    return out
+
+
+def grounding_expressions(scene: Scene) -> list[dict]:
+    """Every referring expression of the scene (`annotations.referring_expressions` and the relational
+    ones), each `{"expression", "object"}`."""
+    plain = [{"expression": r["expression"], "object": r["object"]} for r in referring_expressions(scene)]
+    return plain + relational_expressions(scene)
+
+
+def visual_prompt(obj: ShapeObject, rng: random.Random, kinds=("box", "point", "scribble", "mask")) -> dict:
+    """A region marking `obj` as a user would: its box (a little loose), a point on it, a scribble across
+    it, or its mask (16 x 16; the processor scales it to the image)."""
+    kind = rng.choice(kinds)
+    mask = object_mask(obj)
+    ys, xs = np.nonzero(mask)
+    if kind == "box":
+        x0, y0, x1, y1 = obj.box
+        pad = rng.choice((0, 0, 1, 2))
+        box = [max(0, x0 - pad), max(0, y0 - pad), min(IMAGE_SIZE, x1 + pad), min(IMAGE_SIZE, y1 + pad)]
+        return {"box": [round(v / IMAGE_SIZE, 4) for v in box]}
+    if kind == "point":
+        k = rng.randrange(len(xs))
+        return {"point": [round((xs[k] + 0.5) / IMAGE_SIZE, 4), round((ys[k] + 0.5) / IMAGE_SIZE, 4)]}
+    if kind == "scribble":
+        picks = sorted(rng.sample(range(len(xs)), min(3, len(xs))), key=lambda k: xs[k])
+        return {"scribble": [[round((xs[k] + 0.5) / IMAGE_SIZE, 4), round((ys[k] + 0.5) / IMAGE_SIZE, 4)]
+                             for k in picks]}
+    small = mask.reshape(16, 4, 16, 4).any(axis=(1, 3))
+    return {"mask": small.astype(int).tolist()}
+
+
+def _detection(task: str, indices: list[int], scene: Scene) -> dict:
+    target = {"boxes": [_box(scene.objects[i]) for i in indices]}
+    if task in ("seg", "grd"):
+        target["masks"] = [rle(object_mask(scene.objects[i])) for i in indices]
+    return target
+
+
+def make_request(scene: Scene, task: str, rng: random.Random, split: str = "train") -> dict | None:
+    """One request of `task` about `scene` in a random phrasing of `split` ("train" / "heldout"); None
+    where the scene offers nothing to ask (no referring expression)."""
+    templates = PHRASINGS.get(task, {}).get(split, ())
+    base = {"task": task, "region": None}
+    if task in ("det", "seg"):
+        one, many, indices = rng.choice(categories(scene, rng))
+        text = rng.choice(templates).format(one=one, many=many)
+        return {**base, "request": text, "route": ROUTES[task], "answer": ROUTES[task],
+                "target": _detection(task, indices, scene), "category": many}
+    if task == "grd":
+        expressions = grounding_expressions(scene)
+        if not expressions:
+            return None
+        pick = rng.choice(expressions)
+        text = rng.choice(templates).format(expr=pick["expression"])
+        return {**base, "request": text, "route": "[GRD]", "answer": "[GRD]",
+                "target": _detection("grd", [pick["object"]], scene), "expression": pick["expression"],
+                "object": pick["object"]}
+    if task == "region_vqa":
+        index = rng.randrange(len(scene.objects))
+        obj = scene.objects[index]
+        attr = rng.choice(("color", "shape", "size"))
+        return {**base, "request": rng.choice(templates).format(attr=attr), "route": None,
+                "answer": getattr(obj, attr), "target": None, "region": visual_prompt(obj, rng), "object": index,
+                "type": attr}
+    if task == "region_det":
+        index = rng.randrange(len(scene.objects))
+        obj = scene.objects[index]
+        attr = rng.choice(("shape", "color"))
+        indices = [i for i, o in enumerate(scene.objects) if getattr(o, attr) == getattr(obj, attr)]
+        return {**base, "request": rng.choice(templates).format(attr=attr), "route": "[DET]", "answer": "[DET]",
+                "target": _detection("det", indices, scene), "region": visual_prompt(obj, rng), "object": index}
+    if task == "unknown":
+        kind = rng.choice(("shape", "shape", "color", "thing"))
+        word = rng.choice(UNKNOWN[split][kind])
+        one, many = (f"{word} shape", f"{word} shapes") if kind == "color" else (word, plural(word))
+        route_task = rng.choice(("det", "seg"))
+        text = rng.choice(PHRASINGS[route_task][split]).format(one=one, many=many)
+        return {**base, "request": text, "route": None, "answer": unknown_answer(many), "target": None,
+                "category": many}
+    raise ValueError(f"unknown act task {task!r}; tasks: {list(TASK_WEIGHTS)}")
+
+
+def scene_requests(scene: Scene, rng: random.Random, num: int, split: str = "train",
+                   weights: dict[str, float] | None = None) -> list[dict]:
+    """`num` requests about `scene`, tasks drawn by `weights` (default `TASK_WEIGHTS`)."""
+    weights = weights or TASK_WEIGHTS
+    tasks, w = list(weights), list(weights.values())
+    out = []
+    while len(out) < num:
+        request = make_request(scene, rng.choices(tasks, w)[0], rng, split)
+        if request is not None:
+            out.append(request)
+    return out
+
+
+def canonical_region_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """Region VQA eval items: per object one canonical colour / shape / size question with a visual prompt."""
+    out = []
+    for index, obj in enumerate(scene.objects):
+        attr = rng.choice(("color", "shape", "size"))
+        out.append({"question": CANONICAL[attr], "answer": getattr(obj, attr), "type": attr,
+                    "region": visual_prompt(obj, rng), "object": index})
+    return out

@@ -1,0 +1,178 @@
+"""Act, data and stages: instruction data for every act task in many phrasings (held-out phrasings never
+in training; classes the world lacks answered in text), written as LLaVA JSON with `targets` and `regions`
+that the trainer reads, and the two act stages (recipes/shapes_act_stage{1,2}.yaml) run through the same
+Trainer as every stage, resumable, on a see-model that gained the act head."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmbridge.data.shapes.act import PHRASINGS, UNKNOWN, make_request, rle, scene_requests
+from mmbridge.data.shapes.world import make_scene
+from mmbridge.pretrain.act import add_act_head, write_act_data, write_act_eval
+from mmbridge.recipes import __file__ as recipes_init
+
+TINY_ACT = {"decoder_hidden_size": 16, "decoder_layers": 1, "decoder_heads": 2, "num_object_queries": 4,
+            "mask_size": 8}
+
+
+def test_phrasings_held_out_are_never_trained():
+    for task, sets in PHRASINGS.items():
+        assert len(sets["train"]) >= 3 and sets["heldout"], task
+        assert not set(sets["train"]) & set(sets["heldout"]), task
+    for kind in UNKNOWN["train"]:
+        assert not set(UNKNOWN["train"][kind]) & set(UNKNOWN["heldout"][kind])
+    rng = random.Random(0)
+    requests = [r for i in range(60) for r in scene_requests(make_scene("train", i), rng, 3)]
+    texts = {r["request"] for r in requests}
+    heldout = [t for sets in PHRASINGS.values() for t in sets["heldout"]]
+    for template in heldout:  # no training request is written in a held-out phrasing
+        pattern = re.escape(template).replace(r"\{one\}", ".+").replace(r"\{many\}", ".+").replace(
+            r"\{expr\}", ".+").replace(r"\{attr\}", ".+")
+        assert not any(re.fullmatch(pattern, t) for t in texts), template
+    assert {r["task"] for r in requests} == {"det", "seg", "grd", "region_vqa", "region_det", "unknown"}
+    assert len({r["request"] for r in requests if r["task"] == "det"}) > 20  # many phrasings and categories
+
+
+def test_requests_target_what_they_name():
+    rng = random.Random(1)
+    for i in range(40):
+        scene = make_scene("train", i)
+        det = make_request(scene, "det", rng)
+        assert det["route"] == det["answer"] == "[DET]" and "masks" not in det["target"]
+        seg = make_request(scene, "seg", rng)
+        assert seg["route"] == "[SEG]" and len(seg["target"]["masks"]) == len(seg["target"]["boxes"])
+        grd = make_request(scene, "grd", rng)
+        assert grd is None or (len(grd["target"]["boxes"]) == 1
+                               and grd["target"]["boxes"][0] == [round(v / 64, 4) for v in
+                                                                 scene.objects[grd["object"]].box])
+        region = make_request(scene, "region_vqa", rng)
+        assert "<region>" in region["request"] and region["route"] is None
+        assert region["answer"] == getattr(scene.objects[region["object"]], region["type"])
+        unknown = make_request(scene, "unknown", rng)
+        assert unknown["route"] is None and unknown["answer"].startswith("There are no ")
+        assert "[" not in unknown["answer"]
+    # "Find every red shape" -> every red object; a category missing from the scene -> no boxes
+    scene = make_scene("train", 3)
+    colors = {o.color for o in scene.objects}
+    for _ in range(200):
+        req = make_request(scene, "det", rng)
+        words = req["category"].split()
+        if words[0] in ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white") and \
+                words[1] == "shapes":
+            expected = [o for o in scene.objects if o.color == words[0]]
+            assert len(req["target"]["boxes"]) == len(expected)
+            if words[0] not in colors:
+                assert req["target"]["boxes"] == []
+
+
+def test_rle_round_trips_through_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    mask = np.random.RandomState(0).rand(64, 64) > 0.6
+    encoded = rle(mask)
+    assert (mask_utils.decode(mask_utils.frPyObjects(encoded, 64, 64)) == mask).all()
+    from mmbridge.modeling.act.head import _decode_rle
+
+    assert (_decode_rle(encoded) == mask).all()
+
+
+def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
+    from mmbridge.heads_config import ActConfig
+    from mmbridge.testing import build_tiny
+    from mmbridge.train.data import LlavaJsonDataset
+
+    counts = write_act_data(tmp_path, num_scenes=12)
+    assert counts["act_chats"] == counts["see_chats"] == 12
+    records = json.loads((tmp_path / "act.json").read_text())
+    for record in records:
+        answers = " ".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
+        for trigger, targets in record.get("targets", {}).items():
+            assert answers.count(trigger) == len(targets)
+        asked = " ".join(t["value"] for t in record["conversations"] if t["from"] == "human")
+        assert asked.count("<region>") == len(record.get("regions", []))
+        assert (tmp_path / record["image"]).is_file()
+
+    model, processor = build_tiny()
+    config = ActConfig(**TINY_ACT)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    dataset = LlavaJsonDataset(str(tmp_path / "act.json"))
+    conversations = [dataset[i] for i in range(len(dataset))]
+    marked = [c for c in conversations if any(p["type"] == "region" for m in c for p in m["content"])]
+    assert marked, "some records carry visual prompts"
+    user = next(m for m in marked[0] if any(p["type"] == "region" for p in m["content"]))
+    texts = [p["text"] for p in user["content"] if p["type"] == "text"]
+    assert any(t.endswith(" ") for t in texts)  # "What color is " <region> "?": spaces kept, as at inference
+    batch = processor(conversations, return_labels=True)
+    assert len(batch["region_masks"]) == sum(len(r.get("regions", [])) for r in records)
+    out = model(**batch)
+    assert {"lm", "act_cls", "act_l1", "act_giou"} <= set(out.losses)
+    assert all(np.isfinite(v.item()) for v in out.losses.values())
+
+
+def test_a_request_with_more_region_tags_than_regions_is_a_sample_error():
+    from mmbridge.train.data import SampleError, llava_to_messages
+
+    turns = [{"from": "human", "value": "What color is <region>?"}, {"from": "gpt", "value": "red"}]
+    with pytest.raises(SampleError, match="region"):
+        llava_to_messages(turns, [], regions=[])
+    with pytest.raises(SampleError, match="region"):
+        llava_to_messages(turns[:1] + [{"from": "gpt", "value": "x"}], [], regions=[{"box": [0, 0, 1, 1]}] * 2)
+
+
+def test_eval_files(tmp_path):
+    summary = write_act_eval(tmp_path, num_scenes=8)
+    assert summary["ground"] >= 8 and summary["region"] == summary["objects"]
+    routes = [json.loads(line) for line in (tmp_path / "route_test.jsonl").read_text().splitlines()]
+    heldout = {t for sets in PHRASINGS.values() for t in sets["heldout"]}
+    assert routes and all(r["route"] in ("[DET]", "[SEG]", "[GRD]", None) for r in routes)
+    assert any(r["route"] is None for r in routes) or len(routes) < 20
+    for r in routes:  # every request is in a held-out phrasing
+        assert any(re.fullmatch(re.escape(t).replace(r"\{one\}", ".+").replace(r"\{many\}", ".+")
+                                .replace(r"\{expr\}", ".+").replace(r"\{attr\}", ".+"), r["request"])
+                   for t in heldout), r["request"]
+    coco = json.loads((tmp_path / "coco_test.json").read_text())
+    assert len(coco["images"]) == 8 and all("segmentation" in a for a in coco["annotations"])
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from mmbridge.generation import MMBridgePipeline
+    from mmbridge.train.config import load_stage_config
+    from mmbridge.train.fixtures import make_base_model
+    from mmbridge.train.trainer import Trainer
+
+    make_base_model(tmp_path / "see", init_std=0.02)
+    add_act_head(tmp_path / "see", tmp_path / "base", **TINY_ACT)
+    write_act_data(tmp_path / "data", num_scenes=8, see_turns=2)
+    recipes = Path(recipes_init).parent
+    short = ["schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0", "run.progress_bar=false",
+             "run.save_every=1"]
+    data = [f"data.datasets.0.path={tmp_path / 'data' / 'act.json'}"]
+    stage1 = load_stage_config(recipes / "shapes_act_stage1.yaml",
+                               [f"model={tmp_path / 'base'}", *data, "schedule.total_steps=3", *short])
+    Trainer(stage1, tmp_path / "stage1", max_steps=2).fit()  # interrupted after 2 steps ...
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    result = Trainer(stage1, tmp_path / "stage1", resume=True).fit()  # ... and resumed to the end
+    assert result["step"] == 3
+    assert {"lm", "act_cls", "act_l1", "act_giou"} <= set(result["losses"])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    stage2 = load_stage_config(recipes / "shapes_act_stage2.yaml", [
+        f"model={tmp_path / 'stage1' / 'model'}", *data,
+        f"data.datasets.1.path={tmp_path / 'data' / 'see.json'}", "schedule.total_steps=2", *short])
+    result = Trainer(stage2, tmp_path / "stage2").fit()
+    assert result["step"] == 2 and "lm" in result["losses"]
+
+    pipe = MMBridgePipeline.from_pretrained(tmp_path / "stage2" / "model")
+    assert pipe.model.config.llm_lora and "[GRD]" in pipe.processor.routes and pipe.processor.region_token
+    [out] = pipe.generate([{"role": "user", "content": "Find every red shape."}], max_new_tokens=4)
+    assert out.finish_reason in ("stop", "length")  # decoding runs with the act head's hook in place
