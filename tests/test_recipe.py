@@ -41,6 +41,23 @@ def test_every_stage_runs_and_reports(smoke_run):
     assert list((smoke_run / "data" / "captions").glob("shard-*.tar"))
 
 
+def test_report_has_the_see_table_retrieval_and_the_soft_prompt_scale(smoke_run):
+    """Issue 13: stages 2-3 keep ITC; after stages 1-3 the report holds retrieval R@1, after 2-3 the see
+    rows (teacher-forced, free, question-only per type), and the frozen LM's blind baselines; the composed
+    bridge scales soft prompts to the LM's token embeddings."""
+    report = json.loads((smoke_run / "report.json").read_text())
+    stages = report["stages"]
+    assert set(stages["stage2"]["final_losses"]) == set(stages["stage3"]["final_losses"]) == {"lm", "itc"}
+    assert all(stages[s]["itc_recall_at_1_val1000"]["n"] == 1000 for s in ("stage1", "stage2", "stage3"))
+    table = report["see_table"]
+    assert list(table["retrieval"]) == ["stage1", "stage2", "stage3"]
+    assert [(r["stage"], r["row"]) for r in table["rows"]] == [
+        *((s, row) for s in ("stage2", "stage3") for row in ("teacher_forced", "free", "question_only")),
+        ("frozen LM", "text_upper_bound"), ("frozen LM", "question_only_lm")]
+    assert all({"count", "color", "shape", "exists"} <= set(r) for r in table["rows"])
+    assert stages["compose"]["projection_norm_scale"] > 0
+
+
 def test_frozen_parts_are_bit_identical_after_stages_1_to_3(smoke_run):
     from mmbridge.modeling import MMBridgeModel
 

@@ -22,22 +22,29 @@ CAPTION_PROMPT = "Describe the image."
 
 
 def _ask(pipeline, records: Sequence[dict], prompts: Sequence[str], batch_size: int, max_new_tokens: int,
-         progress: bool, desc: str) -> list[str]:
+         progress: bool, desc: str, blind: bool = False) -> list[str]:
+    """Greedy answers to one prompt per record about its image (`image_path`, or `image`: e.g. a PIL image);
+    `blind` leaves the image out of the prompt (the question-only baseline)."""
     answers = []
+    image_part = [] if blind else [{"type": "image"}]
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = records[i:i + batch_size]
-        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
+        conversations = [[{"role": "user", "content": [*image_part, {"type": "text", "text": p}]}]
                          for p in prompts[i:i + batch_size]]
-        images = [load_image(r["image_path"]) for r in chunk]  # one per conversation, in order
+        # one per conversation, in order
+        images = None if blind else [load_image(r["image_path"] if "image_path" in r else r["image"]) for r in chunk]
         results = pipeline.generate(conversations, images=images, max_new_tokens=max_new_tokens, do_sample=False)
         answers += [r.text for r in results]
     return answers
 
 
 def evaluate_vqa(pipeline, records: Iterable[dict], batch_size: int = 32, max_new_tokens: int = 8,
-                 progress: bool = True) -> tuple[dict, list[dict]]:
+                 progress: bool = True, blind: bool = False) -> tuple[dict, list[dict]]:
+    """VQA accuracy overall and per type. `blind`: the question alone, no image in the prompt — how much a
+    model answers from the question (answer priors), the baseline that shows what the image adds."""
     records = list(records)
-    answers = _ask(pipeline, records, [r["question"] for r in records], batch_size, max_new_tokens, progress, "vqa")
+    answers = _ask(pipeline, records, [r["question"] for r in records], batch_size, max_new_tokens, progress, "vqa",
+                   blind=blind)
     by_type: dict[str, list[bool]] = defaultdict(list)
     predictions = []
     for rec, answer in zip(records, answers):
@@ -46,7 +53,8 @@ def evaluate_vqa(pipeline, records: Iterable[dict], batch_size: int = 32, max_ne
         predictions.append({"id": rec.get("id"), "question": rec["question"], "answer": rec["answer"],
                             "prediction": answer, "correct": correct})
     correct = [p["correct"] for p in predictions]
-    summary = {"metric": "vqa_accuracy", "accuracy": _mean(correct), "n": len(correct),
+    summary = {"metric": "vqa_accuracy", **({"blind": True} if blind else {}), "accuracy": _mean(correct),
+               "n": len(correct),
                "per_type": {t: {"accuracy": _mean(v), "n": len(v)} for t, v in sorted(by_type.items())}}
     return summary, predictions
 

@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="draw: diffusion sampling steps for this run (default: the model's)")
     parser.add_argument("--no-fid", action="store_true", help="draw: skip the Fréchet distance")
+    parser.add_argument("--blind", action="store_true",
+                        help="vqa: ask the question without the image (the question-only baseline)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
@@ -57,6 +59,8 @@ def handle(args) -> int:
     if not args.questions:
         raise CLIError(f"eval {args.task} needs --questions FILE.jsonl")
     kind = "vqa" if args.task == "vqa" else "caption"
+    if args.blind and args.task != "vqa":
+        raise CLIError("--blind is for eval vqa (the question-only baseline)")
     stats = ReadStats()
     try:
         records = list(read_eval_jsonl(args.questions, kind=kind, stats=stats, check_images=True))
@@ -74,7 +78,8 @@ def handle(args) -> int:
     progress = not args.no_progress
     try:
         if args.task == "vqa":
-            summary, predictions = evaluate_vqa(pipeline, records, args.batch_size, progress=progress)
+            summary, predictions = evaluate_vqa(pipeline, records, args.batch_size, progress=progress,
+                                                blind=args.blind)
         elif args.task == "caption":
             summary, predictions = evaluate_caption(pipeline, records, args.batch_size, progress=progress)
         else:

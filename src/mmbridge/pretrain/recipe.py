@@ -113,6 +113,7 @@ class RecipeConfig:
     foundation: str | None = None
     seed: int = 0
     threads: int = 2
+    see_scenes: int = 40  # val scenes of the see table after stages 2 and 3 (pretrain/see.py); 0: none
     dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (docs/recipe.md)
     base_dir: str = "."
 
@@ -198,8 +199,18 @@ class Recipe:
             if name == until:
                 break
         report["total_seconds"] = round(sum(s.get("seconds", 0) for s in report["stages"].values()), 1)
+        self._see_table(report)
         self._save_report(report)
         return report
+
+    def _see_table(self, report: dict) -> None:
+        """The per-stage see rows, blind baselines and retrieval R@1 as one table in the report and the log."""
+        from mmbridge.pretrain.see import format_see_table, see_table
+
+        table = see_table(report["stages"])
+        if table["rows"] or table["retrieval"]:
+            report["see_table"] = table
+            self.log("see table (% correct; canonical questions of val scenes):\n" + format_see_table(table))
 
     def _tokenizer_and_lm(self):
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -313,18 +324,32 @@ class Recipe:
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def _stage1(self) -> dict:
+        result = self._trainer_stage(self.cfg.stage1, self.out / "base", self.out / "stage1", self._shard_overrides())
+        # no see rows: stage 1 trains no path into the LM (the projection is still fresh)
+        return {**result, **self._measure(self.out / "stage1" / "model", see=False)}
+
+    def _measure(self, model_dir: Path, see: bool = True) -> dict:
+        """A stage's checks: ITC retrieval R@1 on 1000 val scenes and, with `see`, the see table's rows
+        (pretrain/see.py) on `see_scenes` val scenes; stage 2 also holds the frozen LM's blind baselines."""
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.qformer import retrieval_recall
+        from mmbridge.pretrain.see import blind_baselines, see_records, stage_see
         from mmbridge.pretrain.shapes import scene_features
         from mmbridge.processing import MMBridgeProcessor
 
-        result = self._trainer_stage(self.cfg.stage1, self.out / "base", self.out / "stage1", self._shard_overrides())
-        model = MMBridgeModel.from_pretrained(self.out / "stage1" / "model")
-        processor = MMBridgeProcessor.from_pretrained(self.out / "stage1" / "model")
-        features, texts = scene_features(model, "val", 1000)
-        recall = retrieval_recall(model.qformer, features, texts, processor.tokenizer,
-                                  cls_token_id=model.config.qformer_cls_token_id)
-        return {**result, "itc_recall_at_1_val1000": recall}
+        model = MMBridgeModel.from_pretrained(model_dir)
+        processor = MMBridgeProcessor.from_pretrained(model_dir)
+        out = {}
+        if model.qformer.text is not None:
+            features, texts = scene_features(model, "val", 1000)
+            out["itc_recall_at_1_val1000"] = retrieval_recall(model.qformer, features, texts, processor.tokenizer,
+                                                              cls_token_id=model.config.qformer_cls_token_id)
+        if see and self.cfg.see_scenes > 0:
+            out["see"] = stage_see(model, processor, see_records(self.cfg.see_scenes))
+            if not any("blind_baselines" in r for r in self._report()["stages"].values()):
+                tokenizer, lm = self._tokenizer_and_lm()
+                out["blind_baselines"] = blind_baselines(lm.eval(), tokenizer, self.cfg.see_scenes)
+        return out
 
     def _shard_overrides(self) -> list[str]:
         data = self.out / "data"
@@ -353,12 +378,15 @@ class Recipe:
                 "samples": result["samples"]}
 
     def _stage2(self) -> dict:
-        return self._trainer_stage(self.cfg.stage2, self.out / "stage1" / "model", self.out / "stage2",
-                                   self._shard_overrides())
+        result = self._trainer_stage(self.cfg.stage2, self.out / "stage1" / "model", self.out / "stage2",
+                                     self._shard_overrides())
+        return {**result, **self._measure(self.out / "stage2" / "model")}
 
     def _stage3(self) -> dict:
-        return self._trainer_stage(self.cfg.stage3, self.out / "stage2" / "model", self.out / "stage3", [
-            f"data.datasets.0.path={self.out / 'data' / 'instruct.json'}"])
+        result = self._trainer_stage(self.cfg.stage3, self.out / "stage2" / "model", self.out / "stage3", [
+            f"data.datasets.0.path={self.out / 'data' / 'instruct.json'}",
+            f"data.datasets.1.shards={self.out / 'data' / 'captions' / 'shard-*.tar'}"])
+        return {**result, **self._measure(self.out / "stage3" / "model")}
 
     def _export(self) -> dict:
         """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts."""

@@ -51,6 +51,9 @@ class DatasetConfig:
     prompts: list[str] = field(default_factory=lambda: ["Describe the image."])  # for caption samples
     shuffle_buffer: int = 1000  # webdataset: samples held for shuffling
     split: str = "auto"  # webdataset: across readers by "shards", by "samples", or "auto"
+    # When the stage weights a Q-Former loss (itc/itm/itg): pair each image with its sample's answer text.
+    # False for chats whose answers are no caption of the image (their rows then train the LM loss only).
+    qformer_text: bool = True
 
 
 @dataclass

@@ -35,7 +35,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from mmbridge.data.formats.llava import load_records, record_problem, to_messages
-from mmbridge.processing import IGNORE_INDEX, ImageLoadError, MMBridgeProcessor, load_image, normalize_messages
+from mmbridge.processing import (
+    IGNORE_INDEX,
+    ImageLoadError,
+    MMBridgeProcessor,
+    images_in,
+    load_image,
+    normalize_messages,
+)
 from mmbridge.train.config import DataConfig, DatasetConfig, expand_shards
 
 logger = logging.getLogger("mmbridge.train")
@@ -45,7 +52,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
 #: Present only where they apply: instruction-aware Q-Formers (InstructBLIP), BLIP-2 stage-1 text,
 #: head targets (not tensors: each head reads its own).
 OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask", "qformer_text_ids", "qformer_text_mask",
-                         "region_image_index", "region_masks", "head_targets")
+                         "qformer_text_rows", "region_image_index", "region_masks", "head_targets")
 #: A reader that skips this many samples in a row without one good sample stops with an error
 #: instead of spinning forever on a dataset that is corrupt through and through.
 MAX_CONSECUTIVE_SKIPS = 10_000
@@ -363,7 +370,7 @@ class TrainStream(IterableDataset):
             next(raw)
         stats.active = True
         while True:
-            conversations, keys = [], []
+            conversations, keys, paired = [], [], []
             in_a_row = 0
             while len(conversations) < self.cfg.batch_size:
                 k, prompt, item = next(raw)
@@ -381,11 +388,27 @@ class TrainStream(IterableDataset):
                 in_a_row = 0
                 conversations.append(messages)
                 keys.append(key)
+                paired.append(self.qformer_text and self.sources[k].cfg.qformer_text)
+            every = all(paired)
             batch = self.processor(conversations, return_labels=True, padding_side="right", truncation=True,
-                                   return_qformer_text=self.qformer_text)
+                                   return_qformer_text=self.qformer_text and every)
             out = {name: batch[name] for name in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS) if name in batch}
+            if any(paired) and not every:
+                out.update(self._paired_text(conversations, paired, len(batch["pixel_values"])))
             out.update(keys=keys, _worker=logical, _position=position, _skipped=dict(stats.counts))
             yield out
+
+    def _paired_text(self, conversations: list, paired: list[bool], num_images: int) -> dict:
+        """Q-Former text of the paired samples only, and `qformer_text_rows`: the index of each one's image
+        among the batch's images (the model computes the Q-Former losses on those rows)."""
+        counts = [len(images_in(normalize_messages(c))) for c in conversations]
+        if sum(counts) != num_images:  # truncation cut an image: the rows would not line up, so skip
+            return {}
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        chosen = [i for i, p in enumerate(paired) if p]
+        out = dict(self.processor.qformer_text_inputs([conversations[i] for i in chosen]))
+        out["qformer_text_rows"] = torch.tensor([starts[i] for i in chosen], dtype=torch.long)
+        return out
 
     def _check(self, messages: list[dict]) -> None:
         """Reject a sample that would break a batch or train on nothing (all labels masked)."""
