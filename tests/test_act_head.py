@@ -48,7 +48,7 @@ def test_routes_tokens_and_components():
     assert list(config.routes) == ["[DET]", "[SEG]", "[GRD]"]
     assert "act.decoders" in model.config.components and model.config.trainable["act.decoders"]
     assert {"[DET]", "[DET_Q3]", "[SEG_Q0]", "[GRD_Q2]"} <= set(model.config.added_tokens)
-    with pytest.raises(NotImplementedError, match="no decoder yet"):
+    with pytest.raises(ValueError, match="add the draw head first"):  # [GEN] draws with the draw head's generator
         build_tiny()[0].add_head(ActConfig(tasks=["gen"]), build_tiny()[1].tokenizer)
 
 

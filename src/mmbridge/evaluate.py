@@ -477,3 +477,80 @@ def evaluate_pose(pipeline, coco_path: str, prompt: str = POSE_PROMPT, batch_siz
     summary = {"images": len(records), "requests_without_keypoints": empty, "people": len(results),
                **score_keypoints(coco_path, results, [rec["id"] for rec in records])}
     return summary, results
+
+
+def read_edit_records(path) -> list[dict]:
+    """The edit pairs of `mmbridge data shapes --format wave2` (edits/edits_SPLIT.jsonl): per line `instruction`,
+    `kind`, `target`, `before` (image path, relative to the file's folder), `before_scene`, `after_scene`.
+    Returns `{"id", "instruction", "source" (path), "edit": {"kind", "target", "before", "after"} (scenes)}`."""
+    import json
+    from pathlib import Path
+
+    from mmbridge.data.shapes.world import Scene
+
+    path = Path(path)
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                edit = {"kind": raw["kind"], "target": int(raw["target"]),
+                        "before": Scene.from_dict(raw["before_scene"]), "after": Scene.from_dict(raw["after_scene"])}
+                records.append({"id": raw.get("id", str(n)), "instruction": raw["instruction"],
+                                "source": str(path.parent / raw["before"]), "edit": edit})
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{n}: not an edit pair ({err}); expected the wave2 edits format") from None
+    return records
+
+
+def edit_images(pipeline, requests: Sequence[tuple], batch_size: int = 8, max_new_tokens: int = 80,
+                progress: bool = True) -> list[tuple[object | None, str]]:
+    """(the edited image or None, the answer's text) for each (source image, instruction): the image and
+    the instruction are the user's turn; the image is the first `ImagePart` of the answer."""
+    from mmbridge.generation import ImagePart
+
+    out = []
+    for i in tqdm(range(0, len(requests), batch_size), desc="edit", disable=not progress, unit="batch"):
+        chunk = requests[i:i + batch_size]
+        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                         for _, text in chunk]
+        results = pipeline.generate(conversations, images=[load_image(image) for image, _ in chunk],
+                                    max_new_tokens=max_new_tokens, do_sample=False)
+        for result in results:
+            images = [p.image for p in result.parts if isinstance(p, ImagePart)]
+            out.append((images[0] if images else None, result.text))
+    return out
+
+
+def evaluate_edit(edit, records: Sequence[dict], out_dir=None, batch_size: int = 8,
+                  progress: bool = True) -> tuple[dict, list[dict]]:
+    """Instruction editing (issue 16): `edit([(source, instruction), ...]) -> [(image or None, text)]` edits a
+    batch (`edit_images` over a pipeline, or any stand-in: the world's render of the edited scene is the
+    oracle); `records` as `read_edit_records` returns them. Each edited image is read back with the world
+    reader and scored by `edit_score` (the requested objects, untouched objects kept, the edit applied);
+    with `out_dir` it is saved there as `ID.png`. Returns (summary, one record per pair)."""
+    from pathlib import Path
+
+    from mmbridge.data.shapes.edit_eval import edit_score, summarize_edits
+    from mmbridge.data.shapes.reader import read_image
+
+    out = Path(out_dir) if out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    scored, rows = [], []
+    for i in tqdm(range(0, len(records), batch_size), desc="edit", disable=not progress, unit="batch"):
+        chunk = records[i:i + batch_size]
+        for rec, (image, text) in zip(chunk, edit([(r["source"], r["instruction"]) for r in chunk])):
+            reading = None if image is None else read_image(image)
+            score = edit_score(reading, rec["edit"])
+            scored.append(score)
+            row = {"id": rec["id"], "instruction": rec["instruction"], "text": text, **score,
+                   "read": [] if reading is None else [o.name for o in reading.objects]}
+            if out and image is not None:
+                row["image"] = str(out / f"{rec['id']}.png")
+                image.save(row["image"])
+            rows.append(row)
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in summarize_edits(scored).items()}
+    return summary, rows

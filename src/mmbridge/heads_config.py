@@ -149,7 +149,8 @@ class ActConfig(HeadConfig):
 
     kind: ClassVar[str] = "act"
     loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_mask", "act_dice",
-                                             "act_keypoints", "act_oks", "act_visibility")
+                                             "act_keypoints", "act_oks", "act_visibility",
+                                             "act_gen", "act_gen_caption", "act_edit")
     name: str = "act"
     tasks: list[str] = field(default_factory=lambda: ["det", "seg", "grd"])
     queries_per_task: int = 4
@@ -165,6 +166,13 @@ class ActConfig(HeadConfig):
     visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
     region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
     num_keypoints: int = 17  # [POSE]: keypoints per person (COCO's 17, as ShapesWorld's stick figures)
+    # [GEN] / [EDIT]: the draw head whose generator they use ([GEN]: its mapper and UNet as they are;
+    # [EDIT]: its VAE and scheduler, and its UNet to initialise the editing UNet from)
+    draw_head: str = "draw"
+    edit_guidance_scale: float = 7.5  # [EDIT]: classifier-free guidance on the instruction (InstructPix2Pix's s_T)
+    edit_image_guidance_scale: float = 1.5  # [EDIT]: guidance on the source image (s_I)
+    edit_condition_dropout: float = 0.05  # [EDIT] training: drop the instruction / the image / both, 5 % each
+    edit_num_inference_steps: int | None = None  # [EDIT]: DDIM steps; None: the draw head's
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -179,10 +187,12 @@ class ActConfig(HeadConfig):
 
     @property
     def components(self) -> dict[str, bool]:
-        """`decoders` (the DETR decoder of [DET] / [SEG] / [GRD]), `pose_decoder` ([POSE]), `region_encoder`."""
+        """`decoders` (the DETR decoder of [DET] / [SEG] / [GRD]), `pose_decoder` ([POSE]), `editor` ([EDIT]:
+        the editing UNet and its mapper), `region_encoder`. [GEN] has none: it uses the draw head's."""
         perception = any(t in ("det", "seg", "grd") for t in self.tasks)
         return {**({f"{self.name}.decoders": True} if perception else {}),
                 **({f"{self.name}.pose_decoder": True} if "pose" in self.tasks else {}),
+                **({f"{self.name}.editor": True} if "edit" in self.tasks else {}),
                 **({f"{self.name}.region_encoder": True} if self.visual_prompts else {})}
 
     @property
@@ -202,6 +212,12 @@ class ActConfig(HeadConfig):
             raise ValueError("act: score_threshold must be in (0, 1)")
         if self.num_keypoints < 1:
             raise ValueError("act: num_keypoints must be >= 1")
+        if not 0.0 <= self.edit_condition_dropout < 1 / 3:
+            raise ValueError("act: edit_condition_dropout must be in [0, 1/3) (three drops of that rate each)")
+        if self.edit_guidance_scale < 1 or self.edit_image_guidance_scale < 1:
+            raise ValueError("act: edit guidance scales must be >= 1 (1 = no guidance)")
+        if self.edit_num_inference_steps is not None and self.edit_num_inference_steps < 1:
+            raise ValueError("act: edit_num_inference_steps must be >= 1")
 
 
 def build_head_config(name: str, raw: dict) -> HeadConfig:

@@ -1,6 +1,7 @@
 """`mmbridge eval vqa|caption|retrieval --model DIR --questions FILE.jsonl [--out preds.jsonl]`, and
 `mmbridge eval detect --model DIR --coco FILE.json [--prompt "Find every {category}."]` (COCOeval AP), and
-`mmbridge eval draw --model DIR --prompts FILE [--out DIR] [--guidance-scale S]` (draw faithfulness).
+`mmbridge eval draw --model DIR --prompts FILE [--out DIR] [--guidance-scale S]` (draw faithfulness), and
+`mmbridge eval edit --model DIR --edits edits/edits_SPLIT.jsonl [--out DIR]` (instruction-edit accuracy).
 
 Prints one JSON object (the metric, `n`, per-type numbers); `--out` writes one prediction per line.
 """
@@ -10,26 +11,31 @@ from __future__ import annotations
 import json
 import sys
 
-TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "pose")
+from mmbridge.commands.eval_act import ACT_TASKS  # segment, ground, region, route: commands/eval_act.py
+
+TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "pose", "edit")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a model: VQA accuracy, caption triple F1, ITC retrieval R@1, detection AP, "
-                     "draw faithfulness",
+                     "draw faithfulness, edit accuracy",
         description="Evaluate on an eval JSON-lines file (format: docs/world.md; `mmbridge data shapes --format eval` "
                     "writes vqa_SPLIT.jsonl and caption_SPLIT.jsonl). retrieval reads a caption file.")
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=(*TASKS, *ACT_TASKS))
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
-    parser.add_argument("--questions", metavar="FILE.jsonl", help="the eval file (vqa, caption, retrieval)")
+    parser.add_argument("--questions", metavar="FILE.jsonl", help="the eval file (vqa, caption, retrieval; ground, region, route: "
+                             "pretrain.act.write_act_eval's)")
     parser.add_argument("--coco", metavar="FILE.json",
-                        help="detect: a COCO file with boxes (and masks); pose: one with keypoints")
+                        help="detect / segment: a COCO file with boxes (and masks); pose: one with keypoints")
     parser.add_argument("--prompt", default=None,
                         help='detect: the request; "{category}" asks per category (default: "Find every {category}.")')
     parser.add_argument("--out", default=None, metavar="PREDS.jsonl",
                         help="write per-item predictions here (draw: the folder for the images and draw.jsonl)")
     parser.add_argument("--prompts", metavar="FILE",
                         help='draw: JSON lines {"prompt", "objects"?, "relation"?} or plain prompt lines')
+    parser.add_argument("--edits", metavar="FILE.jsonl",
+                        help="edit: the edit pairs of `mmbridge data shapes --format wave2` (edits/edits_SPLIT.jsonl)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="draw: classifier-free guidance scale for this run (default: the model's)")
     parser.add_argument("--steps", type=int, default=None,
@@ -50,12 +56,18 @@ def handle(args) -> int:
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.task in ACT_TASKS:
+        from mmbridge.commands.eval_act import handle_act
+
+        return handle_act(args)
     if args.task == "detect":
         return _detect(args)
     if args.task == "draw":
         return _draw(args)
     if args.task == "pose":
         return _pose(args)
+    if args.task == "edit":
+        return _edit(args)
     if not args.questions:
         raise CLIError(f"eval {args.task} needs --questions FILE.jsonl")
     kind = "vqa" if args.task == "vqa" else "caption"
@@ -189,3 +201,41 @@ def _pose(args) -> int:
 
     return _coco_task(args, "pose", evaluate_pose, POSE_PROMPT,
                       "COCO keypoints: pose/coco_pose_SPLIT.json of `mmbridge data shapes --format wave2`")
+
+
+def _edit(args) -> int:
+    """`mmbridge eval edit --model DIR --edits edits/edits_SPLIT.jsonl [--out DIR]`: the world reader checks each
+    edited image (the requested objects, untouched objects kept, the edit applied); one JSON object."""
+    import os
+
+    from mmbridge.cli import CLIError
+    from mmbridge.commands.chat import load_pipeline
+    from mmbridge.evaluate import edit_images, evaluate_edit, read_edit_records
+
+    if not args.edits or not os.path.isfile(args.edits):
+        raise CLIError(f"eval edit needs --edits FILE.jsonl (edits/edits_SPLIT.jsonl of `mmbridge data shapes "
+                       f"--format wave2`); got {args.edits}")
+    try:
+        records = read_edit_records(args.edits)[:args.limit]
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if not records:
+        raise CLIError(f"no edit pairs in {args.edits}")
+    pipeline = load_pipeline(args.model)
+    routes = [h for h in pipeline.model.config.head_configs.values() if "[EDIT]" in h.routes]
+    if not routes:
+        raise CLIError(f"model {args.model!r} has no act head with an [EDIT] route: it cannot edit images")
+    slots = len(routes[0].routes["[EDIT]"])
+
+    def edit(requests):
+        return edit_images(pipeline, requests, batch_size=len(requests), max_new_tokens=slots + 8, progress=False)
+
+    summary, rows = evaluate_edit(edit, records, args.out, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.out:
+        with open(os.path.join(args.out, "edit.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    json.dump({"task": "edit", "model": args.model, **summary, **({"out": args.out} if args.out else {})},
+              sys.stdout)
+    sys.stdout.write("\n")
+    return 0

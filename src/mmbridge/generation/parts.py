@@ -33,11 +33,13 @@ class HeadPart:
 
 @dataclass
 class ImagePart:
-    """An image the model drew (the draw head), as a PIL image; serialized as a PNG data URL."""
+    """An image the model drew (the draw head, or the act head's `[GEN]` / `[EDIT]`: `route` says which), as a
+    PIL image; serialized as a PNG data URL."""
 
     image: Any  # PIL.Image.Image
     head: str = "draw"
     type: Literal["image"] = "image"
+    route: str | None = None  # the act head's [GEN] / [EDIT]; None for the draw head's vokens
 
     def to_dict(self) -> dict[str, Any]:
         import base64
@@ -46,8 +48,8 @@ class ImagePart:
         buffer = io.BytesIO()
         self.image.save(buffer, "PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        return {"type": "image", "head": self.head, "url": url, "width": self.image.width,
-                "height": self.image.height}
+        return {"type": "image", "head": self.head, **({"route": self.route} if self.route else {}), "url": url,
+                "width": self.image.width, "height": self.image.height}
 
 
 @dataclass
@@ -170,7 +172,17 @@ def keypoint_skeleton(num_keypoints: int) -> list[list[int]]:
     return [[a - 1, b - 1] for a, b in SKELETON]
 
 
+#: what the act head's `[EDIT]` answers when the request holds no image to edit
+NO_IMAGE_TO_EDIT = "I need an image to edit: send the picture together with the instruction."
+
+
 def _act_part(head: str, route: str, tensors: dict[str, torch.Tensor]):
+    if route in ("[GEN]", "[EDIT]"):
+        if route == "[EDIT]" and not bool(tensors["has_image"]):
+            return TextPart(NO_IMAGE_TO_EDIT)
+        part = _image_part(head, route, tensors)
+        part.route = route
+        return part
     if route != "[POSE]":
         return _detections_part(head, route, tensors)
     keep = tensors["keep"].bool()

@@ -155,15 +155,15 @@ class MMBridgePipeline:
                       images: Callable[[], tuple[torch.Tensor | None, ...]]) -> list[list[tuple[int, str, str, dict]]]:
         """Per row: (position in the answer, head name, route trigger, decoded tensors) of every head it
         triggered. One batched forward over the rows that need it; `images` -> (soft prompts, vision
-        features, region features) is computed only then."""
+        features, region features, pixels in [0, 1]) is computed only then."""
         found: list[list[tuple[int, str, str, dict]]] = [[] for _ in range(len(new_ids))]
         if not self.trigger_ids or not any(int(t) in self.trigger_ids for t in new_ids.flatten().tolist()):
             return found
         full = torch.cat([prompt_ids, new_ids], dim=1)
         mask = torch.cat([prompt_mask, torch.ones_like(new_ids)], dim=1)
         width = prompt_ids.shape[1]
-        soft_prompts, vision_features, region_features = images()
-        decoded = self.model.decode_heads(full, mask, soft_prompts, vision_features, region_features)
+        soft_prompts, vision_features, region_features, pixels = images()
+        decoded = self.model.decode_heads(full, mask, soft_prompts, vision_features, region_features, pixels)
         for row, position, name, trigger, tensors in decoded:
             if position >= width:  # triggers in the prompt (earlier turns) were decoded then
                 found[row].append((position - width, name, trigger, tensors))
@@ -191,10 +191,10 @@ class MMBridgePipeline:
         return [self._result(row.tolist(), options, n, found)
                 for row, n, found in zip(new_tokens, prompt_lengths, heads)]
 
-    def _images(self, inputs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(soft prompts, vision features, region features) of a processed batch's images."""
+    def _images(self, inputs) -> tuple[torch.Tensor | None, ...]:
+        """(soft prompts, vision features, region features, pixels in [0, 1]) of a processed batch's images."""
         if inputs["pixel_values"].shape[0] == 0:
-            return None, None, None
+            return None, None, None, None
         pixel_values = inputs["pixel_values"]
         vision_features = self.model.vision(pixel_values)
         soft_prompts = self.model.get_image_features(pixel_values, inputs.get("qformer_input_ids"),
@@ -202,7 +202,17 @@ class MMBridgePipeline:
         regions = None
         if inputs.get("region_masks") is not None:
             regions = self.model.region_features(pixel_values, inputs["region_image_index"], inputs["region_masks"])
-        return soft_prompts, vision_features, regions
+        return soft_prompts, vision_features, regions, self._pixels(pixel_values)
+
+    def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The processor's normalisation undone: the images as the vision encoder saw them, in [0, 1]
+        (what an editing head starts from)."""
+        processor = self.processor.image_processor
+        if getattr(processor, "do_normalize", False):
+            mean = torch.tensor(processor.image_mean, device=pixel_values.device, dtype=torch.float32)
+            std = torch.tensor(processor.image_std, device=pixel_values.device, dtype=torch.float32)
+            pixel_values = pixel_values.float() * std[:, None, None] + mean[:, None, None]
+        return pixel_values.float().clamp(0, 1)
 
     def _result(self, new_ids: list[int], options: SamplingOptions, prompt_tokens: int,
                 heads: Sequence[tuple[int, str, str, dict]] = ()) -> GenerationResult:
@@ -348,12 +358,13 @@ class ChatSession:
         self._image_features: list[torch.Tensor] = []  # soft prompts, one tensor per user turn with images
         self._vision_features: list[torch.Tensor] = []  # what heads read (act decoders attend to the image)
         self._region_features: list[torch.Tensor] = []  # visual prompts, one tensor per user turn with regions
+        self._pixels: list[torch.Tensor] = []  # the images in [0, 1] (what an editing head starts from)
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self._image_features, self._vision_features, self._region_features = [], [], []
+        self._image_features, self._vision_features, self._region_features, self._pixels = [], [], [], []
         self._cache, self._cached_ids = None, []
 
     def _add_user_turn(self, content: str | list[dict], images: Sequence[Any] | None) -> None:
@@ -376,6 +387,7 @@ class ChatSession:
             with torch.no_grad():
                 vision_features = self.pipeline.model.vision(pixel_values)
                 self._vision_features.append(vision_features)
+                self._pixels.append(self.pipeline._pixels(pixel_values))
                 self._image_features.append(self.pipeline.model.get_image_features(
                     pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()},
                     vision_features=vision_features))
@@ -438,8 +450,9 @@ class ChatSession:
         yield from pipeline._stream_text(run, options)
         with torch.no_grad():
             vision = torch.cat(self._vision_features) if self._vision_features else None
+            pixels = torch.cat(self._pixels) if self._pixels else None
             heads = pipeline._decode_heads(ids, torch.ones_like(ids), torch.tensor([holder["new"]], device=ids.device),
-                                           lambda: (features, vision, regions))[0]
+                                           lambda: (features, vision, regions, pixels))[0]
         result = pipeline._result(holder["new"], options, len(target), heads)
         if self._cache is not None:
             self._cached_ids = target + result.token_ids

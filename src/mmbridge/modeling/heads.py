@@ -12,7 +12,12 @@ are the head's input: `(occurrences, 1 + slots, llm_hidden)`. The head returns t
 
 `context` holds what else a head may read, per occurrence: `vision_features` (the frozen vision
 encoder's patch features of the image the request is about, the last one before the trigger in its
-row; zeros and `has_image` False where there is none). It is empty when no image was given.
+row; zeros and `has_image` False where there is none) and, at inference, `images` (that image's pixels,
+(occurrences, 3, H, W) in [0, 1]: what an editing route starts from). It is empty when no image was given.
+
+A head that works with another one (the act head's `[GEN]` / `[EDIT]` use the draw head's generator)
+finds it in `bind(heads)`, which the model calls with all its heads whenever one is added; it keeps a
+plain reference, so the other head's weights stay in that head's state dict only.
 
 Turning decoded tensors into user-facing parts (an image, boxes, a count) is `mmbridge.generation`'s job.
 """
@@ -49,6 +54,9 @@ class OutputHead(nn.Module):
 
     def decode(self, hidden: torch.Tensor, route: str, context: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def bind(self, heads: dict[str, OutputHead]) -> None:
+        """Called with every head of the model (this one included) after heads are built or added."""
 
 
 def build_head(config: HeadConfig, model_config: MMBridgeConfig) -> OutputHead:

@@ -58,6 +58,7 @@ class MMBridgeModel(PreTrainedModel):
                 raise ValueError(f"head name {name!r} is taken by an attribute of the model")
             self.add_module(name, build_head(head_config, config))
             self.head_names.append(name)
+        self._bind_heads()
         self.post_init()
         if config.projection_norm:
             self._match_llm_embedding_scale()
@@ -85,6 +86,11 @@ class MMBridgeModel(PreTrainedModel):
     def heads(self) -> dict[str, OutputHead]:
         return {name: getattr(self, name) for name in self.head_names}
 
+    def _bind_heads(self) -> None:
+        heads = self.heads
+        for head in heads.values():
+            head.bind(heads)
+
     def add_head(self, head_config, tokenizer) -> OutputHead:
         """Add an output head in a later stage: record its config, add its tokens to the LLM (trainable
         rows; tokens added before keep theirs) and build its module (trainable per its config)."""
@@ -100,6 +106,7 @@ class MMBridgeModel(PreTrainedModel):
         head = build_head(self.config.head_configs[name], self.config)
         self.add_module(name, head.to(self.device))
         self.head_names.append(name)
+        self._bind_heads()
         self.apply_trainable_policy()
         return head
 
@@ -264,15 +271,20 @@ class MMBridgeModel(PreTrainedModel):
         return torch.where(in_row > 0, index, torch.full_like(index, -1))
 
     def head_context(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                     vision_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                     vision_features: torch.Tensor | None,
+                     images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """What a head may read besides its slots' hidden states: the frozen vision encoder's features of
         each occurrence's image (`vision_features`: (occurrences, patches, vision_hidden), zeros where
-        the row has no image, `has_image` says which). Decoders that attend to the image (act) use it."""
+        the row has no image, `has_image` says which). Decoders that attend to the image (act) use it.
+        With `images` (one per image, (num_images, 3, H, W) in [0, 1]), also `images` per occurrence."""
         if vision_features is None:
             return {}
         index = self.occurrence_images(input_ids, rows[:, 0], positions[:, 0])
         features = vision_features[index.clamp(min=0)] * (index >= 0)[:, None, None]
-        return {"vision_features": features, "has_image": index >= 0}
+        context = {"vision_features": features, "has_image": index >= 0}
+        if images is not None:
+            context["images"] = images[index.clamp(min=0)] * (index >= 0)[:, None, None, None]
+        return context
 
     def head_occurrences(self, input_ids: torch.Tensor) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
         """`(head name, route trigger, rows, positions)` of every route present in `input_ids`; rows and
@@ -389,10 +401,11 @@ class MMBridgeModel(PreTrainedModel):
     @torch.no_grad()
     def decode_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      image_features: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
-                     region_features: torch.Tensor | None = None) -> list[tuple[int, int, str, str, dict]]:
+                     region_features: torch.Tensor | None = None,
+                     images: torch.Tensor | None = None) -> list[tuple[int, int, str, str, dict]]:
         """Run every head found in finished sequences (prompt + answer, left-padded) and return
         `(row, position of the trigger, head name, route trigger, decoded tensors of that occurrence)`
-        in reading order."""
+        in reading order. `images`: the input images' pixels in [0, 1] (what an editing route starts from)."""
         if not self.head_names:
             return []
         embeds = self.embed_inputs(input_ids, image_features=image_features, region_features=region_features)
@@ -403,7 +416,7 @@ class MMBridgeModel(PreTrainedModel):
                           output_hidden_states=True, return_dict=True).hidden_states[-1]
         found = []
         for name, trigger, rows, positions in self.head_occurrences(input_ids):
-            context = self.head_context(input_ids, rows, positions, vision_features)
+            context = self.head_context(input_ids, rows, positions, vision_features, images)
             decoded = self.heads[name].decode(hidden[rows, positions], trigger, context)
             for i in range(len(rows)):
                 found.append((int(rows[i, 0]), int(positions[i, 0]), name, trigger,

@@ -15,6 +15,14 @@ an empty `boxes` list (the category is not in the image) trains every query towa
 `act_l1` / `act_giou` on the people's boxes. Its targets: `{"keypoints": per person K (x, y, v) triples
 (flat, COCO-style, or nested) in [0, 1] of the image, v > 0 labelled, "boxes": [[x0, y0, x1, y1], ...]
 (optional: the visible keypoints' extent; a person's box area is OKS's scale)}`.
+
+`[GEN]` and `[EDIT]` draw through the draw head's generator (`ActConfig.draw_head`, found in `bind`):
+`[GEN]`'s link states (trigger + 64 queries by default) go through the draw head's mapper into its UNet
+exactly as the vokens do — one generator, two ways to ask — and report `act_gen` (the draw head's LDM
+loss) and `act_gen_caption`; targets as the draw head's, `{"image", "caption"?}`. `[EDIT]` runs the
+InstructPix2Pix editor (`editor.py`, component `editor`) and reports `act_edit`; targets `{"image": the
+edited image, "source": the image to edit}` (PIL / array / (3, H, W) tensor in [0, 1]); at inference
+the source is the request's image (`context["images"]`); a request with none decodes `has_image` False.
 """
 
 from __future__ import annotations
@@ -30,14 +38,17 @@ from transformers.loss.loss_for_object_detection import (
     sigmoid_focal_loss,
 )
 
-from mmbridge.heads_config import ActConfig
+from mmbridge.heads_config import ActConfig, DrawConfig
 from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+from mmbridge.modeling.act.editor import InstructionEditor
 from mmbridge.modeling.act.keypoints import PoseDecoder, keypoint_sigmas, match_people, oks
 from mmbridge.modeling.act.region import RegionEncoder
+from mmbridge.modeling.draw.head import image_tensor
 from mmbridge.modeling.heads import OutputHead, register_head
 
 PERCEPTION_ROUTES = ("[DET]", "[SEG]", "[GRD]")
-DECODED_ROUTES = (*PERCEPTION_ROUTES, "[POSE]")
+GENERATION_ROUTES = ("[GEN]", "[EDIT]")
+DECODED_ROUTES = (*PERCEPTION_ROUTES, "[POSE]", *GENERATION_ROUTES)
 
 
 def corners_to_center(boxes: torch.Tensor) -> torch.Tensor:
@@ -94,6 +105,27 @@ class ActHead(OutputHead):
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
         if config.visual_prompts:
             self.region_encoder = RegionEncoder(self.llm_hidden_size, config.region_points)
+        self._draw = None  # the draw head ([GEN] / [EDIT]), a plain reference set in `bind`
+        if any(t in GENERATION_ROUTES for t in config.routes):
+            draw = model_config.head_configs.get(config.draw_head)
+            if not isinstance(draw, DrawConfig):
+                raise ValueError(f"act routes [GEN] / [EDIT] draw through a draw head named {config.draw_head!r} "
+                                 "(ActConfig.draw_head), which this model lacks: add the draw head first")
+            if "[EDIT]" in config.routes:
+                path = (model_config.component_paths or {}).get(f"{draw.name}.generator") or draw.pipeline_path
+                self.editor = InstructionEditor.from_generator_dir(
+                    path, self.llm_hidden_size, draw.mapper_hidden_size, draw.mapper_layers, draw.mapper_heads,
+                    draw.num_condition_queries)
+
+    def bind(self, heads: dict) -> None:
+        if any(t in GENERATION_ROUTES for t in self.config.routes):
+            self.__dict__["_draw"] = heads.get(self.config.draw_head)  # not a submodule: its weights stay draw's
+
+    def _draw_head(self):
+        if self._draw is None:
+            raise ValueError(f"act: [GEN] / [EDIT] need the draw head {self.config.draw_head!r}; "
+                             "this head was not bound to it (build it inside an MMBridgeModel)")
+        return self._draw
 
     def encode_regions(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Visual prompts: (R, 3, H, W) images and (R, H, W) masks -> `<region>` embeddings (R, llm_hidden)."""
@@ -104,6 +136,12 @@ class ActHead(OutputHead):
             raise ValueError(f"act: {hidden.shape[0]} {route} in the batch but {len(targets)} targets")
         if route == "[POSE]":
             return self._pose_loss(hidden, targets, context)
+        if route == "[GEN]":
+            draw = self._draw_head()
+            named = {"draw_ldm": "act_gen", "draw_caption": "act_gen_caption"}
+            return {named[k]: v for k, v in draw.loss(hidden, targets, draw.config.trigger, context).items()}
+        if route == "[EDIT]":
+            return {"act_edit": self._edit_loss(hidden, targets, context)}
         out = self.decoders(hidden, context.get("vision_features"))
         device = out["boxes"].device
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
@@ -142,7 +180,13 @@ class ActHead(OutputHead):
     def decode(self, hidden: torch.Tensor, route: str, context: dict) -> dict[str, torch.Tensor]:
         """Per occurrence: every query's box (x0, y0, x1, y1 in [0, 1]), score, mask, and which to keep
         (above `score_threshold`; for `[GRD]` the single best). `[POSE]`: also every query's `keypoints`
-        (K, 2) x y in [0, 1] and `keypoint_scores` (K,) visibility probabilities."""
+        (K, 2) x y in [0, 1] and `keypoint_scores` (K,) visibility probabilities. `[GEN]`: the drawn
+        `image` (3, H, W) in [0, 1]; `[EDIT]`: the edited `image` and `has_image` (False: nothing to edit)."""
+        if route == "[GEN]":
+            draw = self._draw_head()
+            return draw.decode(hidden, draw.config.trigger, context)
+        if route == "[EDIT]":
+            return self._edit_decode(hidden, context)
         if route == "[POSE]":
             out = self.pose_decoder(hidden, context.get("vision_features"))
             scores = out["logits"].sigmoid()
@@ -159,6 +203,39 @@ class ActHead(OutputHead):
         if out["masks"] is not None and route != "[DET]":
             decoded["masks"] = out["masks"].sigmoid() > 0.5
         return decoded
+
+    def _edit_loss(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> torch.Tensor:
+        generator = self._draw_head().generator
+        size = generator.image_size
+        images = context.get("images")
+        sources = []
+        for i, target in enumerate(targets):
+            if target.get("source") is not None:
+                sources.append(image_tensor(target["source"], size))
+            elif images is not None and bool(context["has_image"][i]):
+                sources.append(image_tensor(images[i], size))
+            else:
+                raise ValueError("act: an [EDIT] target needs its 'source' image (the image to edit)")
+        edited = torch.stack([image_tensor(t["image"], size) for t in targets]).to(hidden.device)
+        return self.editor.loss(generator, hidden, torch.stack(sources).to(hidden.device), edited,
+                                self.config.edit_condition_dropout)
+
+    @torch.no_grad()
+    def _edit_decode(self, hidden: torch.Tensor, context: dict) -> dict[str, torch.Tensor]:
+        draw = self._draw_head()
+        size = draw.generator.image_size
+        has_image = context.get("has_image")
+        if has_image is None or context.get("images") is None:
+            has_image = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        out = torch.zeros(hidden.shape[0], 3, size, size, device=hidden.device)
+        if has_image.any():
+            sources = torch.stack([image_tensor(image, size) for image in context["images"][has_image]])
+            rng = torch.Generator().manual_seed(draw.config.sample_seed)
+            steps = self.config.edit_num_inference_steps or draw.config.num_inference_steps
+            out[has_image] = self.editor.sample(draw.generator, hidden[has_image], sources,
+                                                self.config.edit_guidance_scale,
+                                                self.config.edit_image_guidance_scale, steps, rng).to(out.dtype)
+        return {"image": out, "has_image": has_image}
 
     def _pose_loss(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> dict[str, torch.Tensor]:
         out = self.pose_decoder(hidden, context.get("vision_features"))

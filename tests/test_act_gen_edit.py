@@ -1,0 +1,282 @@
+"""The act head's [GEN] and [EDIT] routes on a tiny random Stable-Diffusion-layout generator.
+
+[GEN]: the routing token's super-link states go through the draw head's mapper into its UNet (one
+generator, two ways to ask). [EDIT]: InstructPix2Pix — a UNet widened for the source latent, initialised
+from the draw UNet, trained with ε-MSE on ShapesWorld edit pairs, sampled with 3-way CFG in one batched
+UNet call. Both answer with an ImagePart; [EDIT] without an image answers in words. `mmbridge eval edit`
+reads edited images back with the world reader (an oracle edit scores 1.0)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mmbridge.data.shapes.edit_eval import (
+    IMPOSSIBLE_EDITS,
+    edit_instruction_issue,
+    edit_messages,
+    edit_score,
+    refusal_messages,
+)
+from mmbridge.data.shapes.edits import EDIT_KINDS, edit_pair
+from mmbridge.data.shapes.reader import read_image
+from mmbridge.generation import ImagePart, MMBridgePipeline, TextPart, part_to_dict
+from mmbridge.generation.parts import NO_IMAGE_TO_EDIT, build_part
+from mmbridge.heads_config import ActConfig, DrawConfig
+from mmbridge.testing import build_tiny, build_tiny_sd
+
+QUERIES = 8  # super-link queries per [GEN] / [EDIT] in these tests (64 by default)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(directory)
+    return directory
+
+
+def with_gen_edit(sd_dir, seed=0, **kw):
+    model, processor = build_tiny(seed=seed)
+    torch.manual_seed(seed)  # the heads' weights, whatever ran before
+    draw = DrawConfig(pipeline_path=str(sd_dir), mapper_hidden_size=32, mapper_layers=(1, 1), mapper_heads=2,
+                      num_inference_steps=3)
+    model.add_head(draw, processor.tokenizer)
+    processor.register_head(draw)
+    act = ActConfig(tasks=["gen", "edit"], queries_per_generation_task=QUERIES, visual_prompts=False,
+                    edit_num_inference_steps=3, **kw)
+    model.add_head(act, processor.tokenizer)
+    processor.register_head(act)
+    return model, processor
+
+
+def gen_turns(text="Draw a red square.", color=(220, 40, 40)):
+    return [{"role": "user", "content": text},
+            {"role": "assistant", "content": [{"type": "head", "head": "[GEN]", "target": {
+                "image": Image.new("RGB", (16, 16), color), "caption": "a red square"}}]}]
+
+
+def test_default_routes_components_and_loss_names(sd_dir):
+    config = ActConfig(tasks=["det", "gen", "edit"])
+    assert len(config.routes["[GEN]"]) == len(config.routes["[EDIT]"]) == 64  # the seed's default for gen/edit
+    assert len(config.routes["[DET]"]) == 4
+    assert "act.editor" in config.components and not any("gen" in c for c in config.components)
+    model, _ = with_gen_edit(sd_dir)
+    assert model.config.trainable["act.editor"] and not model.config.trainable["draw.generator"]
+    assert {"act_gen", "act_gen_caption", "act_edit"} <= set(model.config.loss_names)
+    # [GEN] uses the draw head's modules: no copy of them in the act head's weights
+    assert not any(k.startswith("act.") and ".generator." in k for k in model.state_dict())
+    assert model.act._draw is model.draw
+
+
+def test_gen_and_edit_need_a_draw_head():
+    model, processor = build_tiny()
+    with pytest.raises(ValueError, match="add the draw head first"):
+        model.add_head(ActConfig(tasks=["gen"], visual_prompts=False), processor.tokenizer)
+    with pytest.raises(ValueError, match="edit_condition_dropout"):
+        ActConfig(tasks=["edit"], edit_condition_dropout=0.5).validate()
+
+
+def test_editor_starts_as_the_draw_unet(sd_dir):
+    """InstructPix2Pix's init: the source latent's input channels have zero weights, so before training the
+    editing UNet predicts exactly what the draw UNet does, whatever the source image."""
+    model, _ = with_gen_edit(sd_dir)
+    unet, editor = model.draw.generator.unet, model.act.editor.unet
+    assert editor.config.in_channels == 2 * unet.config.in_channels == editor.conv_in.in_channels
+    assert torch.all(editor.conv_in.weight[:, unet.config.in_channels:] == 0)
+    torch.manual_seed(0)
+    noisy, source = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    condition = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        want = unet(noisy, 5, encoder_hidden_states=condition).sample
+        got = editor(torch.cat([noisy, source], 1), 5, encoder_hidden_states=condition).sample
+    torch.testing.assert_close(got, want)
+    assert editor.conv_in.weight.data_ptr() != unet.conv_in.weight.data_ptr()  # its own weights: they train
+
+
+def test_three_way_cfg_is_one_batched_unet_call(sd_dir):
+    model, _ = with_gen_edit(sd_dir)
+    calls = []
+    model.act.editor.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    hidden = torch.randn(2, 1 + QUERIES, 32)
+    sources = torch.rand(2, 3, 16, 16) * 2 - 1
+    images = model.act.editor.sample(model.draw.generator, hidden, sources, 7.5, 1.5, 3,
+                                     torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert [s[0] for s in calls] == [6, 6, 6] and calls[0][1] == 8  # 3 conditions x 2 in one call; 4 + 4 channels
+    calls.clear()
+    model.act.editor.sample(model.draw.generator, hidden, sources, 1.0, 1.0, 3)
+    assert [s[0] for s in calls] == [2, 2, 2]  # no guidance: one branch
+
+
+def test_losses_and_what_trains(sd_dir):
+    model, processor = with_gen_edit(sd_dir)
+    edit = edit_pair("train", 0)
+    batch = processor([edit_messages(edit), gen_turns()], return_labels=True)
+    assert set(batch["head_targets"]) == {"[EDIT]", "[GEN]"}
+    model.train()
+    out = model(**batch)
+    assert {"lm", "act_gen", "act_gen_caption", "act_edit"} <= set(out.losses)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    out.loss.backward()
+    assert model.act.editor.unet.conv_in.weight.grad[:, 4:].abs().sum() > 0  # the source channels learn
+    assert model.act.editor.mapper.out.weight.grad is not None
+    assert model.draw.mapper.out.weight.grad is not None  # [GEN] trains the draw head's mapper
+    assert all(p.grad is None for p in model.draw.generator.parameters())  # the generator stays frozen
+
+
+def test_edit_target_needs_its_source(sd_dir):
+    model, processor = with_gen_edit(sd_dir)
+    turns = edit_messages(edit_pair("train", 1))
+    del turns[1]["content"][0]["target"]["source"]
+    with pytest.raises(ValueError, match="'source' image"):
+        model(**processor([turns], return_labels=True))
+
+
+@pytest.fixture(scope="module")
+def trained(sd_dir, tmp_path_factory):
+    """Trained 40 steps on two edit pairs and two [GEN] requests (the frozen LM learns the routing tokens),
+    saved and loaded back."""
+    model, processor = with_gen_edit(sd_dir, seed=1, edit_condition_dropout=0.0)
+    edits = [edit_pair("train", i) for i in range(2)]
+    gens = [gen_turns(), gen_turns("Draw a blue circle.", (40, 40, 220))]
+    batch = processor([*(edit_messages(e) for e in edits), *gens], return_labels=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    edit_losses = []
+    for _ in range(40):
+        out = model(**batch)
+        edit_losses.append(out.losses["act_edit"].item())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    directory = tmp_path_factory.mktemp("gen-edit-model")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return {"model": model, "processor": processor, "edits": edits, "dir": directory, "losses": edit_losses}
+
+
+def test_edit_route_end_to_end(trained):
+    """Train a few steps, ask with an image and an instruction: the answer is an edited ImagePart, the same
+    through a saved-and-loaded model and through a chat session."""
+    assert min(trained["losses"][-5:]) < trained["losses"][0]
+    edit = trained["edits"][0]
+    source = edit["before"].render()
+    pipe = MMBridgePipeline.from_pretrained(trained["dir"])
+    assert not any(f.name == "model.safetensors" for f in trained["dir"].iterdir())  # generator referenced
+    [result] = pipe.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                              "text": edit["instruction"]}]}],
+                             images=[source], max_new_tokens=QUERIES + 4)
+    images = [p for p in result.parts if isinstance(p, ImagePart)]
+    assert images, f"the trained model should edit: {result.raw_text!r}"
+    assert images[0].route == "[EDIT]" and images[0].image.size == (16, 16)
+    assert part_to_dict(images[0])["route"] == "[EDIT]"
+    ids, added = result.token_ids, pipe.model.config.added_tokens
+    start = ids.index(added["[EDIT]"])
+    assert ids[start + 1:start + 1 + QUERIES] == [added[f"[EDIT_Q{i}]"] for i in range(QUERIES)]  # forced
+    # the loaded editor is the trained one, and the answer is the in-memory model's
+    [direct] = MMBridgePipeline(trained["model"], trained["processor"]).generate(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": edit["instruction"]}]}],
+        images=[source], max_new_tokens=QUERIES + 4)
+    assert [p for p in direct.parts if isinstance(p, ImagePart)][0].image.tobytes() == images[0].image.tobytes()
+    again = pipe.chat().ask(edit["instruction"], images=[source], max_new_tokens=QUERIES + 4)
+    assert [p for p in again.parts if isinstance(p, ImagePart)][0].image.tobytes() == images[0].image.tobytes()
+
+
+def test_gen_route_end_to_end(trained):
+    pipe = MMBridgePipeline(trained["model"], trained["processor"])
+    [result] = pipe.generate([{"role": "user", "content": "Draw a red square."}], max_new_tokens=QUERIES + 4)
+    images = [p for p in result.parts if isinstance(p, ImagePart)]
+    assert images, f"the trained model should draw through [GEN]: {result.raw_text!r}"
+    assert images[0].route == "[GEN]" and images[0].head == "act" and images[0].image.size == (16, 16)
+    # one generator: [GEN] decodes exactly as the draw head would on the same states
+    hidden = torch.randn(1, 1 + QUERIES, 32)
+    model = trained["model"]
+    torch.testing.assert_close(model.act.decode(hidden, "[GEN]", {})["image"],
+                               model.draw.decode(hidden, "[IMG0]", {})["image"])
+
+
+def test_edit_without_an_image_is_a_clear_answer(trained):
+    model, processor = trained["model"], trained["processor"]
+    turns = [{"role": "user", "content": "Make the red circle blue."},
+             {"role": "assistant", "content": [{"type": "head", "head": "[EDIT]", "target": None}]}]
+    ids = processor([turns])["input_ids"]
+    [(row, _, name, route, tensors)] = model.decode_heads(ids)
+    assert route == "[EDIT]" and not bool(tensors["has_image"])
+    part = build_part("act", name, route, tensors)
+    assert isinstance(part, TextPart) and part.text == NO_IMAGE_TO_EDIT
+    # and through the pipeline: whatever the tiny model answers, no crash
+    pipe = MMBridgePipeline(model, processor)
+    for text in ("Make the red circle blue.", *IMPOSSIBLE_EDITS[:2]):
+        [result] = pipe.generate([{"role": "user", "content": text}], max_new_tokens=QUERIES + 4)
+        assert all(p.type in ("text", "image") for p in result.parts)
+
+
+def test_instructions_the_world_cannot_do_get_a_clear_answer():
+    for kind in EDIT_KINDS:
+        edit = next(e for e in (edit_pair("train", i) for i in range(40)) if e["kind"] == kind)
+        assert edit_instruction_issue(edit["instruction"]) is None, edit["instruction"]
+    for text in ("make the circle blue", "remove the square", "move the triangle left", "make it large"):
+        assert edit_instruction_issue(text) is None, text  # the issue's examples
+    for text in IMPOSSIBLE_EDITS:
+        reason = edit_instruction_issue(text)
+        assert reason and "I can recolour" in reason, text
+    assert '"transparent"' in edit_instruction_issue("Make it transparent.")
+    turns = refusal_messages("Make it transparent.", edit_pair("train", 0)["before"].render())
+    assert turns[1]["content"] == edit_instruction_issue("Make it transparent.")
+
+
+def test_edit_score_oracle_is_exact_and_the_unedited_source_fails():
+    for i in range(60):
+        edit = edit_pair("test", i)
+        score = edit_score(read_image(edit["after"].render()), edit)
+        assert score["correct"] and score["untouched"] and score["edit_applied"], (edit["instruction"], score)
+        assert not edit_score(read_image(edit["before"].render()), edit)["correct"], edit["instruction"]
+    assert edit_score(None, edit)["no_image"]
+
+
+def _write_edits(directory, n=6):
+    from mmbridge.data.build import generate
+
+    generate(str(directory), num=n, seed=0, split="test", formats=["wave2"], workers=1, wave2_num=n,
+             progress=False)
+    return directory / "edits" / "edits_test.jsonl"
+
+
+def test_eval_edit_oracle_scores_one(tmp_path):
+    from mmbridge.evaluate import evaluate_edit, read_edit_records
+
+    records = read_edit_records(_write_edits(tmp_path))
+    by_source = {r["source"]: r["edit"]["after"].render() for r in records}
+    summary, rows = evaluate_edit(lambda requests: [(by_source[src], "done") for src, _ in requests], records,
+                                  tmp_path / "out", batch_size=4, progress=False)
+    assert summary["accuracy"] == summary["untouched"] == summary["edit_applied"] == 1.0 and summary["n"] == 6
+    assert len(rows) == 6 and all((tmp_path / "out" / f"{r['id']}.png").exists() for r in rows)
+
+
+def test_eval_edit_cli_on_a_tiny_model(trained, tmp_path, capsys):
+    from mmbridge.cli import main
+
+    edits = _write_edits(tmp_path, n=3)
+    code = main(["eval", "edit", "--model", str(trained["dir"]), "--edits", str(edits), "--out",
+                 str(tmp_path / "out"), "--no-progress", "--batch-size", "2"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["task"] == "edit" and summary["n"] == 3
+    for key in ("accuracy", "objects", "untouched", "edit_applied", "readable", "kept", "no_image", "per_kind"):
+        assert key in summary
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert len((tmp_path / "out" / "edit.jsonl").read_text().splitlines()) == 3
+    # a model without [EDIT] gets one clear line
+    model, processor = build_tiny()
+    model.save_pretrained(tmp_path / "plain")
+    processor.save_pretrained(tmp_path / "plain")
+    assert main(["eval", "edit", "--model", str(tmp_path / "plain"), "--edits", str(edits)]) == 2
+    assert "no act head with an [EDIT] route" in capsys.readouterr().err
