@@ -280,3 +280,38 @@ def test_eval_edit_cli_on_a_tiny_model(trained, tmp_path, capsys):
     processor.save_pretrained(tmp_path / "plain")
     assert main(["eval", "edit", "--model", str(tmp_path / "plain"), "--edits", str(edits)]) == 2
     assert "no act head with an [EDIT] route" in capsys.readouterr().err
+
+
+def test_the_openai_client_gets_the_edited_image(trained):
+    """As for draw: the API returns the edited image in `message.images` (and typed parts on request)."""
+    import base64
+    import io
+
+    import httpx
+    import openai
+
+    from mmbridge.serve.app import ServeSettings, create_app
+    from mmbridge.serve.testing import running_server
+
+    edit = trained["edits"][0]
+    source = edit["before"].render()
+    pipe = MMBridgePipeline(trained["model"], trained["processor"])
+    [result] = pipe.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                              "text": edit["instruction"]}]}],
+                             images=[source], max_new_tokens=QUERIES + 4)
+    [expected] = [p.image for p in result.parts if isinstance(p, ImagePart)]
+    buffer = io.BytesIO()
+    source.save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": edit["instruction"]}]}]
+    with running_server(create_app(pipe, ServeSettings(model_name="edit"))) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="edit", messages=messages, max_tokens=QUERIES + 4)
+        body = {"model": "edit", "messages": messages, "max_tokens": QUERIES + 4, "output_parts": True}
+        typed = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).json()
+    [image] = reply.choices[0].message.images
+    got = Image.open(io.BytesIO(base64.b64decode(image["image_url"]["url"].split(",", 1)[1])))
+    assert got.convert("RGB").tobytes() == expected.tobytes()
+    [part] = [p for p in typed["choices"][0]["message"]["parts"] if p["type"] == "image"]
+    assert part["route"] == "[EDIT]" and part["head"] == "act"
