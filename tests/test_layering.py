@@ -29,6 +29,7 @@ FORBIDDEN_ARROWS: list[tuple[str, tuple[str, ...]]] = [
     ("mmbridge.modeling.draw", ("mmbridge.modeling.act",)),  # act may use draw ([GEN] / [EDIT]), not back
     ("mmbridge.eval", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     ("mmbridge.evaluate", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
+    ("mmbridge.evaluate_act", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     ("mmbridge.testing", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     # pretrain and recipes build on train, so train importing them would be a loop.
     ("mmbridge.train", ("mmbridge.recipes", "mmbridge.pretrain", "mmbridge.commands", "mmbridge.cli")),

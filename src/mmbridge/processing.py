@@ -125,16 +125,30 @@ def check_region(part: dict, where: str) -> None:
         raise ValueError(f"{where}: a region gives exactly one of {list(REGION_KINDS)}, got {kinds or 'none'}")
     kind, value = kinds[0], part[kinds[0]]
     if kind == "mask":
-        if np.asarray(value).ndim != 2:
-            raise ValueError(f"{where}: a region mask is a 2-D array")
+        try:
+            mask = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: a region mask is a 2-D array of 0 / 1") from None
+        if mask.ndim != 2 or not mask.size:
+            raise ValueError(f"{where}: a region mask is a 2-D array of 0 / 1, got shape {mask.shape}")
+        if not (mask > 0).any():
+            raise ValueError(f"{where}: the region mask is empty: it marks no pixel of the image")
         return
     points = [value] if kind == "point" else value if kind == "scribble" else [value[:2], value[2:]]
     try:
-        ok = len(points) > 0 and all(len(p) == 2 and all(0.0 <= float(v) <= 1.0 for v in p) for p in points)
+        ok = len(points) > 0 and all(len(p) == 2 and all(_number(v) and 0.0 <= float(v) <= 1.0 for v in p)
+                                     for p in points)
     except (TypeError, ValueError):
         ok = False
     if not ok or (kind == "box" and len(value) != 4):
-        raise ValueError(f"{where}: region {kind} must be fractions of the image in [0, 1], got {value!r}")
+        raise ValueError(f"{where}: region {kind} must be fractions of the image in [0, 1] (a region outside the "
+                         f"image marks nothing), got {value!r}")
+    if kind == "box" and not (float(value[0]) < float(value[2]) and float(value[1]) < float(value[3])):
+        raise ValueError(f"{where}: a region box is [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {value!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def region_mask(part: dict, height: int, width: int) -> np.ndarray:
@@ -353,6 +367,20 @@ class MMBridgeProcessor:
             )
         return EncodedConversation(ids, labels, num_images, head_targets, regions)
 
+    def check_regions(self, encoded: EncodedConversation) -> None:
+        """Every `<region>` in the prompt is a marked region (a user who types the placeholder marks none), and
+        every region marks a pixel at the model's input size. Not part of `encode`: a chat session keeps its
+        marked regions as embeddings and re-encodes bare placeholders."""
+        if self.region_token is None:
+            return
+        if encoded.regions:
+            self.region_masks([part for _, part in encoded.regions])
+        written = encoded.input_ids.count(self.tokenizer.convert_tokens_to_ids(self.region_token))
+        if written != len(encoded.regions):
+            raise ValueError(f"the prompt holds {written} {self.region_token} placeholder(s) but marks "
+                             f"{len(encoded.regions)} region(s): mark a region with a region part "
+                             f"({{'type': 'region', 'box': [x0, y0, x1, y1]}}), not by typing {self.region_token}")
+
     def _expand_image_tokens(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
         out_ids, out_mask = [], []
         for tok, m in zip(ids, mask):
@@ -376,6 +404,8 @@ class MMBridgeProcessor:
         """
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
         encoded = [self.encode(conv, add_generation_prompt) for conv in batch]
+        for e in encoded:
+            self.check_regions(e)
         all_images = self._collect_images(batch, images)
         instructions = [text for conv in batch
                         for text in image_instructions(self.assistant_images_to_heads(normalize_messages(conv)))]
@@ -450,7 +480,11 @@ class MMBridgeProcessor:
     def region_masks(self, parts: Sequence[dict]) -> torch.Tensor:
         """Region parts -> (R, H, W) masks at the image processor's size."""
         size = self.image_processor.size
-        return torch.stack([torch.from_numpy(region_mask(p, size["height"], size["width"])) for p in parts]).float()
+        masks = [region_mask(p, size["height"], size["width"]) for p in parts]
+        if any(not m.any() for m in masks):
+            raise ValueError(f"a region mask marks no pixel at the model's input size ({size['width']} x "
+                             f"{size['height']}): mark a larger area")
+        return torch.stack([torch.from_numpy(m) for m in masks]).float()
 
     def _collect_head_targets(self, encoded: list[EncodedConversation]) -> dict[str, list]:
         """Route trigger -> targets of the batch in reading order (rows, then positions)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
+from mmbridge.commands.eval_act import ACT_TASKS  # segment, ground, region, route: commands/eval_act.py
+
 TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "pose", "edit")
 
 
@@ -20,11 +22,12 @@ def register(subparsers) -> None:
                      "draw faithfulness, edit accuracy",
         description="Evaluate on an eval JSON-lines file (format: docs/world.md; `mmbridge data shapes --format eval` "
                     "writes vqa_SPLIT.jsonl and caption_SPLIT.jsonl). retrieval reads a caption file.")
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=(*TASKS, *ACT_TASKS))
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
-    parser.add_argument("--questions", metavar="FILE.jsonl", help="the eval file (vqa, caption, retrieval)")
+    parser.add_argument("--questions", metavar="FILE.jsonl",
+                        help="the eval file (vqa, caption, retrieval; ground, region, route: pretrain.act's)")
     parser.add_argument("--coco", metavar="FILE.json",
-                        help="detect: a COCO file with boxes (and masks); pose: one with keypoints")
+                        help="detect / segment: a COCO file with boxes (and masks); pose: one with keypoints")
     parser.add_argument("--prompt", default=None,
                         help='detect: the request; "{category}" asks per category (default: "Find every {category}.")')
     parser.add_argument("--out", default=None, metavar="PREDS.jsonl",
@@ -53,6 +56,10 @@ def handle(args) -> int:
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.task in ACT_TASKS:
+        from mmbridge.commands.eval_act import handle_act
+
+        return handle_act(args)
     if args.task == "detect":
         return _detect(args)
     if args.task == "draw":

@@ -39,6 +39,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmbridge.generation import GenerationResult, SamplingOptions, part_to_dict
+from mmbridge.processing import REGION_KINDS, check_region
 from mmbridge.serve.batching import Batcher, Cancelled, Overloaded
 from mmbridge.serve.errors import APIError, envelope
 from mmbridge.serve.images import (
@@ -540,7 +541,9 @@ def _tokenize(body: ChatCompletionRequest, conversation: list[dict], state: Serv
     if conversation[-1]["role"] != "user":
         raise APIError(400, "the last message must come from the user", param="messages", code="invalid_messages")
     try:
-        prompt_tokens = len(state.pipeline.processor.encode(conversation, add_generation_prompt=True).input_ids)
+        encoded = state.pipeline.processor.encode(conversation, add_generation_prompt=True)
+        state.pipeline.processor.check_regions(encoded)  # a typed <region>, a region that marks nothing
+        prompt_tokens = len(encoded.input_ids)
     except ValueError as err:
         raise APIError(400, str(err), param="messages", code="invalid_messages") from None
     limit = state.settings.max_input_tokens
@@ -581,8 +584,18 @@ def _convert_message(i: int, message, policy: ImagePolicy, blobs: dict) -> dict:
                 parts.append({"type": "image", "image": open_image(blobs[i, j], policy)})
             except ImageInputError as err:
                 raise APIError(400, str(err), param=f"{where}.image_url", code="invalid_image") from None
+        elif kind == "region":  # mmbridge extension: a visual prompt on this message's image (the act head)
+            if role != "user":
+                raise APIError(400, "a region (visual prompt) marks an image of a user message", param=where,
+                               code="invalid_region")
+            region = {k: part[k] for k in (*REGION_KINDS, "image") if part.get(k) is not None}
+            try:
+                check_region(region, where)
+            except ValueError as err:
+                raise APIError(400, str(err), param=where, code="invalid_region") from None
+            parts.append({"type": "region", **region})
         else:
-            raise APIError(400, f"unknown content part type {kind!r} (supported: 'text', 'image_url')",
+            raise APIError(400, f"unknown content part type {kind!r} (supported: 'text', 'image_url', 'region')",
                            param=f"{where}.type", code="unknown_part_type")
     return {"role": role, "content": parts}
 
