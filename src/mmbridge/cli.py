@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "mmbridge.commands.eval",
     "mmbridge.commands.export",
     "mmbridge.serve.cli",  # serve, ui
+    "mmbridge.commands.bench",
 )
 
 

@@ -138,8 +138,15 @@ class MMBridgePipeline:
         self.slot_forcer = HeadSlotForcer({ids[t]: [ids[s] for s in slots] for t, slots in routes.items()})
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> MMBridgePipeline:
-        return cls(MMBridgeModel.from_pretrained(path, dtype=dtype), MMBridgeProcessor.from_pretrained(path))
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, quantize: str | None = None,
+                        kv_cache: str | None = None, compile: bool = False) -> MMBridgePipeline:
+        """Load a model dir. `quantize="int8"`, `kv_cache="static"`, `compile`: decode options
+        (`generation.decode_options`; measured by `mmbridge bench`)."""
+        from mmbridge.generation.decode_options import apply_decode_options
+
+        model = MMBridgeModel.from_pretrained(path, dtype=dtype)
+        apply_decode_options(model, quantize=quantize, kv_cache=kv_cache, compile=compile)
+        return cls(model, MMBridgeProcessor.from_pretrained(path))
 
     @property
     def device(self) -> torch.device:
@@ -443,6 +450,7 @@ class ChatSession:
                 text_ids = ids.masked_fill(ids == model.config.image_token_index, pad)
                 out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),
                                                past_key_values=cache, generation_config=config, streamer=streamer,
+                                               cache_implementation=None,  # the session's cache, even if static is set
                                                tokenizer=pipeline.processor.tokenizer,
                                                logits_processor=pipeline._logits_processors())
                 holder["new"], self._cache = out[0, len(target):].tolist(), cache

@@ -1,0 +1,175 @@
+"""Decode options (faster batch-1 decoding, mainly on CPU) and the quality check each is judged by.
+
+Batch-1 decoding reads every LLM weight once per token, so its speed is set by the bytes read and by
+how close the matrix-vector kernels come to memory bandwidth. The options:
+
+- `dtype=torch.bfloat16` (an argument of `from_pretrained` already): half the bytes; CPUs with
+  avx512_bf16 / AMX run bf16 GEMV through oneDNN.
+- `quantize="int8"`: int8 weight-only linears in the LLM (per-output-channel scales, symmetric). The
+  matmul is PyTorch's own CPU kernel `aten._weight_int8pack_mm` (what gpt-fast and torchao's former
+  int8 weight-only path call), with bf16 activations. torchao itself installs on the CPU route
+  (0.18), but its current `Int8WeightOnlyConfig` runs eagerly as dequantize + matmul, 20-40x slower
+  than fp32 on CPU, so it is not used.
+- `kv_cache="static"`: a pre-allocated KV cache (transformers `StaticCache`) instead of one that
+  grows by concatenation each step; the prerequisite of `compile`.
+- `compile=True`: `torch.compile` of the decode step through transformers' generation compile path
+  (static cache; on CPU too).
+
+Chat sessions keep a growing cache of their own for KV reuse across turns; the static cache applies
+to one-shot and streamed generation (and so to the server). `greedy_agreement` compares a candidate
+model with the fp32 reference on fixed prompts; `mmbridge bench` reports it next to each option's speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+QUANTIZE_CHOICES = ("int8",)
+KV_CACHE_CHOICES = ("dynamic", "static")
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """`nn.Linear` with int8 weights and one bf16 scale per output row; activations are cast to bf16
+    for the matmul and the output back to the input's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def quantize_int8_(module: nn.Module) -> int:
+    """Replace every plain `nn.Linear` under `module` by `Int8WeightOnlyLinear`, in place; returns how
+    many. Linears inside peft layers (LoRA, trainable token rows) are left alone: their forward reads
+    the float weight."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    skip: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, BaseTunerLayer):
+            skip.update(id(m) for m in sub.modules())
+    targets = [(name, sub) for name, sub in module.named_modules()
+               if type(sub) is nn.Linear and id(sub) not in skip]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, Int8WeightOnlyLinear(linear))
+    return len(targets)
+
+
+def apply_decode_options(model, quantize: str | None = None, kv_cache: str | None = None,
+                         compile: bool = False):
+    """Apply the options to an `MMBridgeModel` in place (its LLM); returns the model."""
+    if quantize is not None:
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            raise RuntimeError("int8 weight-only decoding needs torch >= 2.3 (aten._weight_int8pack_mm)")
+        quantize_int8_(model.llm.model)
+    if kv_cache not in (None, *KV_CACHE_CHOICES):
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_CHOICES}, not {kv_cache!r}")
+    config = model.llm.model.generation_config
+    if compile or kv_cache == "static":
+        config.cache_implementation = "static"
+    if compile:
+        from transformers import CompileConfig
+
+        # transformers compiles the decode step only on accelerators unless told otherwise.
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True
+        config.compile_config = compile_config
+    elif kv_cache == "static":
+        config.disable_compile = True
+    return model
+
+
+def llm_bytes_per_token(language_model: nn.Module) -> int:
+    """Bytes of LLM weights a batch-1 decode step reads: every parameter and buffer except the input
+    embedding matrix (one row of it is read), unless the output layer shares it."""
+    embedding = language_model.get_input_embeddings().weight
+    output = language_model.get_output_embeddings()
+    tied = output is not None and getattr(output, "weight", None) is not None and \
+        output.weight.data_ptr() == embedding.data_ptr()
+    total, seen = 0, set()
+    for tensor in [*language_model.parameters(), *language_model.buffers()]:
+        if tensor is None or tensor.data_ptr() in seen or tensor.dtype in (torch.int64, torch.bool):
+            continue
+        seen.add(tensor.data_ptr())
+        if tensor.data_ptr() == embedding.data_ptr() and not tied:
+            continue
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# -- quality ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_agreement(reference, candidate, batches: Sequence[dict], max_new_tokens: int = 16) -> dict:
+    """How closely `candidate` decodes like `reference` (two `MMBridgeModel`s, e.g. fp32 vs an option).
+
+    For every batch of processor outputs (left-padded, generation prompt added) the reference decodes
+    `max_new_tokens` greedily (EOS suppressed, so every row has the same length). Then:
+    - `agreement`: teacher-forced top-1 agreement — over the reference's tokens, the fraction where the
+      candidate's argmax given the same prefix is the same token (the per-step decision of greedy decoding);
+    - `sequence_match`: the fraction of positions where the candidate's own greedy run equals the
+      reference's (one early flip changes everything after it, so this is the stricter number);
+    - `nll_delta`: mean negative log-likelihood of the reference's tokens under the candidate minus
+      under the reference (nats per token; > 0: the candidate finds them less likely).
+    """
+    # The image placeholder is input-only (as in the pipeline): generated, it would ask for a soft prompt.
+    # It and EOS (min_new_tokens) are never generated, so they are masked in the teacher-forced logits too.
+    suppressed = [reference.config.image_token_index]
+    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                    suppress_tokens=suppressed)
+    eos = reference.generation_config.eos_token_id if getattr(reference, "generation_config", None) else None
+    suppressed += [eos] if isinstance(eos, int) else list(eos or [])
+    agree = match = total = 0
+    nll_ref = nll_cand = 0.0
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        ref_new = reference.generate(**inputs, **settings)
+        cand_new = candidate.generate(**inputs, **settings)
+        full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ref_new], dim=1),
+                    attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(ref_new)], dim=1))
+        width = inputs["input_ids"].shape[1]
+        positions = slice(width - 1, width - 1 + ref_new.shape[1])
+        ref_logits = reference(**full).logits[:, positions].float()
+        cand_logits = candidate(**full).logits[:, positions].float()
+        ref_logits[..., suppressed] = cand_logits[..., suppressed] = float("-inf")
+        agree += int((cand_logits.argmax(-1) == ref_new).sum())
+        match += int((cand_new == ref_new).sum())
+        total += ref_new.numel()
+        target = ref_new.unsqueeze(-1)
+        nll_ref += float(-ref_logits.log_softmax(-1).gather(-1, target).sum())
+        nll_cand += float(-cand_logits.log_softmax(-1).gather(-1, target).sum())
+    return {"tokens": total, "agreement": agree / total, "sequence_match": match / total,
+            "nll_delta": (nll_cand - nll_ref) / total}
+
+
+def prompt_batches(processor, images: Sequence, questions: Sequence[str], batch_size: int = 4) -> list[dict]:
+    """The fixed prompt set: every image with every question, as left-padded processor batches."""
+    conversations, pictures = [], []
+    for image in images:
+        for question in questions:
+            conversations.append([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+            pictures.append(image)
+    return [dict(processor(conversations[i:i + batch_size], images=pictures[i:i + batch_size],
+                           add_generation_prompt=True))
+            for i in range(0, len(conversations), batch_size)]

@@ -1,0 +1,143 @@
+"""`mmbridge bench` (structure of its JSON and markdown at tiny size) and the decode options with their
+quality check (`generation.decode_options`) on tiny models."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmbridge.cli import main
+from mmbridge.generation import MMBridgePipeline
+from mmbridge.generation.decode_options import (
+    Int8WeightOnlyLinear,
+    apply_decode_options,
+    greedy_agreement,
+    llm_bytes_per_token,
+    prompt_batches,
+    quantize_int8_,
+)
+from mmbridge.testing import build_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(seed=0, init_std=0.5)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    batches = prompt_batches(processor, images, ["What is this?", "Describe the image."], batch_size=4)
+    return model, processor, batches
+
+
+def test_int8_linear_matches_float_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = Int8WeightOnlyLinear(linear)
+    assert quantized.weight.dtype == torch.int8 and quantized.weight.shape == (48, 64)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expected, got = linear(x), quantized(x)
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    # int8 weights (per-row scales) and bf16 activations: ~1 % of the output's scale
+    assert (got - expected).abs().max() < 0.03 * expected.abs().max()
+
+
+def test_quantize_replaces_plain_linears_only():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    inject_adapter_in_model(LoraConfig(target_modules=["2"], r=2), module)
+    assert quantize_int8_(module) == 1  # the LoRA-wrapped layer keeps its float weight
+    assert isinstance(module[0], Int8WeightOnlyLinear)
+    assert module[2].base_layer.weight.dtype == torch.float32
+
+
+def test_greedy_agreement_of_a_model_with_itself_is_perfect(tiny):
+    model, _, batches = tiny
+    result = greedy_agreement(model, model, batches, max_new_tokens=6)
+    assert result == {"tokens": 6 * 6, "agreement": 1.0, "sequence_match": 1.0, "nll_delta": 0.0}
+
+
+def test_greedy_agreement_sees_a_changed_model(tiny):
+    model, _, batches = tiny
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in other.llm.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    result = greedy_agreement(model, other, batches, max_new_tokens=6)
+    assert result["agreement"] < 0.9 and result["nll_delta"] > 0
+
+
+@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"kv_cache": "static"}])
+def test_decode_options_keep_greedy_answers_close(tiny, options):
+    model, _, batches = tiny
+    candidate = apply_decode_options(copy.deepcopy(model), **options)
+    result = greedy_agreement(model, candidate, batches, max_new_tokens=6)
+    if "kv_cache" in options:  # same weights, same arithmetic: the same tokens
+        assert candidate.llm.model.generation_config.cache_implementation == "static"
+        assert result["agreement"] == result["sequence_match"] == 1.0
+    else:  # the tiny model's std-0.5 weights are far from a trained LM's; still most steps agree
+        assert result["agreement"] >= 0.75
+        assert llm_bytes_per_token(candidate.llm.model) < 0.5 * llm_bytes_per_token(model.llm.model)
+
+
+def test_decode_options_reject_unknown_values(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="quantize"):
+        apply_decode_options(copy.deepcopy(model), quantize="int3")
+    with pytest.raises(ValueError, match="kv_cache"):
+        apply_decode_options(copy.deepcopy(model), kv_cache="paged")
+
+
+def test_pipeline_options_generate_and_chat(tiny_model_dir, images):
+    pipeline = MMBridgePipeline.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, quantize="int8",
+                                                kv_cache="static")
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    assert pipeline.generate(conversation, images=images[:1], max_new_tokens=4)[0].completion_tokens >= 1
+    session = pipeline.chat(max_new_tokens=3)  # sessions keep their own growing cache (KV reuse)
+    session.ask("What is this?", images=images[:1])
+    assert session.ask("And then?").completion_tokens >= 1
+
+
+def test_bench_tiny_writes_json_and_markdown(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = main(["bench", "--llm-size", "tiny", "--repeats", "1", "--new-tokens", "3", "--options", "int8",
+                 "--skip", "memory", "--train-steps", "1", "--out", str(out), "--work", str(work)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert {"machine", "model", "decode", "quality", "chat", "train"} <= set(result)
+    assert result["machine"]["bandwidth"]["matvec_gb_s"] > 0 and result["machine"]["bandwidth"]["copy_gb_s"] > 0
+    rows = {(r["impl"], r["option"]): r for r in result["decode"]}
+    assert set(rows) == {("hf", "fp32"), ("hf", "bf16"), ("mmbridge", "fp32"), ("mmbridge", "int8")}
+    for row in rows.values():
+        assert {"ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8", "decode_gb_s", "bandwidth_pct",
+                "llm_bytes_per_token"} <= set(row)
+        assert row["ttft_ms"] > 0
+    assert set(rows[("mmbridge", "int8")]["vs_hf_fp32"]) == {"ttft", "decode_b1", "decode_b8"}
+    assert rows[("mmbridge", "int8")]["llm_bytes_per_token"] < rows[("mmbridge", "fp32")]["llm_bytes_per_token"]
+    assert set(result["quality"]) == {"int8"}
+    assert 0 <= result["quality"]["int8"]["agreement"] <= 1
+    for turn in result["chat"].values():
+        assert {"mmbridge_reuse", "mmbridge_reencode", "hf_reencode", "reuse_speedup", "vs_hf"} <= set(turn)
+    assert result["train"]["mmbridge_samples_s"] > 0 and result["train"]["hf_samples_s"] > 0
+    text = (out / "bench.md").read_text()
+    assert "| impl | option | TTFT ms | decode tok/s b1" in text
+    assert text.count("| mmbridge | ") == 2 and text.count("| hf | ") == 2
+    assert "3rd chat turn" in text and "Training step" in text
+    # a second run reuses the built models
+    assert (work / "hf" / "config.json").is_file() and (work / "mm" / "config.json").is_file()
+
+
+def test_bench_memory_rows_in_a_fresh_process(tmp_path):
+    from mmbridge.commands.bench import build_pair, memory_rows
+
+    hf_dir, mm_dir = build_pair(tmp_path, "tiny")
+    (row,) = memory_rows(hf_dir, mm_dir, [("mmbridge", "int8")])
+    assert "error" not in row, row
+    assert row["peak_rss_mb"] > 0 and row["file_mb"] > 0 and row["peak_over_file"] >= row["load_over_file"] > 0
+
+
+def test_bench_rejects_unknown_options(tmp_path, capsys):
+    assert main(["bench", "--llm-size", "tiny", "--options", "fp8", "--out", str(tmp_path)]) == 2
+    assert "unknown --options" in capsys.readouterr().err
