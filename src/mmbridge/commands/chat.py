@@ -26,7 +26,19 @@ def sampling_options(args):
                            repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def load_pipeline(model: str, dtype: str = "float32"):
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype, --quantize, --kv-cache: how the model is loaded for decoding (`mmbridge bench` measures each)."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="weights dtype (bfloat16: half the bytes per token; fast on CPUs with avx512_bf16)")
+    group.add_argument("--quantize", choices=["int8"], default=None,
+                       help="int8 weight-only LLM linears (bf16 activations): a quarter of fp32's bytes per token")
+    group.add_argument("--kv-cache", choices=["dynamic", "static"], default=None,
+                       help="static: a pre-allocated KV cache for one-shot and streamed answers (chat sessions "
+                            "keep their growing cache for KV reuse)")
+
+
+def load_pipeline(model: str, dtype: str = "float32", quantize: str | None = None, kv_cache: str | None = None):
     """Resolve a name or dir and load it, turning missing/unknown models into CLI errors."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -42,7 +54,7 @@ def load_pipeline(model: str, dtype: str = "float32"):
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
     try:
-        return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+        return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype), quantize=quantize, kv_cache=kv_cache)
     except Exception as err:  # corrupt/truncated weights, unreadable disk: one line naming the file
         from mmbridge.interop.loading import explain_load_error
 
@@ -60,7 +72,7 @@ def register(subparsers) -> None:
                         help="image for the first message (repeat for several)")
     parser.add_argument("--prompt", help="ask this, print the answer and exit")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_decode_arguments(parser)
     parser.add_argument("--out", default="mmbridge-outputs", metavar="DIR",
                         help="where images the model draws are saved, with chat.md (default: mmbridge-outputs)")
     add_sampling_arguments(parser)
@@ -95,7 +107,7 @@ def run(args) -> int:
         images = [load_image(path) for path in args.image]
     except ImageLoadError as err:
         raise CLIError(str(err)) from None
-    pipeline = load_pipeline(args.model, args.dtype)
+    pipeline = load_pipeline(args.model, args.dtype, args.quantize, args.kv_cache)
     options = sampling_options(args)
     session = pipeline.chat(system=args.system)
     from mmbridge.commands.outputs import OutputWriter

@@ -56,6 +56,9 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--api-key", default=os.environ.get("MMBRIDGE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (UI: KEY as password); default $MMBRIDGE_API_KEY")
     parser.add_argument("--keep-uploads", action="store_true", help="keep UI uploads in Gradio's cache folder")
+    from mmbridge.commands.chat import add_decode_arguments
+
+    add_decode_arguments(parser)  # --dtype, --quantize, --kv-cache
 
 
 def resolve_model(name_or_dir: str) -> Path:
@@ -116,7 +119,7 @@ def _serve(args) -> int:
         queue_timeout_s=args.queue_timeout, shutdown_timeout_s=args.shutdown_timeout,
     )
     _warn_if_exposed(args.host, args.api_key)
-    app = create_app(_Loader(path, MMBridgePipeline), settings)  # loads in the background
+    app = create_app(_Loader(path, MMBridgePipeline, **_decode_options(args)), settings)  # loads in the background
     state = app.state.mmbridge
     # A model that fails to load ends the process with status 2 and one line naming the cause, so an
     # orchestrator restarts or reports it instead of probing a 503 forever. Nothing was served yet (every
@@ -135,14 +138,20 @@ def _exit_load_failed(detail: str | None) -> None:
     os._exit(2)
 
 
-class _Loader:
-    """`MMBridgePipeline.from_pretrained(path)`, with the path at hand for the load-failure message."""
+def _decode_options(args) -> dict:
+    import torch
 
-    def __init__(self, path: Path, pipeline_class):
-        self.path, self.pipeline_class = path, pipeline_class
+    return {"dtype": getattr(torch, args.dtype), "quantize": args.quantize, "kv_cache": args.kv_cache}
+
+
+class _Loader:
+    """`MMBridgePipeline.from_pretrained(path, **options)`, with the path at hand for the load-failure message."""
+
+    def __init__(self, path: Path, pipeline_class, **options):
+        self.path, self.pipeline_class, self.options = path, pipeline_class, options
 
     def __call__(self):
-        return self.pipeline_class.from_pretrained(self.path)
+        return self.pipeline_class.from_pretrained(self.path, **self.options)
 
 
 def _ui(args) -> int:
@@ -155,6 +164,6 @@ def _ui(args) -> int:
     except ImportError as err:
         raise CLIError(f"the UI needs the 'serve' extra: pip install 'mmbridge[serve]' ({err.name} missing)") from None
     _warn_if_exposed(args.host, args.api_key)
-    launch_ui(MMBridgePipeline.from_pretrained(path), host=args.host, port=args.port, api_key=args.api_key,
-              keep_uploads=args.keep_uploads)
+    launch_ui(MMBridgePipeline.from_pretrained(path, **_decode_options(args)), host=args.host, port=args.port,
+              api_key=args.api_key, keep_uploads=args.keep_uploads)
     return 0
