@@ -54,7 +54,7 @@ def test_requests_target_what_they_name():
         assert "<region>" in region["request"] and region["route"] is None
         assert region["answer"] == getattr(scene.objects[region["object"]], region["type"])
         unknown = make_request(scene, "unknown", rng)
-        assert unknown["route"] is None and unknown["answer"].startswith("There are no ")
+        assert unknown["route"] is None and unknown["answer"].startswith("I can only find ")
         assert "[" not in unknown["answer"]
     # "Find every red shape" -> every red object; a category missing from the scene -> no boxes
     scene = make_scene("train", 3)
