@@ -100,13 +100,17 @@ def test_pipeline_options_generate_and_chat(tiny_model_dir, images):
     assert session.ask("And then?").completion_tokens >= 1
 
 
-def test_bench_tiny_writes_json_and_markdown(tmp_path):
+def test_bench_tiny_writes_json_and_markdown(tmp_path, tiny_model_dir):
     out, work = tmp_path / "out", tmp_path / "work"
     code = main(["bench", "--llm-size", "tiny", "--repeats", "1", "--new-tokens", "3", "--options", "int8",
-                 "--skip", "memory", "--train-steps", "1", "--out", str(out), "--work", str(work)])
+                 "--skip", "memory", "--train-steps", "1", "--quality-model", str(tiny_model_dir),
+                 "--out", str(out), "--work", str(work)])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
-    assert {"machine", "model", "decode", "quality", "chat", "train"} <= set(result)
+    assert {"machine", "model", "decode", "quality", "chat", "train", "shipped"} <= set(result)
+    shipped = {row["option"]: row for row in result["shipped"]["rows"]}
+    assert set(shipped) == {"fp32", "int8", "merged", "bf16+merged"}
+    assert {"decode_tok_s_b1", "vs_fp32", "agreement", "sequence_match", "nll_delta"} <= set(shipped["int8"])
     assert result["machine"]["bandwidth"]["matvec_gb_s"] > 0 and result["machine"]["bandwidth"]["copy_gb_s"] > 0
     rows = {(r["impl"], r["option"]): r for r in result["decode"]}
     assert set(rows) == {("hf", "fp32"), ("hf", "bf16"), ("mmbridge", "fp32"), ("mmbridge", "int8")}
@@ -124,7 +128,7 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path):
     text = (out / "bench.md").read_text()
     assert "| impl | option | TTFT ms | decode tok/s b1" in text
     assert text.count("| mmbridge | ") == 2 and text.count("| hf | ") == 2
-    assert "3rd chat turn" in text and "Training step" in text
+    assert "3rd chat turn" in text and "Training step" in text and "Trained model" in text
     # a second run reuses the built models
     assert (work / "hf" / "config.json").is_file() and (work / "mm" / "config.json").is_file()
 
@@ -153,7 +157,29 @@ def test_chat_and_serve_take_the_decode_options(tiny_model_dir, capsys):
         args = build_parser().parse_args([command, "--model", str(tiny_model_dir), "--quantize", "int8",
                                           "--kv-cache", "static", "--dtype", "bfloat16"])
         options = _decode_options(args)
-        assert options == {"dtype": torch.bfloat16, "quantize": "int8", "kv_cache": "static"}
+        assert options == {"dtype": torch.bfloat16, "quantize": "int8", "kv_cache": "static", "merge_adapters": False}
     pipeline = _Loader(tiny_model_dir, MMBridgePipeline, **options)()
     assert pipeline.model.llm.model.generation_config.cache_implementation == "static"
     assert any(isinstance(m, Int8WeightOnlyLinear) for m in pipeline.model.llm.modules())
+
+
+def test_merging_adapters_keeps_the_answers(tiny):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from mmbridge.generation.decode_options import merge_adapters_
+
+    model, processor, batches = tiny
+    adapted = copy.deepcopy(model)
+    adapted.add_llm_lora({"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    adapted.llm.add_special_tokens(["[T0]"], copy.deepcopy(processor.tokenizer), adapted.config)  # trainable rows
+    with torch.no_grad():
+        for name, param in adapted.llm.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.normal_(std=0.5)  # make the adapters matter
+    adapted.eval()
+    merged = copy.deepcopy(adapted)
+    assert merge_adapters_(merged.llm.model) >= 3
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    inputs = {k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4)

@@ -54,6 +54,8 @@ OPTIONS = {
     "bf16+static-cache": ("bfloat16", {"kv_cache": "static"}),
     "int8+static-cache": ("bfloat16", {"quantize": "int8", "kv_cache": "static"}),
     "compile": ("float32", {"compile": True}),
+    "merged": ("float32", {"merge_adapters": True}),
+    "bf16+merged": ("bfloat16", {"merge_adapters": True}),
 }
 HF_OPTIONS = ("fp32", "bf16")
 DEFAULT_OPTIONS = "fp32,bf16,int8,static-cache,int8+static-cache"
@@ -80,7 +82,11 @@ def register(subparsers) -> None:
     parser.add_argument("--bandwidth-mib", type=int, default=None,
                         help="matrix size of the bandwidth probe (default: 1024, tiny: 64)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per model (default 6)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: chat,train,memory,quality")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: chat,train,memory,quality,shipped")
+    parser.add_argument("--quality-model", default="shapes", metavar="MODEL",
+                        help="a trained model (dir or shipped name) on which every option's greedy agreement and "
+                             "batch-1 decode speed are measured too (default: shapes, skipped if not installed)")
     parser.add_argument("--trainer", action="store_true",
                         help="also run the full `mmbridge train` stage in 1 and 2 processes (minutes)")
     parser.set_defaults(func=run)
@@ -243,6 +249,51 @@ def quality(models: dict, processor, images, new_tokens: int) -> dict:
     return {option: {k: round(v, 4) if isinstance(v, float) else v
                      for k, v in greedy_agreement(reference, model, batches, new_tokens).items()}
             for (impl, option), model in models.items() if impl == "mmbridge" and option != "fp32"}
+
+
+def trained_model_rows(name: str, options: list[str], repeats: int, new_tokens: int) -> dict:
+    """Every option on a trained model (the shipped one by default): greedy agreement with its fp32 on its
+    sample images, and batch-1 decode tok/s, repeats interleaved. Adapter merging is measured too, as
+    mmbridge-trained models carry LoRA adapters / trainable token rows."""
+    import numpy as np
+    from PIL import Image
+
+    from mmbridge.generation.decode_options import MODEL_INPUTS, greedy_agreement, prompt_batches
+    from mmbridge.models import resolve_model_path, sample_images_dir
+    from mmbridge.processing import MMBridgeProcessor
+
+    path = resolve_model_path(name)
+    processor = MMBridgeProcessor.from_pretrained(path)
+    images = [np.array(Image.open(p).convert("RGB")) for p in sorted(sample_images_dir().glob("*.png"))[:4]]
+    if len(images) < 4:
+        rng = np.random.default_rng(0)
+        images += [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4 - len(images))]
+    batches = prompt_batches(processor, images, ["How many shapes are there?", "Describe the image."], 4)
+    batches = [{k: b[k] for k in MODEL_INPUTS if k in b} for b in batches]
+    names = list(dict.fromkeys(["fp32", *[o for o in options if o != "compile"], "merged", "bf16+merged"]))
+    models = {o: load_mm(path, o) for o in names}
+    one = {k: v[:1] for k, v in batches[0].items()}
+    pad = processor.tokenizer.pad_token_id
+    for model in models.values():
+        generate_fn(model, one, 2, pad)()
+    times = {o: [] for o in models}
+    for _ in range(repeats):
+        for option, model in models.items():
+            short, long = timed(generate_fn(model, one, 1, pad)), timed(generate_fn(model, one, new_tokens, pad))
+            times[option].append(long - short)
+    rows = []
+    for option, model in models.items():
+        step = median(times[option]) / (new_tokens - 1)
+        row = {"option": option, "decode_tok_s_b1": round(1 / step, 2) if step > 0 else None}
+        if option != "fp32":
+            row.update({k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in greedy_agreement(models["fp32"], model, batches, 16).items()})
+        rows.append(row)
+    base = rows[0]["decode_tok_s_b1"]
+    for row in rows:
+        row["vs_fp32"] = round(row["decode_tok_s_b1"] / base, 3) if base and row["decode_tok_s_b1"] else None
+    return {"model": str(name), "llm_params_m": round(sum(p.numel() for p in models["fp32"].llm.parameters()) / 1e6, 1),
+            "rows": rows}
 
 
 def chat_turns(mm_model, hf_model, processor, images, args) -> dict:
@@ -462,6 +513,16 @@ def markdown(result: dict) -> str:
             else:
                 lines.append(f"| {row['impl']} | {row['option']} | {row['file_mb']} | {row['peak_rss_mb']} | "
                              f"{row['load_over_file']} | {row['peak_over_file']} |")
+    if "shipped" in result:
+        shipped = result["shipped"]
+        lines += ["", f"Trained model `{shipped['model']}` (LLM {shipped['llm_params_m']} M params, LoRA adapters "
+                      "merged or not): batch-1 decode and greedy agreement with its fp32 on its sample images.", "",
+                  "| option | decode tok/s b1 | vs fp32 | greedy agreement | sequence match | NLL delta |",
+                  "|---|---|---|---|---|---|"]
+        for row in shipped["rows"]:
+            cells = [row["option"], row["decode_tok_s_b1"], row["vs_fp32"], row.get("agreement", "reference"),
+                     row.get("sequence_match", ""), row.get("nll_delta", "")]
+            lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
     if "trainer" in result:
         t = result["trainer"]
         lines += ["", f"`mmbridge train` stage: 1 process {t['1_process_samples_s']} samples/s, 2 processes "
@@ -547,6 +608,16 @@ def run(args) -> int:
     if "train" not in skip:
         say("training step")
         result["train"] = train_rates(mm_dir, hf_dir, processor, images, args.train_steps or (3 if tiny else 6))
+    if "shipped" not in skip and args.quality_model:
+        try:
+            from mmbridge.models import resolve_model_path
+
+            resolve_model_path(args.quality_model)
+        except FileNotFoundError as err:
+            say(f"no trained model to check: {err}")
+        else:
+            say(f"trained model {args.quality_model}: every option's agreement and speed")
+            result["shipped"] = trained_model_rows(args.quality_model, options, args.repeats, args.new_tokens)
     if "memory" not in skip:
         say("peak RSS, one fresh process per model")
         result["memory"] = memory_rows(hf_dir, mm_dir, [("hf", "fp32"), *(("mmbridge", o) for o in options

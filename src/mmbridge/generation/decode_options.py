@@ -14,6 +14,8 @@ how close the matrix-vector kernels come to memory bandwidth. The options:
   grows by concatenation each step; the prerequisite of `compile`.
 - `compile=True`: `torch.compile` of the decode step through transformers' generation compile path
   (static cache; on CPU too).
+- `merge_adapters=True`: LoRA adapters and trainable token rows merged into the frozen weights, so a
+  decode step runs no adapter code (models trained by mmbridge have one or both).
 
 Chat sessions keep a growing cache of their own for KV reuse across turns; the static cache applies
 to one-shot and streamed generation (and so to the server). `greedy_agreement` compares a candidate
@@ -28,6 +30,8 @@ import torch
 from torch import nn
 
 QUANTIZE_CHOICES = ("int8",)
+#: What `greedy_agreement` passes from a processor batch to the models.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "qformer_input_ids", "qformer_attention_mask")
 KV_CACHE_CHOICES = ("dynamic", "static")
 
 
@@ -75,14 +79,38 @@ def quantize_int8_(module: nn.Module) -> int:
     return len(targets)
 
 
+def merge_adapters_(module: nn.Module) -> int:
+    """Merge peft adapters (LoRA, trainable token rows) into the weights they wrap and put the plain layers
+    back, in place; returns how many. Unmerged, every decode step runs each LoRA's two extra matmuls, and a
+    trainable-rows layer copies its whole matrix (embedding, LM head) to splice its rows in. The merged
+    model computes the same; saved and loaded again it gets fresh adapters that add nothing (LoRA B = 0,
+    token rows read from the merged matrix)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    done: list[str] = []
+    for name, layer in list(module.named_modules()):
+        if not isinstance(layer, BaseTunerLayer) or any(name.startswith(d + ".") for d in done):
+            continue
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+        done.append(name)
+    return len(done)
+
+
 def apply_decode_options(model, quantize: str | None = None, kv_cache: str | None = None,
-                         compile: bool = False):
-    """Apply the options to an `MMBridgeModel` in place (its LLM); returns the model."""
+                         compile: bool = False, merge_adapters: bool = False):
+    """Apply the options to an `MMBridgeModel` in place (its LLM); returns the model. `quantize` merges
+    the adapters first, so that every linear layer is quantized."""
     if quantize is not None:
         if quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             raise RuntimeError("int8 weight-only decoding needs torch >= 2.3 (aten._weight_int8pack_mm)")
+    if merge_adapters or quantize is not None:
+        merge_adapters_(model.llm.model)
+    if quantize is not None:
         quantize_int8_(model.llm.model)
     if kv_cache not in (None, *KV_CACHE_CHOICES):
         raise ValueError(f"kv_cache must be one of {KV_CACHE_CHOICES}, not {kv_cache!r}")
@@ -143,7 +171,7 @@ def greedy_agreement(reference, candidate, batches: Sequence[dict], max_new_toke
     agree = match = total = 0
     nll_ref = nll_cand = 0.0
     for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
         ref_new = reference.generate(**inputs, **settings)
         cand_new = candidate.generate(**inputs, **settings)
         full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ref_new], dim=1),

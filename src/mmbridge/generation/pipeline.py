@@ -139,13 +139,15 @@ class MMBridgePipeline:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, quantize: str | None = None,
-                        kv_cache: str | None = None, compile: bool = False) -> MMBridgePipeline:
-        """Load a model dir. `quantize="int8"`, `kv_cache="static"`, `compile`: decode options
-        (`generation.decode_options`; measured by `mmbridge bench`)."""
+                        kv_cache: str | None = None, compile: bool = False,
+                        merge_adapters: bool = False) -> MMBridgePipeline:
+        """Load a model dir. `quantize="int8"`, `kv_cache="static"`, `compile`, `merge_adapters`: decode
+        options (`generation.decode_options`; measured by `mmbridge bench`)."""
         from mmbridge.generation.decode_options import apply_decode_options
 
         model = MMBridgeModel.from_pretrained(path, dtype=dtype)
-        apply_decode_options(model, quantize=quantize, kv_cache=kv_cache, compile=compile)
+        apply_decode_options(model, quantize=quantize, kv_cache=kv_cache, compile=compile,
+                             merge_adapters=merge_adapters)
         return cls(model, MMBridgeProcessor.from_pretrained(path))
 
     @property

@@ -141,7 +141,8 @@ def _exit_load_failed(detail: str | None) -> None:
 def _decode_options(args) -> dict:
     import torch
 
-    return {"dtype": getattr(torch, args.dtype), "quantize": args.quantize, "kv_cache": args.kv_cache}
+    return {"dtype": getattr(torch, args.dtype), "quantize": args.quantize, "kv_cache": args.kv_cache,
+            "merge_adapters": args.merge_adapters}
 
 
 class _Loader:
