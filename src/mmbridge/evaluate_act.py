@@ -169,8 +169,9 @@ def evaluate_routing(pipeline, records: Sequence[dict], batch_size: int = 16,
     if not routes:
         raise ValueError("this model has no act head: it has no routes to choose")
     triggers = {tokenizer.convert_tokens_to_ids(t): t for t in routes}
+    # room for a routing token and its forced queries (a route cut short of them still counts as chosen)
     results = _answers(pipeline, records, [r["request"] for r in records], [r.get("region") for r in records],
-                       batch_size, 3, progress, "route")
+                       batch_size, max(routes.values()) + 3, progress, "route")
     predictions, by_task, confusion = [], defaultdict(list), defaultdict(Counter)
     for rec, result in zip(records, results):
         got = answer_route(result, triggers)
