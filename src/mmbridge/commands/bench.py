@@ -182,60 +182,106 @@ def inputs_for(processor, images, batch: int, question: str = QUESTIONS[1]) -> d
     return {k: batch_inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
-def generate_fn(model, inputs: dict, new_tokens: int, pad_token_id: int):
+def generate_fn(model, inputs: dict, new_tokens: int, pad_token_id: int, **extra):
+    """A greedy `generate` of exactly `new_tokens` (EOS suppressed); `extra`: more `generate` arguments."""
     import torch
 
     def run():
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=pad_token_id)
+            return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=pad_token_id, **extra)
     return run
 
 
+def clocked(model, inputs: dict, new_tokens: int, pad_token_id: int, **extra) -> tuple[float, float]:
+    """(time to the first token, median time of the later decode steps) of one `generate`, from a stopping
+    criterion that only reads the clock (transformers calls it once per generated token)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    clock = Clock()
+    start = time.perf_counter()
+    generate_fn(model, inputs, new_tokens, pad_token_id, stopping_criteria=StoppingCriteriaList([clock]), **extra)()
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return clock.times[0] - start, median(steps)
+
+
+def load_variants(mm_dir: Path, hf_dir: Path, options: list[str]) -> dict:
+    """(impl, option) -> (model, extra `generate` arguments). Options that differ only in generation
+    settings (KV cache, compile) share the weights of the model they apply to, so a 1 B run holds each
+    dtype once."""
+    loaded: dict = {}
+    variants = {("hf", o): (load_hf(hf_dir, o), {}) for o in HF_OPTIONS}
+    for option in options:
+        dtype, kwargs = OPTIONS[option]
+        weights = (dtype, kwargs.get("quantize"), kwargs.get("merge_adapters", False))
+        if weights not in loaded:
+            model = load_mm(mm_dir, option)
+            if kwargs.get("kv_cache") or kwargs.get("compile"):  # shared: the settings go to `generate` instead
+                model.llm.model.generation_config.cache_implementation = None
+                model.llm.model.generation_config.compile_config = None
+            loaded[weights] = model
+        variants[("mmbridge", option)] = (loaded[weights], generation_settings(kwargs))
+    return variants
+
+
+def generation_settings(kwargs: dict) -> dict:
+    """The `generate` arguments of the KV-cache / compile options (what `apply_decode_options` sets on the
+    generation config)."""
+    if kwargs.get("compile"):
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        config._compile_all_devices = True
+        return {"cache_implementation": "static", "compile_config": config}
+    if kwargs.get("kv_cache") == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    return {}
+
+
 def decode_rows(models: dict, processor, images, args, bandwidth_gb_s: float) -> list[dict]:
-    """TTFT and decode tok/s at batch 1 and 8 for every loaded model, repeats interleaved across models."""
+    """TTFT and decode tok/s at batch 1 and 8 for every variant, repeats interleaved across variants."""
     from mmbridge.generation.decode_options import llm_bytes_per_token
 
     pad = processor.tokenizer.pad_token_id
     one, eight = inputs_for(processor, images, 1), inputs_for(processor, images, 8)
-    times = {key: {"ttft": [], "n1": [], "t8_1": [], "t8_n": []} for key in models}
-    for model in models.values():  # warm-up (and compilation, for the compile option)
-        generate_fn(model, one, 2, pad)()
-        generate_fn(model, eight, 2, pad)()
+    times = {key: {"ttft": [], "b1": [], "b8": []} for key in models}
+    for model, extra in models.values():  # warm-up (and compilation, for the compile option)
+        generate_fn(model, one, 3, pad, **extra)()
+        generate_fn(model, eight, 3, pad, **extra)()
     for _ in range(args.repeats):
-        for key, model in models.items():
-            t = times[key]
-            t["ttft"].append(timed(generate_fn(model, one, 1, pad)))
-            t["n1"].append(timed(generate_fn(model, one, args.new_tokens, pad)))
-            t["t8_1"].append(timed(generate_fn(model, eight, 1, pad)))
-            t["t8_n"].append(timed(generate_fn(model, eight, args.new_tokens, pad)))
+        for key, (model, extra) in models.items():
+            ttft, step = clocked(model, one, args.new_tokens, pad, **extra)
+            times[key]["ttft"].append(ttft)
+            times[key]["b1"].append(step)
+            times[key]["b8"].append(clocked(model, eight, args.new_tokens, pad, **extra)[1])
     rows = []
-    steps = args.new_tokens - 1
-
-    def rate(longer, shorter, batch):  # tokens/s of the decode steps alone (the first token's time taken off)
-        step = median(a - b for a, b in zip(longer, shorter)) / steps
-        return round(batch / step, 2) if step > 0 else None  # None: too small to time against the noise
-
-    for (impl, option), model in models.items():
+    for (impl, option), (model, _) in models.items():
         t = times[(impl, option)]
-        b1, b8 = rate(t["n1"], t["ttft"], 1), rate(t["t8_n"], t["t8_1"], 8)
+        b1, b8 = 1 / median(t["b1"]), 8 / median(t["b8"])
         language_model = model.llm.model if impl == "mmbridge" else model.language_model
         nbytes = llm_bytes_per_token(language_model)
-        achieved = nbytes * b1 / 1e9 if b1 else None
+        achieved = nbytes * b1 / 1e9
         rows.append({"impl": impl, "option": option, "ttft_ms": round(median(t["ttft"]) * 1e3, 2),
-                     "decode_tok_s_b1": b1, "decode_tok_s_b8": b8,
-                     "llm_bytes_per_token": nbytes, "decode_gb_s": achieved and round(achieved, 2),
-                     "bandwidth_pct": achieved and round(100 * achieved / bandwidth_gb_s, 1)})
+                     "decode_tok_s_b1": round(b1, 2), "decode_tok_s_b8": round(b8, 2),
+                     "llm_bytes_per_token": nbytes, "decode_gb_s": round(achieved, 2),
+                     "bandwidth_pct": round(100 * achieved / bandwidth_gb_s, 1)})
     reference = {r["option"]: r for r in rows if r["impl"] == "hf"}
     for row in rows:
         if row["impl"] != "mmbridge":
             continue
         for base, ref in reference.items():
-            row[f"vs_hf_{base}"] = {
-                "ttft": round(ref["ttft_ms"] / row["ttft_ms"], 3),
-                **{key: round(row[f"decode_tok_s_{b}"] / ref[f"decode_tok_s_{b}"], 3)
-                   if row[f"decode_tok_s_{b}"] and ref[f"decode_tok_s_{b}"] else None
-                   for key, b in (("decode_b1", "b1"), ("decode_b8", "b8"))}}
+            row[f"vs_hf_{base}"] = {"ttft": round(ref["ttft_ms"] / row["ttft_ms"], 3),
+                                    "decode_b1": round(row["decode_tok_s_b1"] / ref["decode_tok_s_b1"], 3),
+                                    "decode_b8": round(row["decode_tok_s_b8"] / ref["decode_tok_s_b8"], 3)}
     return rows
 
 
@@ -243,12 +289,12 @@ def quality(models: dict, processor, images, new_tokens: int) -> dict:
     """Greedy agreement of every mmbridge option with mmbridge fp32 on the fixed prompt set."""
     from mmbridge.generation.decode_options import greedy_agreement, prompt_batches
 
-    reference = models[("mmbridge", "fp32")]
+    reference = models[("mmbridge", "fp32")][0]
     batches = prompt_batches(processor, images[:4], QUESTIONS, batch_size=4)
     batches = [{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")} for b in batches]
     return {option: {k: round(v, 4) if isinstance(v, float) else v
-                     for k, v in greedy_agreement(reference, model, batches, new_tokens).items()}
-            for (impl, option), model in models.items() if impl == "mmbridge" and option != "fp32"}
+                     for k, v in greedy_agreement(reference, model, batches, new_tokens, **extra).items()}
+            for (impl, option), (model, extra) in models.items() if impl == "mmbridge" and option != "fp32"}
 
 
 def trained_model_rows(name: str, options: list[str], repeats: int, new_tokens: int) -> dict:
@@ -275,16 +321,14 @@ def trained_model_rows(name: str, options: list[str], repeats: int, new_tokens: 
     one = {k: v[:1] for k, v in batches[0].items()}
     pad = processor.tokenizer.pad_token_id
     for model in models.values():
-        generate_fn(model, one, 2, pad)()
+        generate_fn(model, one, 3, pad)()
     times = {o: [] for o in models}
     for _ in range(repeats):
         for option, model in models.items():
-            short, long = timed(generate_fn(model, one, 1, pad)), timed(generate_fn(model, one, new_tokens, pad))
-            times[option].append(long - short)
+            times[option].append(clocked(model, one, new_tokens, pad)[1])
     rows = []
     for option, model in models.items():
-        step = median(times[option]) / (new_tokens - 1)
-        row = {"option": option, "decode_tok_s_b1": round(1 / step, 2) if step > 0 else None}
+        row = {"option": option, "decode_tok_s_b1": round(1 / median(times[option]), 2)}
         if option != "fp32":
             row.update({k: round(v, 4) if isinstance(v, float) else v
                         for k, v in greedy_agreement(models["fp32"], model, batches, 16).items()})
@@ -588,22 +632,21 @@ def run(args) -> int:
     result["machine"] = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "bandwidth": bandwidth(args.bandwidth_mib or (64 if tiny else 1024), args.repeats)}
-    models = {("hf", o): load_hf(hf_dir, o) for o in HF_OPTIONS}
-    models.update({("mmbridge", o): load_mm(mm_dir, o) for o in options})
-    reference = models[("mmbridge", "fp32")]
+    models = load_variants(mm_dir, hf_dir, options)
+    reference = models[("mmbridge", "fp32")][0]
     result["model"] = {"llm_params_m": round(sum(p.numel() for p in reference.llm.parameters()) / 1e6, 1),
                        "total_params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 1),
                        "llm": {k: v for k, v in reference.config.text_config.to_dict().items()
                                if k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
                        "num_query_tokens": reference.config.num_query_tokens, "image_size": size}
-    say(f"decode: {len(models)} models x {args.repeats} repeats")
+    say(f"decode: {len(models)} variants x {args.repeats} repeats")
     result["decode"] = decode_rows(models, processor, images, args, result["machine"]["bandwidth"]["matvec_gb_s"])
     if "quality" not in skip and len(options) > 1:
         say("quality: greedy agreement with fp32")
         result["quality"] = quality(models, processor, images, 16)
     if "chat" not in skip:
         say("chat: 3rd-turn latency")
-        result["chat"] = chat_turns(reference, models[("hf", "fp32")], processor, images, args)
+        result["chat"] = chat_turns(reference, models[("hf", "fp32")][0], processor, images, args)
     del models, reference
     if "train" not in skip:
         say("training step")

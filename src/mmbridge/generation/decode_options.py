@@ -149,44 +149,51 @@ def llm_bytes_per_token(language_model: nn.Module) -> int:
 
 # -- quality ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_agreement(reference, candidate, batches: Sequence[dict], max_new_tokens: int = 16) -> dict:
+def greedy_agreement(reference, candidate, batches: Sequence[dict], max_new_tokens: int = 16,
+                     **candidate_generate_kwargs) -> dict:
     """How closely `candidate` decodes like `reference` (two `MMBridgeModel`s, e.g. fp32 vs an option).
 
-    For every batch of processor outputs (left-padded, generation prompt added) the reference decodes
-    `max_new_tokens` greedily (EOS suppressed, so every row has the same length). Then:
-    - `agreement`: teacher-forced top-1 agreement — over the reference's tokens, the fraction where the
-      candidate's argmax given the same prefix is the same token (the per-step decision of greedy decoding);
-    - `sequence_match`: the fraction of positions where the candidate's own greedy run equals the
-      reference's (one early flip changes everything after it, so this is the stricter number);
+    For every batch of processor outputs (left-padded, generation prompt added) the reference answers
+    greedily (up to `max_new_tokens`, its EOS included: the positions after a row's EOS do not count).
+    Over the reference's answer tokens:
+    - `agreement`: teacher-forced top-1 agreement — the fraction where the candidate's argmax given the
+      same prefix is the reference's token (the per-step decision of greedy decoding);
+    - `sequence_match`: the fraction where the candidate's own greedy answer has the same token at the
+      same position (one early flip changes everything after it, so this is the stricter number);
     - `nll_delta`: mean negative log-likelihood of the reference's tokens under the candidate minus
       under the reference (nats per token; > 0: the candidate finds them less likely).
+    `candidate_generate_kwargs` go to the candidate's `generate` (e.g. `cache_implementation="static"`).
     """
+    llm_config = reference.llm.model.generation_config
+    eos = llm_config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
+    pad = llm_config.pad_token_id if llm_config.pad_token_id is not None else (eos_ids[0].item() if len(eos_ids) else 0)
     # The image placeholder is input-only (as in the pipeline): generated, it would ask for a soft prompt.
-    # It and EOS (min_new_tokens) are never generated, so they are masked in the teacher-forced logits too.
-    suppressed = [reference.config.image_token_index]
-    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                    suppress_tokens=suppressed)
-    eos = reference.generation_config.eos_token_id if getattr(reference, "generation_config", None) else None
-    suppressed += [eos] if isinstance(eos, int) else list(eos or [])
+    image_token = reference.config.image_token_index
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[image_token], pad_token_id=pad)
     agree = match = total = 0
     nll_ref = nll_cand = 0.0
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
         ref_new = reference.generate(**inputs, **settings)
-        cand_new = candidate.generate(**inputs, **settings)
+        cand_new = candidate.generate(**inputs, **settings, **candidate_generate_kwargs)
+        is_eos = torch.isin(ref_new, eos_ids)
+        counted = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # up to and including the first EOS
+        width = ref_new.shape[1]
+        cand_new = torch.nn.functional.pad(cand_new[:, :width], (0, width - min(width, cand_new.shape[1])), value=-1)
         full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ref_new], dim=1),
                     attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(ref_new)], dim=1))
-        width = inputs["input_ids"].shape[1]
-        positions = slice(width - 1, width - 1 + ref_new.shape[1])
+        prompt = inputs["input_ids"].shape[1]
+        positions = slice(prompt - 1, prompt - 1 + width)
         ref_logits = reference(**full).logits[:, positions].float()
         cand_logits = candidate(**full).logits[:, positions].float()
-        ref_logits[..., suppressed] = cand_logits[..., suppressed] = float("-inf")
-        agree += int((cand_logits.argmax(-1) == ref_new).sum())
-        match += int((cand_new == ref_new).sum())
-        total += ref_new.numel()
+        ref_logits[..., image_token] = cand_logits[..., image_token] = float("-inf")
+        agree += int(((cand_logits.argmax(-1) == ref_new) & counted).sum())
+        match += int(((cand_new == ref_new) & counted).sum())
+        total += int(counted.sum())
         target = ref_new.unsqueeze(-1)
-        nll_ref += float(-ref_logits.log_softmax(-1).gather(-1, target).sum())
-        nll_cand += float(-cand_logits.log_softmax(-1).gather(-1, target).sum())
+        nll_ref += float((-ref_logits.log_softmax(-1).gather(-1, target).squeeze(-1) * counted).sum())
+        nll_cand += float((-cand_logits.log_softmax(-1).gather(-1, target).squeeze(-1) * counted).sum())
     return {"tokens": total, "agreement": agree / total, "sequence_match": match / total,
             "nll_delta": (nll_cand - nll_ref) / total}
 
