@@ -104,11 +104,12 @@ def test_pipeline_options_generate_and_chat(tiny_model_dir, images):
 def test_bench_tiny_writes_json_and_markdown(tmp_path, tiny_model_dir):
     out, work = tmp_path / "out", tmp_path / "work"
     code = main(["bench", "--llm-size", "tiny", "--repeats", "1", "--new-tokens", "3", "--options", "int8",
-                 "--skip", "memory", "--train-steps", "1", "--quality-model", str(tiny_model_dir),
+                 "--skip", "memory", "--train-steps", "1", "--quality-model", str(tiny_model_dir), "--profile",
                  "--out", str(out), "--work", str(work)])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
-    assert {"machine", "model", "decode", "quality", "chat", "train", "shipped"} <= set(result)
+    assert {"machine", "model", "decode", "quality", "chat", "train", "shipped", "profile"} <= set(result)
+    assert result["profile"]["mmbridge fp32"][0]["self_cpu_pct"] > 0
     shipped = {row["option"]: row for row in result["shipped"]["rows"]}
     assert set(shipped) == {"fp32", "int8", "merged", "bf16+merged"}
     assert {"decode_tok_s_b1", "vs_fp32", "agreement", "sequence_match", "nll_delta"} <= set(shipped["int8"])

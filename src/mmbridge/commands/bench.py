@@ -87,6 +87,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quality-model", default="shapes", metavar="MODEL",
                         help="a trained model (dir or shipped name) on which every option's greedy agreement and "
                              "batch-1 decode speed are measured too (default: shapes, skipped if not installed)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one batch-1 generate per variant (torch.profiler): where decode time goes")
     parser.add_argument("--trainer", action="store_true",
                         help="also run the full `mmbridge train` stage in 1 and 2 processes (minutes)")
     parser.set_defaults(func=run)
@@ -283,6 +285,24 @@ def decode_rows(models: dict, processor, images, args, bandwidth_gb_s: float) ->
                                     "decode_b1": round(row["decode_tok_s_b1"] / ref["decode_tok_s_b1"], 3),
                                     "decode_b8": round(row["decode_tok_s_b8"] / ref["decode_tok_s_b8"], 3)}
     return rows
+
+
+def profile_rows(models: dict, processor, images, new_tokens: int, top: int = 8) -> dict:
+    """Per variant: the operators taking most self CPU time in one batch-1 `generate`, as % of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one = inputs_for(processor, images, 1)
+    pad = processor.tokenizer.pad_token_id
+    result = {}
+    for (impl, option), (model, extra) in models.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_fn(model, one, new_tokens, pad, **extra)()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        result[f"{impl} {option}"] = [{"op": e.key, "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1),
+                                       "calls": e.count} for e in ranked]
+    return result
 
 
 def quality(models: dict, processor, images, new_tokens: int) -> dict:
@@ -567,6 +587,10 @@ def markdown(result: dict) -> str:
             cells = [row["option"], row["decode_tok_s_b1"], row["vs_fp32"], row.get("agreement", "reference"),
                      row.get("sequence_match", ""), row.get("nll_delta", "")]
             lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+    if "profile" in result:
+        lines += ["", "Where a batch-1 `generate` spends its time (self CPU %, top operators):", ""]
+        for variant, ops in result["profile"].items():
+            lines.append(f"- {variant}: " + ", ".join(f"{o['op']} {o['self_cpu_pct']}%" for o in ops))
     if "trainer" in result:
         t = result["trainer"]
         lines += ["", f"`mmbridge train` stage: 1 process {t['1_process_samples_s']} samples/s, 2 processes "
@@ -641,6 +665,9 @@ def run(args) -> int:
                        "num_query_tokens": reference.config.num_query_tokens, "image_size": size}
     say(f"decode: {len(models)} variants x {args.repeats} repeats")
     result["decode"] = decode_rows(models, processor, images, args, result["machine"]["bandwidth"]["matvec_gb_s"])
+    if args.profile:
+        say("profile: one batch-1 generate per variant")
+        result["profile"] = profile_rows(models, processor, images, args.new_tokens)
     if "quality" not in skip and len(options) > 1:
         say("quality: greedy agreement with fp32")
         result["quality"] = quality(models, processor, images, 16)
