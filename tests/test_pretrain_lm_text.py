@@ -21,6 +21,7 @@ from mmbridge.pretrain.shapes import (
     lm_corpus,
     lm_description,
     lm_samples,
+    lookup_check,
     qa_turns,
     relation_sentences,
     relative_sentences,
@@ -228,3 +229,32 @@ def test_branches_are_trained_exactly_as_if_each_followed_the_prefix_alone(token
     n = len(encode_segments(tokenizer, [("a plain row", True), (tokenizer.eos_token, True)])[0])
     plain = lm(input_ids=batch["input_ids"][1:2, :n]).logits[0]
     assert torch.allclose(lm(**{k: v[1:] for k, v in batch.items()}).logits[0, :n], plain, atol=1e-5)
+
+
+class _AttributeOracle(torch.nn.Module):
+    """Logits right about the next token only where it is an attribute word (a size, colour, shape
+    or relation word): the check scores 1.0 only if it looks at those words and nothing else."""
+
+    def __init__(self, words: set[int]):
+        super().__init__()
+        self.words = words
+
+    def forward(self, input_ids, **_):
+        logits = torch.zeros((*input_ids.shape, 1024))
+        logits[..., 0] = 1.0  # wrong everywhere by default
+        for t in range(input_ids.shape[1] - 1):
+            nxt = int(input_ids[0, t + 1])
+            if nxt in self.words:
+                logits[0, t, nxt] = 2.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_lookup_check_scores_each_lookup_at_its_attribute_word(tokenizer):
+    from mmbridge.data.shapes.world import COLORS, SHAPES, SIZES
+
+    words = {tokenizer(f"{w}.", add_special_tokens=False)["input_ids"][0]  # a word's first token
+             for w in (*COLORS, *SHAPES, *SIZES, "to", "above", "below")}
+    result = lookup_check(_AttributeOracle(words), tokenizer, num_scenes=30)
+    assert set(result) == {"shape->size", "shape->color", "color->shape", "name->size", "names->relation"}
+    assert all(v == 1.0 for v in result.values())
+    assert all(v == 0.0 for v in lookup_check(_AttributeOracle(set()), tokenizer, num_scenes=30).values())

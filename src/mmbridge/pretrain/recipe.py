@@ -231,14 +231,14 @@ class Recipe:
     def _lm(self) -> dict:
         from transformers import PreTrainedTokenizerFast
 
-        from mmbridge.pretrain.shapes import lm_samples, retrieval_check, text_qa_accuracy
+        from mmbridge.pretrain.shapes import lm_samples, lookup_check, retrieval_check, text_qa_accuracy
         from mmbridge.pretrain.text import build_causal_lm, pretrain_causal_lm
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
         lm = build_causal_lm(tokenizer, self.cfg.lm)
         def evaluate(model) -> dict:
             return {"text_qa": text_qa_accuracy(model, tokenizer, num_scenes=30),
-                    "retrieval": retrieval_check(model, tokenizer)}
+                    "retrieval": retrieval_check(model, tokenizer), "lookups": lookup_check(model, tokenizer)}
 
         losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"),
                                     evaluate=evaluate)
@@ -246,7 +246,8 @@ class Recipe:
         tokenizer.save_pretrained(self.out / "lm")
         accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)
         return {"final_loss": _tail_mean(losses), "params": sum(p.numel() for p in lm.parameters()),
-                "text_qa_accuracy_val": accuracy, "retrieval_val": retrieval_check(lm, tokenizer)}
+                "text_qa_accuracy_val": accuracy, "retrieval_val": retrieval_check(lm, tokenizer),
+                "lookups_val": lookup_check(lm, tokenizer)}
 
     def _lm_gate(self) -> dict:
         """A stage of its own so that a failed gate keeps the trained LM: rerun with a lower gate to go on."""

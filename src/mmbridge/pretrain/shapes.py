@@ -295,6 +295,50 @@ def retrieval_check(lm, tokenizer, num_scenes: int = 100, split: str = "val") ->
             "n": len(losses)}
 
 
+_RESTATED = (  # (regex over one restatement sentence, {group: the lookup it tests})
+    (re.compile(r"The \w+ is (?P<size>\w+) and (?P<color>\w+)\."), {"size": "shape->size", "color": "shape->color"}),
+    (re.compile(r"The \w+ one is an? (?P<shape>\w+)\."), {"shape": "color->shape"}),
+    (re.compile(r"The \w+ \w+ is (?P<size>\w+)\."), {"size": "name->size"}),
+    (re.compile(r"Compared with the \w+ \w+, the \w+ \w+ is (?P<rel>to the \w+|above|below)"),
+     {"rel": "names->relation"}),
+)
+
+
+@torch.no_grad()
+def lookup_check(lm, tokenizer, num_scenes: int = 60, split: str = "val") -> dict[str, float]:
+    """Teacher-forced accuracy of the looked-up words in the restatement answers ("Describe each
+    shape.", "Where are the shapes relative to each other?") on held-out scenes, per lookup: the
+    backward ones colour and size questions need (shape -> colour/size), the forward one shape
+    questions need (colour -> shape), and the two-name relation. It shows which lookup the LM has
+    not learned while text QA still averages over them."""
+    hits: dict[str, list[bool]] = {}
+    for i in range(num_scenes):
+        scene = make_scene(split, i, 0)
+        for question, restate in RESTATEMENTS:
+            answer = restate(scene, random.Random(i))
+            if not answer:
+                continue
+            prompt = first_turn(description(scene), question)
+            ids = [t for text, _ in prompt for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+            enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+            starts = {begin: k for k, (begin, _) in enumerate(enc["offset_mapping"])}
+            logits = lm(input_ids=torch.tensor([ids + enc["input_ids"]])).logits[0].float()
+            for sentence in re.finditer(r"[^.]+\.", answer):
+                for pattern, lookups in _RESTATED:
+                    m = pattern.match(sentence[0].strip())
+                    if not m:
+                        continue
+                    offset = sentence.start() + len(sentence[0]) - len(sentence[0].lstrip())
+                    for group, lookup in lookups.items():
+                        k = starts.get(offset + m.start(group))
+                        if k is not None:
+                            position = len(ids) + k
+                            hits.setdefault(lookup, []).append(
+                                int(logits[position - 1].argmax()) == enc["input_ids"][k])
+                    break
+    return {lookup: round(sum(h) / len(h), 4) for lookup, h in sorted(hits.items())}
+
+
 def accuracy_by_type(correct: list[bool], types: list[str]) -> dict[str, float]:
     out = {"all": round(sum(correct) / max(len(correct), 1), 4), "n": len(correct)}
     for t in sorted(set(types)):
