@@ -256,9 +256,10 @@ def decode_rows(models: dict, processor, images, args, bandwidth_gb_s: float) ->
     pad = processor.tokenizer.pad_token_id
     one, eight = inputs_for(processor, images, 1), inputs_for(processor, images, 8)
     times = {key: {"ttft": [], "b1": [], "b8": []} for key in models}
-    for model, extra in models.values():  # warm-up (and compilation, for the compile option)
-        generate_fn(model, one, 3, pad, **extra)()
-        generate_fn(model, eight, 3, pad, **extra)()
+    for model, extra in models.values():  # warm-up; compilation, for the compile option, at the timed shapes
+        warm = args.new_tokens if "compile_config" in extra else 3  # (the static cache's length is part of them)
+        generate_fn(model, one, warm, pad, **extra)()
+        generate_fn(model, eight, warm, pad, **extra)()
     for _ in range(args.repeats):
         for key, (model, extra) in models.items():
             ttft, step = clocked(model, one, args.new_tokens, pad, **extra)
@@ -690,8 +691,9 @@ def run(args) -> int:
             result["shipped"] = trained_model_rows(args.quality_model, options, args.repeats, args.new_tokens)
     if "memory" not in skip:
         say("peak RSS, one fresh process per model")
+        same_weights = {o for o in options if OPTIONS[o][1].get("kv_cache") or OPTIONS[o][1].get("compile")}
         result["memory"] = memory_rows(hf_dir, mm_dir, [("hf", "fp32"), *(("mmbridge", o) for o in options
-                                                                          if o != "compile")])
+                                                                          if o not in same_weights)])
     if args.trainer:
         say("trainer: 1 vs 2 processes")
         result["trainer"] = trainer_scaling(30)
