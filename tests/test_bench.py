@@ -154,14 +154,13 @@ def test_chat_and_serve_take_the_decode_options(tiny_model_dir, capsys):
     from mmbridge.serve.cli import _decode_options, _Loader
 
     assert main(["chat", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "3",
-                 "--dtype", "bfloat16", "--quantize", "int8", "--kv-cache", "static"]) == 0
+                 "--dtype", "bfloat16", "--quantize", "int8", "--merge-adapters"]) == 0
     for command in ("serve", "ui"):
         args = build_parser().parse_args([command, "--model", str(tiny_model_dir), "--quantize", "int8",
-                                          "--kv-cache", "static", "--dtype", "bfloat16"])
+                                          "--merge-adapters", "--dtype", "bfloat16"])
         options = _decode_options(args)
-        assert options == {"dtype": torch.bfloat16, "quantize": "int8", "kv_cache": "static", "merge_adapters": False}
+        assert options == {"dtype": torch.bfloat16, "quantize": "int8", "merge_adapters": True}
     pipeline = _Loader(tiny_model_dir, MMBridgePipeline, **options)()
-    assert pipeline.model.llm.model.generation_config.cache_implementation == "static"
     assert any(isinstance(m, Int8WeightOnlyLinear) for m in pipeline.model.llm.modules())
 
 

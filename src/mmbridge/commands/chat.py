@@ -27,21 +27,18 @@ def sampling_options(args):
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --quantize, --kv-cache: how the model is loaded for decoding (`mmbridge bench` measures each)."""
+    """--dtype, --quantize, --merge-adapters: how the model is loaded for decoding (`mmbridge bench` measures
+    each). The static KV cache and torch.compile stay Python options: on CPU they did not pay (docs/speed.md)."""
     group = parser.add_argument_group("decoding")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="weights dtype (bfloat16: half the bytes per token; fast on CPUs with avx512_bf16)")
     group.add_argument("--quantize", choices=["int8"], default=None,
                        help="int8 weight-only LLM linears (bf16 activations): a quarter of fp32's bytes per token")
-    group.add_argument("--kv-cache", choices=["dynamic", "static"], default=None,
-                       help="static: a pre-allocated KV cache for one-shot and streamed answers (chat sessions "
-                            "keep their growing cache for KV reuse)")
     group.add_argument("--merge-adapters", action="store_true",
                        help="merge LoRA adapters / trained token rows into the LLM's weights before decoding")
 
 
-def load_pipeline(model: str, dtype: str = "float32", quantize: str | None = None, kv_cache: str | None = None,
-                  merge_adapters: bool = False):
+def load_pipeline(model: str, dtype: str = "float32", quantize: str | None = None, merge_adapters: bool = False):
     """Resolve a name or dir and load it, turning missing/unknown models into CLI errors."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -57,7 +54,7 @@ def load_pipeline(model: str, dtype: str = "float32", quantize: str | None = Non
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
     try:
-        return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype), quantize=quantize, kv_cache=kv_cache,
+        return MMBridgePipeline.from_pretrained(path, dtype=getattr(torch, dtype), quantize=quantize,
                                                 merge_adapters=merge_adapters)
     except Exception as err:  # corrupt/truncated weights, unreadable disk: one line naming the file
         from mmbridge.interop.loading import explain_load_error
@@ -111,7 +108,7 @@ def run(args) -> int:
         images = [load_image(path) for path in args.image]
     except ImageLoadError as err:
         raise CLIError(str(err)) from None
-    pipeline = load_pipeline(args.model, args.dtype, args.quantize, args.kv_cache, args.merge_adapters)
+    pipeline = load_pipeline(args.model, args.dtype, args.quantize, args.merge_adapters)
     options = sampling_options(args)
     session = pipeline.chat(system=args.system)
     from mmbridge.commands.outputs import OutputWriter

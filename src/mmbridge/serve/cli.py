@@ -58,7 +58,7 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--keep-uploads", action="store_true", help="keep UI uploads in Gradio's cache folder")
     from mmbridge.commands.chat import add_decode_arguments
 
-    add_decode_arguments(parser)  # --dtype, --quantize, --kv-cache
+    add_decode_arguments(parser)  # --dtype, --quantize, --merge-adapters
 
 
 def resolve_model(name_or_dir: str) -> Path:
@@ -141,8 +141,7 @@ def _exit_load_failed(detail: str | None) -> None:
 def _decode_options(args) -> dict:
     import torch
 
-    return {"dtype": getattr(torch, args.dtype), "quantize": args.quantize, "kv_cache": args.kv_cache,
-            "merge_adapters": args.merge_adapters}
+    return {"dtype": getattr(torch, args.dtype), "quantize": args.quantize, "merge_adapters": args.merge_adapters}
 
 
 class _Loader:
