@@ -176,3 +176,30 @@ def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_pa
     assert pipe.model.config.llm_lora and "[GRD]" in pipe.processor.routes and pipe.processor.region_token
     [out] = pipe.generate([{"role": "user", "content": "Find every red shape."}], max_new_tokens=4)
     assert out.finish_reason in ("stop", "length")  # decoding runs with the act head's hook in place
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tmp_path):
+    """`mmbridge train shapes ... stages=[..., act_data, act_stage1, act_stage2, export]`: on a stage-3 model
+    the act head is added, trained in two trainer stages, and exported; a second run skips them all."""
+    from mmbridge.config import MMBridgeConfig
+    from mmbridge.pretrain.recipe import RECIPES_DIR, RUN_ORDER, ActStage, Recipe, RecipeConfig, TrainerStage
+    from mmbridge.train.fixtures import make_base_model
+
+    assert "act_stage1" not in RecipeConfig(name="x").stages  # opt-in: the see recipe is unchanged
+    make_base_model(tmp_path / "base", init_std=0.02)
+    make_base_model(tmp_path / "stage3" / "model", init_std=0.02)
+    short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
+    stages = ["act_data", "act_stage1", "act_stage2", "export"]
+    cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
+                       act=ActStage(train_scenes=6, see_turns=2, eval_scenes=3, head=TINY_ACT),
+                       act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
+                       act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
+    assert [s for s in RUN_ORDER if s in stages] == stages
+    report = Recipe(cfg, tmp_path, log=lambda _: None).run()
+    assert report["stages"]["act_stage1"]["steps"] == 2 and report["stages"]["act_stage2"]["steps"] == 2
+    assert report["stages"]["act_data"]["eval"]["files"]["route"] == "route_test.jsonl"
+    exported = MMBridgeConfig.from_pretrained(tmp_path / "model")
+    assert "act" in exported.head_configs and exported.llm_lora
+    again = Recipe(cfg, tmp_path, log=lambda _: None).run()
+    assert again["stages"] == report["stages"]

@@ -40,6 +40,11 @@ FOUNDATION_STAGES = ("tokenizer", "lm", "lm_gate", "vision", "generator")
 #: The seeds' method: the bridges, trained on a foundation (`recipes/shapes.yaml`).
 BRIDGE_STAGES = ("compose", "data", "stage1", "stage2", "stage3", "export")
 STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
+#: VisionLLM v2's act head on the see-model (pretrain/act.py, docs/recipe.md "Act"): run only when listed in
+#: `stages` (between stage3 and export); with them, `export` exports the act model.
+ACT_STAGES = ("act_data", "act_stage1", "act_stage2")
+#: Every stage a recipe may list, in the order they run.
+RUN_ORDER = (*STAGES[:-1], *ACT_STAGES, STAGES[-1])
 #: Where a trained foundation ships inside the package (`foundation: shipped` in a recipe).
 SHIPPED_FOUNDATION = Path(__file__).resolve().parent.parent / "assets" / "foundation" / "shapes"
 #: What a foundation directory holds (one subdirectory each; `generator` only with draw's stage 0).
@@ -83,6 +88,17 @@ class DataStage:
 
 
 @dataclass
+class ActStage:
+    """The act stages' data (pretrain.act.write_act_data / write_act_eval) and head (`ActConfig` settings over
+    pretrain.act.SHAPES_ACT_HEAD, e.g. `shared_queries: true`, `queries_per_task: 8` for the ablations)."""
+    train_scenes: int = 20000
+    requests_per_scene: int = 3
+    see_turns: int = 4  # see chats about the same scenes, mixed into act stage 2
+    eval_scenes: int = 1000  # test split: OUT/act/eval/{coco,ground,region,route}_test.*
+    head: dict = field(default_factory=dict)
+
+
+@dataclass
 class TrainerStage:
     config: str  # a trainer stage YAML (relative to the recipe file)
     overrides: list[str] = field(default_factory=list)
@@ -105,7 +121,10 @@ class RecipeConfig:
     # draw's stage 0: a VAE + text-conditioned UNet (hours on 2 cores, resumable); off in the see recipe
     draw_generator: bool = False
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    #: Which stages this recipe runs, in STAGES order (default: all of them).
+    act: ActStage = field(default_factory=ActStage)
+    act_stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage1.yaml"))
+    act_stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage2.yaml"))
+    #: Which stages this recipe runs, in RUN_ORDER (default: STAGES, all of them but the act stages).
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     #: Where the bridge stages find the frozen stage-0 models: a directory written by a foundation run
     #: (its tokenizer/, lm/, vision/, text_encoder/, generator/), `shipped` (the package's), or null
@@ -140,9 +159,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     raw = apply_overrides({k: v for k, v in raw.items() if k != "recipe"}, list(overrides or []))
     raw["base_dir"] = str(path.parent)
     cfg = _build(RecipeConfig, raw, "")
-    unknown = [name for name in cfg.stages if name not in STAGES]
+    unknown = [name for name in cfg.stages if name not in RUN_ORDER]
     if unknown:
-        raise ConfigError(f"{path}: unknown stages {unknown}; stages are {list(STAGES)}")
+        raise ConfigError(f"{path}: unknown stages {unknown}; stages are {list(RUN_ORDER)}")
     if cfg.foundation is not None and set(cfg.stages) & set(FOUNDATION_STAGES):
         raise ConfigError(f"{path}: a recipe that reads a foundation ({cfg.foundation}) cannot also train one "
                           f"(drop {sorted(set(cfg.stages) & set(FOUNDATION_STAGES))} from stages, or foundation=null)")
@@ -184,7 +203,7 @@ class Recipe:
         report["recipe"] = self.cfg.name
         if self.foundation != self.out:
             report["foundation"] = str(self.foundation)
-        stages = [name for name in STAGES if name in self.cfg.stages]
+        stages = [name for name in RUN_ORDER if name in self.cfg.stages]
         for name in stages:
             if name in report["stages"]:
                 self.log(f"[{name}] done before, skipped ({report['stages'][name].get('seconds', 0):.0f} s)")
@@ -389,8 +408,34 @@ class Recipe:
             f"data.datasets.1.shards={self.out / 'data' / 'captions' / 'shard-*.tar'}"])
         return {**result, **self._measure(self.out / "stage3" / "model")}
 
+    # -- the act head (issue 15): data, then its two trainer stages on the stage-3 model --------------
+    def _act_data(self) -> dict:
+        from mmbridge.pretrain.act import write_act_data, write_act_eval
+
+        act, out = self.cfg.act, self.out / "act"
+        return {"train": write_act_data(out / "data", act.train_scenes, act.requests_per_scene, act.see_turns,
+                                        seed=self.cfg.seed),
+                "eval": write_act_eval(out / "eval", act.eval_scenes, seed=self.cfg.seed)}
+
+    def _act_stage1(self) -> dict:
+        from mmbridge.pretrain.act import add_act_head
+
+        base = self.out / "act" / "base"
+        if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
+            torch.manual_seed(self.cfg.seed)
+            add_act_head(self.out / "stage3" / "model", base, **self.cfg.act.head)
+        return self._trainer_stage(self.cfg.act_stage1, base, self.out / "act" / "stage1",
+                                   [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}"])
+
+    def _act_stage2(self) -> dict:
+        data = self.out / "act" / "data"
+        return self._trainer_stage(self.cfg.act_stage2, self.out / "act" / "stage1" / "model",
+                                   self.out / "act" / "stage2", [f"data.datasets.0.path={data / 'act.json'}",
+                                                                 f"data.datasets.1.path={data / 'see.json'}"])
+
     def _export(self) -> dict:
-        """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts."""
+        """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts.
+        With the act stages in `stages`, the act model (act/stage2/model), else the see-model (stage3/model)."""
         from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.shapes import frozen_parts_identical
@@ -398,7 +443,8 @@ class Recipe:
         final = self.out / "model"
         if final.exists():
             shutil.rmtree(final)
-        shutil.copytree(self.out / "stage3" / "model", final)
+        trained = "act_stage2" in self.cfg.stages
+        shutil.copytree(self.out / ("act/stage2" if trained else "stage3") / "model", final)
         config = MMBridgeConfig.from_pretrained(final)
         for sub in (config.vision_config, config.qformer_config, config.text_config):
             sub._name_or_path = ""  # where stage 0 happened to write its parts means nothing elsewhere
@@ -417,6 +463,6 @@ def _tail_mean(values: list[float], n: int = 50) -> float:
 def run_recipe(name_or_path: str, out: str | os.PathLike, overrides: list[str] | None = None,
                until: str | None = None, log: Callable[[str], None] = print) -> dict:
     cfg = load_recipe(name_or_path, overrides)
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"--until must be one of {list(STAGES)}, got {until!r}")
+    if until is not None and until not in RUN_ORDER:
+        raise ConfigError(f"--until must be one of {list(RUN_ORDER)}, got {until!r}")
     return Recipe(cfg, out, log).run(until)
