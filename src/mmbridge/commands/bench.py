@@ -81,7 +81,8 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--bandwidth-mib", type=int, default=None,
                         help="matrix size of the bandwidth probe (default: 1024, tiny: 64)")
-    parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per model (default 6)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="timed training steps per model (default 6 at 100m, else 3)")
     parser.add_argument("--skip", default="",
                         help="comma-separated sections to skip: chat,train,memory,quality,shipped")
     parser.add_argument("--quality-model", default="shapes", metavar="MODEL",
@@ -678,7 +679,8 @@ def run(args) -> int:
     del models, reference
     if "train" not in skip:
         say("training step")
-        result["train"] = train_rates(mm_dir, hf_dir, processor, images, args.train_steps or (3 if tiny else 6))
+        steps = args.train_steps or {"tiny": 3, "100m": 6}.get(args.llm_size, 3)
+        result["train"] = train_rates(mm_dir, hf_dir, processor, images, steps)
     if "shipped" not in skip and args.quality_model:
         try:
             from mmbridge.models import resolve_model_path
