@@ -553,7 +553,7 @@ def markdown(result: dict) -> str:
     for row in result["decode"]:
         q = result.get("quality", {}).get(row["option"]) if row["impl"] == "mmbridge" else None
         agreement = (f"{q['agreement']:.3f} ({q['sequence_match']:.3f})" if q else
-                     ("reference" if row["impl"] == "mmbridge" else ""))
+                     ("reference" if (row["impl"], row["option"]) == ("mmbridge", "fp32") else ""))
         cells = [row["impl"], row["option"], row["ttft_ms"], row["decode_tok_s_b1"], row["decode_tok_s_b8"],
                  row["decode_gb_s"], row["bandwidth_pct"], ratio(row, "fp32", "decode_b1"),
                  ratio(row, "bf16", "decode_b1"), ratio(row, "fp32", "decode_b8"), ratio(row, "fp32", "ttft"),
