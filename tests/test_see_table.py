@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmbridge.pretrain.see import (
+    answer_logprobs,
     blind_baselines,
     format_see_table,
     see_records,
@@ -45,12 +46,29 @@ class _Oracle(torch.nn.Module):
         return SimpleNamespace(logits=torch.nn.functional.one_hot(target, self.vocab).float())
 
 
-def test_teacher_forced_needs_every_answer_token_and_the_end_marker(tiny):
+def test_answer_logprobs_score_the_answer_and_its_end_marker(tiny):
     _, processor = tiny
     records = see_records(2)
     vocab = len(processor.tokenizer)
-    assert all(teacher_forced_correct(_Oracle(vocab), processor, records, batch_size=4))
-    assert not any(teacher_forced_correct(_Oracle(vocab, wrong=True), processor, records, batch_size=4))
+    answers = [r["answer"] for r in records]
+    right = answer_logprobs(_Oracle(vocab), processor, records, answers, batch_size=4)
+    wrong = answer_logprobs(_Oracle(vocab, wrong=True), processor, records, answers, batch_size=4)
+    assert all(w < r for r, w in zip(right, wrong))  # the end marker's token counts too
+
+
+def test_teacher_forced_picks_the_most_likely_candidate_of_the_type(tiny, monkeypatch):
+    import mmbridge.pretrain.see as see
+
+    _, processor = tiny
+    records = see_records(3)
+    # a model that always prefers "yes", "red", "2", ...: the first answer seen of each type
+    first = {}
+    for r in records:
+        first.setdefault(r["type"], r["answer"])
+    monkeypatch.setattr(see, "answer_logprobs", lambda m, p, recs, answers, b: [
+        float(a == first[r["type"]]) for r, a in zip(recs, answers)])
+    correct = teacher_forced_correct(None, processor, records)
+    assert correct == [r["answer"] == first[r["type"]] for r in records] and any(correct) and not all(correct)
 
 
 def test_a_stage_gets_three_rows_per_type(tiny):

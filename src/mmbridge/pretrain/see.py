@@ -5,8 +5,10 @@ Per stage (stage 2, stage 3; stage 1 trains no path into the LM — its projecti
 only its retrieval is measured), on the canonical questions (`eval_questions`) of a fixed set of val
 scenes, per question type:
 
-* `teacher_forced` — the answer (and its end marker) is the argmax at every one of its tokens, given
-  the image and the question: what the model *knows*, without decoding errors;
+* `teacher_forced` — the true answer is the most likely of its type's candidate answers (teacher-forced
+  log-likelihood of answer + end marker, given the image and the question): what the model *knows*,
+  also where it does not yet answer in the right form (a strict all-tokens-argmax criterion would
+  only repeat greedy decoding);
 * `free` — greedy generation, scored like `mmbridge eval vqa` (official VQA normalisation);
 * `question_only` — the same model and decoding without the image (`mmbridge eval vqa --blind`).
 
@@ -49,23 +51,42 @@ def _conversation(record: dict, with_answer: bool) -> list[dict]:
 
 
 @torch.no_grad()
-def teacher_forced_correct(model, processor, records: list[dict], batch_size: int = 32) -> list[bool]:
-    """Per record: is every trained token of the answer turn (the answer and its end marker) the model's
-    argmax, given the image, the question and the answer's earlier tokens?"""
+def answer_logprobs(model, processor, records: list[dict], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Teacher-forced log-likelihood of `answers[i]` (its tokens and the end marker, the trained tokens of
+    the answer turn) given records[i]'s image and question."""
     model.eval()
-    correct = []
+    scores = []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        batch = processor([_conversation(r, True) for r in chunk], images=[r["image"] for r in chunk],
-                          return_labels=True, padding_side="right")
+        conversations = [_conversation({**r, "answer": a}, True) for r, a in zip(chunk, answers[i:i + batch_size])]
+        batch = processor(conversations, images=[r["image"] for r in chunk], return_labels=True, padding_side="right")
         labels = batch.pop("labels")
         inputs = {k: v for k, v in batch.items() if k not in ("head_targets",)}
-        logits = model(**inputs).logits
-        predicted = logits[:, :-1].argmax(-1)
+        logprobs = model(**inputs).logits[:, :-1].float().log_softmax(-1)
         target = labels[:, 1:]
         trained = target != -100
-        correct += ((predicted == target) | ~trained).all(-1).tolist()
-    return correct
+        picked = logprobs.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        scores += (picked * trained).sum(-1).tolist()
+    return scores
+
+
+def teacher_forced_correct(model, processor, records: list[dict], batch_size: int = 32) -> list[bool]:
+    """Per record: is the true answer the most likely, under teacher forcing, of its type's candidate answers
+    (every answer of that type among `records`: the colours, the shapes, yes / no, ...)? Greedy decoding
+    can only be right where the strict argmax path is, so this is the row that shows what the model
+    *knows* even where it has not learned the answer's form yet (after stage 2: descriptions, no yes/no)."""
+    candidates: dict[str, list[str]] = {}
+    for r in records:
+        candidates.setdefault(r["type"], [])
+        if r["answer"] not in candidates[r["type"]]:
+            candidates[r["type"]].append(r["answer"])
+    pairs = [(i, a) for i, r in enumerate(records) for a in candidates[r["type"]]]
+    scores = answer_logprobs(model, processor, [records[i] for i, _ in pairs], [a for _, a in pairs], batch_size)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, answer), score in zip(pairs, scores):
+        if i not in best or score > best[i][0]:
+            best[i] = (score, answer)
+    return [best[i][1] == r["answer"] for i, r in enumerate(records)]
 
 
 def stage_see(model, processor, records: list[dict], batch_size: int = 32) -> dict[str, dict]:
