@@ -258,3 +258,36 @@ def test_lookup_check_scores_each_lookup_at_its_attribute_word(tokenizer):
     assert set(result) == {"shape->size", "shape->color", "color->shape", "name->size", "names->relation"}
     assert all(v == 1.0 for v in result.values())
     assert all(v == 0.0 for v in lookup_check(_AttributeOracle(set()), tokenizer, num_scenes=30).values())
+
+
+def test_lm_pretraining_killed_midway_resumes_to_the_same_weights(tokenizer, tmp_path):
+    """The foundation's LM stage runs for hours: a kill after a save loses only the steps since."""
+    cfg = LMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=6, batch_size=2,
+                   warmup_steps=1, save_every=3, seed=0)
+
+    def straight_samples(rng, n):
+        return lm_samples(rng, n)
+
+    calls = []
+
+    def dying_samples(rng, n):
+        calls.append(1)
+        if len(calls) == 5:  # step 5: after the save at step 3
+            raise KeyboardInterrupt
+        return lm_samples(rng, n)
+
+    straight = build_causal_lm(tokenizer, cfg)
+    from mmbridge.pretrain.text import pretrain_causal_lm
+
+    pretrain_causal_lm(straight, tokenizer, straight_samples, cfg, log=lambda d: None)
+    resumed = build_causal_lm(tokenizer, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_causal_lm(resumed, tokenizer, dying_samples, cfg, log=lambda d: None, checkpoint_dir=tmp_path / "ck")
+    assert (tmp_path / "ck" / "state.pt").is_file()
+    logs = []
+    resumed = build_causal_lm(tokenizer, cfg)  # a fresh process: weights come from the checkpoint
+    losses = pretrain_causal_lm(resumed, tokenizer, straight_samples, cfg, log=logs.append,
+                                checkpoint_dir=tmp_path / "ck")
+    assert {"resumed_at_step": 3} in logs and len(losses) == 3
+    expected = straight.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.state_dict().items())

@@ -4,6 +4,8 @@ Real users bring published weights for these; the ShapesWorld recipe trains smal
 because nothing can be downloaded here.
 """
 
+from pathlib import Path
+
 import torch
 
 from mmbridge.train.config import ScheduleConfig
@@ -20,3 +22,39 @@ def adamw_with_warmup_cosine(model: torch.nn.Module, *, lr: float, min_lr: float
     schedule = build_scheduler(optimizer, ScheduleConfig(total_steps=steps, init_lr=lr, min_lr=min_lr,
                                                          warmup_lr=lr / 100, warmup_steps=warmup_steps))
     return optimizer, schedule
+
+
+class LoopCheckpoint:
+    """`dir/weights.safetensors` + `dir/state.pt` (optimizer, schedule, step, RNG); written atomically, so
+    a stage-0 loop killed at any moment resumes from its last save. (The trainer has its own,
+    accelerate-based checkpoints; these loops train plain modules for hours in the foundation recipe.)"""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def restore(self, model, optimizer, schedule) -> int:
+        from safetensors.torch import load_file
+
+        state_file = self.directory / "state.pt"
+        if not state_file.is_file():
+            return 0
+        model.load_state_dict(load_file(str(self.directory / "weights.safetensors")))
+        state = torch.load(state_file, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"])
+
+    def save(self, model, optimizer, schedule, step: int) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.directory.with_name(self.directory.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                    "rng": torch.get_rng_state()}, tmp / "state.pt")
+        if self.directory.exists():
+            for f in self.directory.iterdir():
+                f.unlink()
+            self.directory.rmdir()
+        tmp.rename(self.directory)

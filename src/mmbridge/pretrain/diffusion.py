@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmbridge.pretrain import adamw_with_warmup_cosine
+from mmbridge.pretrain import LoopCheckpoint, adamw_with_warmup_cosine
 
 
 @dataclass
@@ -86,41 +86,7 @@ def noise_scheduler(cfg: GeneratorConfig):
 
 
 # -- resumable loops ---------------------------------------------------------------------------------
-class _Checkpoint:
-    """`dir/weights.safetensors` + `dir/state.pt` (optimizer, schedule, step, RNG); written atomically."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def restore(self, model, optimizer, schedule) -> int:
-        from safetensors.torch import load_file
-
-        state_file = self.directory / "state.pt"
-        if not state_file.is_file():
-            return 0
-        model.load_state_dict(load_file(str(self.directory / "weights.safetensors")))
-        state = torch.load(state_file, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        return int(state["step"])
-
-    def save(self, model, optimizer, schedule, step: int) -> None:
-        from safetensors.torch import save_file
-
-        tmp = self.directory.with_name(self.directory.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "weights.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                    "rng": torch.get_rng_state()}, tmp / "state.pt")
-        if self.directory.exists():
-            for f in self.directory.iterdir():
-                f.unlink()
-            self.directory.rmdir()
-        tmp.rename(self.directory)
-
-
-def _loop(model, steps: int, lr: float, warmup: int, checkpoint: _Checkpoint, save_every: int,
+def _loop(model, steps: int, lr: float, warmup: int, checkpoint: LoopCheckpoint, save_every: int,
           step_loss: Callable[[int], dict[str, torch.Tensor]], log: Callable[[dict], None]) -> list[float]:
     optimizer, schedule = adamw_with_warmup_cosine(model, lr=lr, min_lr=lr / 10, warmup_steps=warmup, steps=steps,
                                                    weight_decay=0.0)
@@ -159,7 +125,7 @@ def train_vae(cfg: GeneratorConfig, images: Callable[[int, int], torch.Tensor], 
         recon = vae.decode(posterior.sample()).sample
         return {"recon": F.mse_loss(recon, batch), "kl": cfg.kl_weight * posterior.kl().mean()}
 
-    _loop(vae, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps, _Checkpoint(work_dir / "vae"), cfg.save_every,
+    _loop(vae, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "vae"), cfg.save_every,
           step_loss, log)
     with torch.no_grad():  # SD's 0.18215, measured here: latents of unit variance for the UNet
         latents = torch.cat([vae.encode(images(-1 - i, cfg.vae_batch_size)).latent_dist.mean for i in range(4)])
@@ -202,7 +168,7 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         return {"ldm": (per_sample * weight).mean()}
 
-    _loop(unet, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, _Checkpoint(work_dir / "unet"), cfg.save_every,
+    _loop(unet, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "unet"), cfg.save_every,
           step_loss, log)
     return unet
 

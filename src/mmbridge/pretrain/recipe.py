@@ -259,10 +259,12 @@ class Recipe:
             return {"text_qa": text_qa_accuracy(model, tokenizer, num_scenes=30),
                     "retrieval": retrieval_check(model, tokenizer), "lookups": lookup_check(model, tokenizer)}
 
+        checkpoint = self.out / "lm.checkpoint"  # resumes a killed LM stage where it was
         losses = pretrain_causal_lm(lm, tokenizer, lm_samples, self.cfg.lm, log=lambda d: self.log(f"  lm {d}"),
-                                    evaluate=evaluate)
+                                    evaluate=evaluate, checkpoint_dir=checkpoint)
         lm.save_pretrained(self.out / "lm")
         tokenizer.save_pretrained(self.out / "lm")
+        shutil.rmtree(checkpoint, ignore_errors=True)
         accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)
         return {"final_loss": _tail_mean(losses), "params": sum(p.numel() for p in lm.parameters()),
                 "text_qa_accuracy_val": accuracy, "retrieval_val": retrieval_check(lm, tokenizer),

@@ -7,11 +7,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mmbridge.pretrain import adamw_with_warmup_cosine
+from mmbridge.pretrain import LoopCheckpoint, adamw_with_warmup_cosine
 
 # Tokenizer training lives in `mmbridge.tokenization` (the test kit and the processor use it too);
 # stage 0 trains the shipped tokenizers with it, so it is re-exported here.
@@ -41,6 +42,7 @@ class LMConfig:
     #: from the context (what answering from a description needs) far more slowly, or not at all.
     tie_word_embeddings: bool = False
     eval_every: int = 0  # steps between calls of pretrain_causal_lm's `evaluate` (0: never)
+    save_every: int = 250  # steps between resumable checkpoints (with a `checkpoint_dir`)
     seed: int = 0
 
 
@@ -144,18 +146,26 @@ def encode_samples(tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample]
 def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
                        sample_texts: Callable[[random.Random, int], Sequence[Sample]], cfg: LMConfig,
                        log: Callable[[dict], None] = print, log_every: int = 50,
-                       evaluate: Callable[[LlamaForCausalLM], dict] | None = None) -> list[float]:
+                       evaluate: Callable[[LlamaForCausalLM], dict] | None = None,
+                       checkpoint_dir: str | Path | None = None) -> list[float]:
     """Next-token training on samples drawn by `sample_texts(rng, batch_size)` (an endless corpus).
 
     Padding is never trained; within a sample, segments marked untrained (see `encode_samples`)
     are context only. `evaluate(model)` runs every `cfg.eval_every` steps and its result is logged.
+    With `checkpoint_dir`, the loop saves itself every `cfg.save_every` steps and a rerun resumes
+    from the last save, exactly (each step draws its samples from an RNG seeded by the step), so a
+    foundation LM that trains for hours survives a kill. Returns the losses of the steps it ran.
     """
-    rng = random.Random(cfg.seed)
     optimizer, schedule = adamw_with_warmup_cosine(model, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                                                    steps=cfg.steps, weight_decay=cfg.weight_decay)
+    checkpoint = LoopCheckpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
+    first = checkpoint.restore(model, optimizer, schedule) if checkpoint is not None else 0
+    if first:
+        log({"resumed_at_step": first})
     model.train()
     losses, start = [], time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(first, cfg.steps):
+        rng = random.Random(cfg.seed * 1_000_003 + step)
         batch = encode_samples(tokenizer, sample_texts(rng, cfg.batch_size), cfg.max_length)
         labels = batch.pop("labels")
         if batch["attention_mask"].ndim == 4:  # an additive mask (`Branches`): SDPA wants the model's dtype
@@ -173,6 +183,8 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
             window = losses[-log_every:]
             log({"step": step + 1, "loss": sum(window) / len(window), "lr": schedule.get_last_lr()[0],
                  "elapsed_s": round(time.perf_counter() - start, 1)})
+        if checkpoint is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            checkpoint.save(model, optimizer, schedule, step + 1)
         if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             model.eval()
             log({"step": step + 1, "eval": evaluate(model)})
