@@ -90,8 +90,29 @@ def test_shapes_clip_captions_end_with_eos_so_the_text_tower_pools_them():
     lengths = batch["attention_mask"].sum(dim=1)
     last = batch["input_ids"][torch.arange(3), lengths - 1]
     assert (last == tokenizer.eos_token_id).all()
-    assert set(batch["dense_labels"]) == {"color", "shape", "size"}
+    assert set(batch["dense_labels"]) == {"color", "shape", "size", "column", "row"}
     assert batch["dense_labels"]["color"].shape == (3, 16)
+
+
+def test_patches_learn_where_their_object_is():
+    """Each covered patch's `column`/`row` label is its object's centre on an 8 × 8 grid (1-based;
+    0 = background): CLIP's captions never say where things are, so without it the ViT drops position."""
+    import random as _random
+
+    from mmbridge.data.shapes.world import make_scene
+    from mmbridge.pretrain.shapes import vision_batch
+
+    tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
+    rng = _random.Random(4)
+    batch = vision_batch(_random.Random(4), 2, tokenizer, patch_size=8)
+    scenes = [make_scene("train", rng.randrange(1_000_000), 0) for _ in range(2)]
+    for b, scene in enumerate(scenes):
+        columns, rows = batch["dense_labels"]["column"][b], batch["dense_labels"]["row"][b]
+        for o in scene.objects:
+            cx, cy = o.centre
+            patch = int(cy // 8) * 8 + int(cx // 8)  # the patch under the centre is covered by the object
+            assert (columns[patch], rows[patch]) == (1 + int(cx // 8), 1 + int(cy // 8))
+        assert ((columns == 0) == (rows == 0)).all()
 
 
 def test_clip_text_embeddings_differ_between_captions():

@@ -193,3 +193,18 @@ def test_caption_scoring_counts_triples(eval_files):
     assert summary["f1"] == 1.0
     summary, _ = evaluate_caption(_CannedPipeline({"Describe the image.": "nothing here"}), [rec], progress=False)
     assert summary["f1"] == 0.0
+
+
+def test_vision_gate_stops_the_foundation_and_names_the_probe(smoke_run, tmp_path, capsys):
+    """A ViT whose object features do not carry colour, shape, size and position is not frozen."""
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(smoke_run / "vision", out / "vision")
+    args = ["train", "shapes-smoke", "--out", str(out), "stages=[vision_gate]"]
+    assert main(args + ["vision_gate.min_accuracy=0.99"]) == 2
+    assert "vision gate: linear probes" in capsys.readouterr().err
+    assert main(args) == 0
+    probes = json.loads((out / "report.json").read_text())["stages"]["vision_gate"]["probes_val"]
+    assert set(probes) == {"color", "shape", "size", "region", "objects_val"}

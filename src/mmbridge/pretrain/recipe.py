@@ -36,7 +36,7 @@ logger = logging.getLogger("mmbridge.recipe")
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 #: Stage 0: the models the seeds download (EVA ViT, Vicuna, Stable Diffusion), trained once here, then frozen
 #: and shipped (`recipes/shapes_foundation.yaml`, `mmbridge train shapes-foundation`).
-FOUNDATION_STAGES = ("tokenizer", "lm", "lm_gate", "vision", "generator")
+FOUNDATION_STAGES = ("tokenizer", "lm", "lm_gate", "vision", "vision_gate", "generator")
 #: The seeds' method: the bridges, trained on a foundation (`recipes/shapes.yaml`).
 BRIDGE_STAGES = ("compose", "data", "stage1", "stage2", "stage3", "export")
 STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
@@ -63,6 +63,15 @@ class LMGate:
     (docs/world.md; docs/recipe.md, "Design choices, and why")."""
     min_accuracy: float = 0.98
     min_type_accuracy: float = 0.95
+
+
+@dataclass
+class VisionGate:
+    """Linear probes on the frozen ViT's per-object features (held-out scenes) the ViT needs before it
+    is frozen: colour, shape, size and coarse position (`pretrain.shapes.vision_probes`)."""
+    min_accuracy: float = 0.95
+    train_scenes: int = 1000  # the probes are fitted on these (train split) ...
+    val_scenes: int = 500  # ... and scored on these (val split)
 
 
 @dataclass
@@ -118,6 +127,7 @@ class RecipeConfig:
     stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_stage2_align.yaml"))
     stage3: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_stage3_instruct.yaml"))
     lm_gate: LMGate = field(default_factory=LMGate)
+    vision_gate: VisionGate = field(default_factory=VisionGate)
     # draw's stage 0: a VAE + text-conditioned UNet (hours on 2 cores, resumable); off in the see recipe
     draw_generator: bool = False
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -297,6 +307,24 @@ class Recipe:
         val = vision_batch(random.Random(12345), 256, tokenizer, cfg.patch_size, split="val")
         recall = retrieval_recall_at_1(model, val["pixel_values"], val["input_ids"], val["attention_mask"])
         return {"final_loss": _tail_mean(losses), "clip_recall_at_1_val256": recall}
+
+    def _vision_gate(self) -> dict:
+        """A stage of its own, like the LM gate: a failed gate keeps the trained ViT."""
+        from transformers import CLIPVisionModel
+
+        from mmbridge.pretrain.shapes import vision_probes
+
+        vision = CLIPVisionModel.from_pretrained(self.out / "vision")
+        gate = self.cfg.vision_gate
+        probes = vision_probes(vision, vision.config.patch_size, num_train=gate.train_scenes, num_val=gate.val_scenes)
+        failed = {k: v for k, v in probes.items() if k != "objects_val" and v < self.cfg.vision_gate.min_accuracy}
+        if failed:
+            raise ConfigError(
+                f"vision gate: linear probes on the frozen ViT's object features (held-out scenes) are {probes}; "
+                f"{sorted(failed)} below {self.cfg.vision_gate.min_accuracy}. The trained ViT is kept in "
+                f"{self.out / 'vision'}: train it longer (stages=[vision] after deleting its line in report.json) "
+                f"or pass vision_gate.min_accuracy=0 to go on with it.")
+        return {"probes_val": probes, "min_accuracy": self.cfg.vision_gate.min_accuracy}
 
     def _generator(self) -> dict:
         """Draw's frozen image generator (pretrain.diffusion), conditioned on the stage-0 CLIP text tower;
