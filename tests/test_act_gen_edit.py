@@ -28,7 +28,7 @@ from mmbridge.data.shapes.reader import read_image
 from mmbridge.generation import ImagePart, MMBridgePipeline, TextPart, part_to_dict
 from mmbridge.generation.parts import NO_IMAGE_TO_EDIT, build_part
 from mmbridge.heads_config import ActConfig, DrawConfig
-from mmbridge.testing import build_tiny, build_tiny_sd
+from mmbridge.testing import build_tiny, build_tiny_sd, overfit
 
 QUERIES = 8  # super-link queries per [GEN] / [EDIT] in these tests (64 by default)
 
@@ -145,18 +145,7 @@ def trained(sd_dir, tmp_path_factory):
     edits = [edit_pair("train", i) for i in range(2)]
     gens = [gen_turns(), gen_turns("Draw a blue circle.", (40, 40, 220))]
     batch = processor([*(edit_messages(e) for e in edits), *gens], return_labels=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    model.train()
-    torch.manual_seed(0)
-    edit_losses = []
-    for _ in range(40):
-        out = model(**batch)
-        edit_losses.append(out.losses["act_edit"].item())
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    model.eval()
+    edit_losses = [losses["act_edit"] for losses in overfit(model, batch, steps=40, lr=1e-2)]
     directory = tmp_path_factory.mktemp("gen-edit-model")
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -16,7 +16,7 @@ import torch
 from mmbridge.data.shapes.world import IMAGE_SIZE, coverage_map, make_scene, render
 from mmbridge.generation import DetectionsPart, MMBridgePipeline, part_to_dict
 from mmbridge.heads_config import ActConfig
-from mmbridge.testing import build_tiny
+from mmbridge.testing import build_tiny, overfit
 
 
 def act_config(**kw):
@@ -76,19 +76,7 @@ def trained():
     conversations = [request(s, r, "Find every shape." if r == "[DET]" else "Segment every shape.")
                      for s, r in zip(scenes, routes)]
     batch = processor(conversations, return_labels=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    model.train()
-    torch.manual_seed(0)
-    history = []
-    for _ in range(200):
-        out = model(**batch)
-        history.append({k: v.item() for k, v in out.losses.items()})
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    model.eval()
-    return model, processor, scenes, routes, conversations, history
+    return model, processor, scenes, routes, conversations, overfit(model, batch, steps=200, lr=3e-3)
 
 
 def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them(trained):

@@ -18,7 +18,7 @@ from mmbridge.generation import MMBridgePipeline, part_to_dict, part_to_text
 from mmbridge.generation.parts import KeypointsPart
 from mmbridge.heads_config import ActConfig
 from mmbridge.modeling.act.keypoints import COCO_KEYPOINT_SIGMAS, keypoint_sigmas, match_people, oks
-from mmbridge.testing import build_tiny
+from mmbridge.testing import build_tiny, overfit
 
 PROMPT = "Find the pose of the figure."
 K = len(KEYPOINTS)
@@ -108,18 +108,7 @@ def trained():
     model, processor = with_pose_head(seed=1)
     figures = [sample_pose(i) for i in range(4)]
     batch = processor([request(f) for f in figures], return_labels=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    torch.manual_seed(0)
-    history = []
-    for _ in range(150):
-        out = model(**batch)
-        history.append({k: v.item() for k, v in out.losses.items()})
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    model.eval()
-    return model, processor, figures, history
+    return model, processor, figures, overfit(model, batch, steps=150, lr=3e-3)
 
 
 def test_training_lowers_the_losses_and_the_pipeline_returns_keypoints(trained):

@@ -91,3 +91,20 @@ def build_tiny_sd(directory, image_size: int = 16, condition_dim: int = 16, max_
                                        requires_safety_checker=False)
     pipeline.save_pretrained(directory)
     return pipeline
+
+
+def overfit(model: MMBridgeModel, batch: dict, steps: int, lr: float) -> list[dict[str, float]]:
+    """Train the trainable parameters on one batch for `steps` AdamW steps (seeded), the heads' tests'
+    "can it learn at all" loop; returns the named losses of every step and leaves the model in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    torch.manual_seed(0)
+    history = []
+    for _ in range(steps):
+        out = model(**batch)
+        history.append({k: v.item() for k, v in out.losses.items()})
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    return history
