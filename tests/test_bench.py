@@ -33,7 +33,7 @@ def tiny():
 def test_int8_linear_matches_float_linear():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    quantized = Int8WeightOnlyLinear(linear)
+    quantized = Int8WeightOnlyLinear.from_linear(linear)
     assert quantized.weight.dtype == torch.int8 and quantized.weight.shape == (48, 64)
     x = torch.randn(2, 5, 64)
     with torch.no_grad():

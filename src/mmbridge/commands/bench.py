@@ -49,10 +49,10 @@ VISION = {
 OPTIONS = {
     "fp32": ("float32", {}),
     "bf16": ("bfloat16", {}),
-    "int8": ("bfloat16", {"quantize": "int8"}),
+    "int8": ("float32", {"quantize": "int8"}),
     "static-cache": ("float32", {"kv_cache": "static"}),
     "bf16+static-cache": ("bfloat16", {"kv_cache": "static"}),
-    "int8+static-cache": ("bfloat16", {"quantize": "int8", "kv_cache": "static"}),
+    "int8+static-cache": ("float32", {"quantize": "int8", "kv_cache": "static"}),
     "compile": ("float32", {"compile": True}),
     "merged": ("float32", {"merge_adapters": True}),
     "bf16+merged": ("bfloat16", {"merge_adapters": True}),
@@ -139,7 +139,8 @@ def load_mm(mm_dir: Path, option: str):
     from mmbridge.modeling import MMBridgeModel
 
     dtype, kwargs = OPTIONS[option]
-    model = MMBridgeModel.from_pretrained(mm_dir, dtype=getattr(torch, dtype))
+    kwargs = dict(kwargs)
+    model = MMBridgeModel.from_pretrained(mm_dir, dtype=getattr(torch, dtype), quantize=kwargs.pop("quantize", None))
     return apply_decode_options(model, **kwargs).eval()
 
 

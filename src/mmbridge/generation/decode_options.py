@@ -5,11 +5,10 @@ how close the matrix-vector kernels come to memory bandwidth. The options:
 
 - `dtype=torch.bfloat16` (an argument of `from_pretrained` already): half the bytes; CPUs with
   avx512_bf16 / AMX run bf16 GEMV through oneDNN.
-- `quantize="int8"`: int8 weight-only linears in the LLM (per-output-channel scales, symmetric). The
-  matmul is PyTorch's own CPU kernel `aten._weight_int8pack_mm` (what gpt-fast and torchao's former
-  int8 weight-only path call), with bf16 activations. torchao itself installs on the CPU route
-  (0.18), but its current `Int8WeightOnlyConfig` runs eagerly as dequantize + matmul, 20-40x slower
-  than fp32 on CPU, so it is not used.
+- `quantize="int8"`: int8 weight-only linears in the LLM (`modeling.quantize`; per-output-channel
+  scales, PyTorch's CPU kernel `aten._weight_int8pack_mm`). `MMBridgeModel.from_pretrained(...,
+  quantize="int8")` quantizes while it reads the stored weights (no float copy of the LLM is ever
+  held); here, a loaded model is converted in place (adapters merged first).
 - `kv_cache="static"`: a pre-allocated KV cache (transformers `StaticCache`) instead of one that
   grows by concatenation each step; the prerequisite of `compile`.
 - `compile=True`: `torch.compile` of the decode step through transformers' generation compile path
@@ -29,54 +28,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mmbridge.modeling.quantize import Int8WeightOnlyLinear, has_int8, quantize_int8_  # noqa: F401
+
 QUANTIZE_CHOICES = ("int8",)
 #: What `greedy_agreement` passes from a processor batch to the models.
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "qformer_input_ids", "qformer_attention_mask")
 KV_CACHE_CHOICES = ("dynamic", "static")
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """`nn.Linear` with int8 weights and one bf16 scale per output row; activations are cast to bf16
-    for the matmul and the output back to the input's dtype."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
-
-
-def quantize_int8_(module: nn.Module) -> int:
-    """Replace every plain `nn.Linear` under `module` by `Int8WeightOnlyLinear`, in place; returns how
-    many. Linears inside peft layers (LoRA, trainable token rows) are left alone: their forward reads
-    the float weight."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    skip: set[int] = set()
-    for sub in module.modules():
-        if isinstance(sub, BaseTunerLayer):
-            skip.update(id(m) for m in sub.modules())
-    targets = [(name, sub) for name, sub in module.named_modules()
-               if type(sub) is nn.Linear and id(sub) not in skip]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Int8WeightOnlyLinear(linear))
-    return len(targets)
 
 
 def merge_adapters_(module: nn.Module) -> int:
@@ -108,6 +65,8 @@ def apply_decode_options(model, quantize: str | None = None, kv_cache: str | Non
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             raise RuntimeError("int8 weight-only decoding needs torch >= 2.3 (aten._weight_int8pack_mm)")
+    if quantize is not None and has_int8(model.llm.model):
+        quantize = None  # quantized while loading
     if merge_adapters or quantize is not None:
         merge_adapters_(model.llm.model)
     if quantize is not None:

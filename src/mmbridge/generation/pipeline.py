@@ -145,9 +145,8 @@ class MMBridgePipeline:
         options (`generation.decode_options`; measured by `mmbridge bench`)."""
         from mmbridge.generation.decode_options import apply_decode_options
 
-        model = MMBridgeModel.from_pretrained(path, dtype=dtype)
-        apply_decode_options(model, quantize=quantize, kv_cache=kv_cache, compile=compile,
-                             merge_adapters=merge_adapters)
+        model = MMBridgeModel.from_pretrained(path, dtype=dtype, quantize=quantize)
+        apply_decode_options(model, kv_cache=kv_cache, compile=compile, merge_adapters=merge_adapters)
         return cls(model, MMBridgeProcessor.from_pretrained(path))
 
     @property

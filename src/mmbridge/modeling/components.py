@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
+
+from mmbridge.modeling.loading import load_streaming, needs_conversion, safetensors_files
 
 #: kind -> (library, class name). Schedulers load with `from_pretrained` like models (their config only).
 COMPONENT_KINDS = {
@@ -51,6 +54,16 @@ def load_component(kind: str, path: str | Path, dtype: torch.dtype | None = None
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if kind == "scheduler":
         return cls.from_pretrained(directory, **kwargs)
+    if library == "transformers" and subfolder is None:
+        files = safetensors_files(directory)
+        if needs_conversion(files, dtype):
+            # Converted while read, one chunk at a time (`modeling.loading`): transformers' loader keeps
+            # the stored copy's pages resident until the end.
+            config = transformers.AutoConfig.from_pretrained(directory)
+            build = (lambda: cls.from_config(config)) if hasattr(cls, "from_config") else (lambda: cls(config))
+            model = load_streaming(build, files, dtype)
+            if model is not None:
+                return model.eval()
     if dtype is not None:
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
     return cls.from_pretrained(directory, **kwargs)

@@ -35,6 +35,13 @@ class LanguageModel(nn.Module):
         return self.model.config.hidden_size
 
     @property
+    def has_adapters(self) -> bool:
+        """Whether peft layers (LoRA, trainable token rows) wrap some of the LLM's layers."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return any(isinstance(m, BaseTunerLayer) for m in self.model.modules())
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[0]
 

@@ -23,6 +23,7 @@ from mmbridge.modeling.bridge import build_projection, embedding_rms
 from mmbridge.modeling.components import load_component
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
 from mmbridge.modeling.llm import LanguageModel
+from mmbridge.modeling.loading import load_streaming, needs_conversion, safetensors_files
 from mmbridge.modeling.outputs import MMBridgeOutput
 from mmbridge.modeling.qformer import QFormer, QFormerTextHeads
 from mmbridge.modeling.vision import VisionEncoder
@@ -495,17 +496,32 @@ class MMBridgeModel(PreTrainedModel):
         return cls(config, vision_model=vision_model, language_model=language_model)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: torch.dtype | None = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: torch.dtype | None = None,
+                        quantize: str | None = None, **kwargs):
         """Load a saved model (full or small artifact). As after construction, the config's trainable
         policy holds (frozen parts `requires_grad=False`), and the model is in eval mode as transformers
-        leaves it; `model.train()` then switches only the trainable parts to training mode."""
+        leaves it; `model.train()` then switches only the trainable parts to training mode.
+
+        `dtype` converts every float weight as it is read; `quantize="int8"` gives the LLM int8
+        weight-only linears (`modeling.quantize`), quantized from the stored weights while they are read
+        where the LLM has no adapters (else after loading, adapters merged first), the rest of the model
+        in `dtype` (default fp32). Either way the peak memory is the converted model plus a chunk of the
+        file, not the stored model (`modeling.loading`)."""
+        from mmbridge.generation.decode_options import apply_decode_options
+
         path = _local_dir(pretrained_model_name_or_path)
         small_artifact = path / TRAINABLE_WEIGHTS_NAME
         if not small_artifact.exists():
-            # transformers' loader swaps in freshly loaded parameters, which forget `requires_grad`.
-            model = super().from_pretrained(path, *args, dtype=dtype, **kwargs)
-            model.apply_trainable_policy()
-            return model.eval()
+            files = safetensors_files(path)
+            if files and not args and not kwargs and (quantize is not None or needs_conversion(files, dtype)):
+                config = MMBridgeConfig.from_pretrained(path)
+                model = load_streaming(lambda: cls(config), files, dtype, quantize_under=(
+                    (lambda m: None if m.llm.has_adapters else m.llm.model) if quantize == "int8" else None))
+                if model is not None:
+                    model.apply_trainable_policy()
+                    return apply_decode_options(model.eval(), quantize=quantize)
+            model = cls._from_pretrained_full(path, *args, dtype=dtype, **kwargs)
+            return apply_decode_options(model, quantize=quantize)
         config = MMBridgeConfig.from_pretrained(path)
         model = cls.from_components(config, dtype=dtype)
         state = load_file(str(small_artifact))
@@ -520,6 +536,13 @@ class MMBridgeModel(PreTrainedModel):
         model.load_state_dict(state, strict=False)
         if dtype is not None:
             model.to(dtype)
+        model.apply_trainable_policy()
+        return apply_decode_options(model.eval(), quantize=quantize)
+
+    @classmethod
+    def _from_pretrained_full(cls, path: Path, *args, dtype: torch.dtype | None = None, **kwargs):
+        # transformers' loader swaps in freshly loaded parameters, which forget `requires_grad`.
+        model = super().from_pretrained(path, *args, dtype=dtype, **kwargs)
         model.apply_trainable_policy()
         return model.eval()
 
