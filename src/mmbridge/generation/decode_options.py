@@ -28,49 +28,23 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmbridge.modeling.quantize import Int8WeightOnlyLinear, has_int8, quantize_int8_  # noqa: F401
+from mmbridge.modeling.llm import merge_adapters_  # noqa: F401
+from mmbridge.modeling.quantize import QUANTIZE_CHOICES, Int8WeightOnlyLinear, has_int8, quantize_int8_  # noqa: F401
 
-QUANTIZE_CHOICES = ("int8",)
 #: What `greedy_agreement` passes from a processor batch to the models.
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "qformer_input_ids", "qformer_attention_mask")
 KV_CACHE_CHOICES = ("dynamic", "static")
-
-
-def merge_adapters_(module: nn.Module) -> int:
-    """Merge peft adapters (LoRA, trainable token rows) into the weights they wrap and put the plain layers
-    back, in place; returns how many. Unmerged, every decode step runs each LoRA's two extra matmuls, and a
-    trainable-rows layer copies its whole matrix (embedding, LM head) to splice its rows in. The merged
-    model computes the same; saved and loaded again it gets fresh adapters that add nothing (LoRA B = 0,
-    token rows read from the merged matrix)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    done: list[str] = []
-    for name, layer in list(module.named_modules()):
-        if not isinstance(layer, BaseTunerLayer) or any(name.startswith(d + ".") for d in done):
-            continue
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, layer.get_base_layer())
-        done.append(name)
-    return len(done)
 
 
 def apply_decode_options(model, quantize: str | None = None, kv_cache: str | None = None,
                          compile: bool = False, merge_adapters: bool = False):
     """Apply the options to an `MMBridgeModel` in place (its LLM); returns the model. `quantize` merges
     the adapters first, so that every linear layer is quantized."""
-    if quantize is not None:
-        if quantize not in QUANTIZE_CHOICES:
-            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
-        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            raise RuntimeError("int8 weight-only decoding needs torch >= 2.3 (aten._weight_int8pack_mm)")
-    if quantize is not None and has_int8(model.llm.model):
-        quantize = None  # quantized while loading
-    if merge_adapters or quantize is not None:
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
+    if merge_adapters:
         merge_adapters_(model.llm.model)
-    if quantize is not None:
-        quantize_int8_(model.llm.model)
+    model._quantize(quantize)  # merges first; nothing to do if it was quantized while loading
     if kv_cache not in (None, *KV_CACHE_CHOICES):
         raise ValueError(f"kv_cache must be one of {KV_CACHE_CHOICES}, not {kv_cache!r}")
     config = model.llm.model.generation_config

@@ -434,6 +434,7 @@ class ChatSession:
         holder: dict[str, Any] = {}
 
         def run(streamer):
+            model.llm.hook_output_layer()
             with torch.no_grad(), _rng(options.seed):
                 embeds = model.embed_inputs(ids, image_features=features, region_features=regions)
                 if options.num_beams > 1:  # beams need a cache per beam: encode from scratch
@@ -446,7 +447,8 @@ class ChatSession:
                 cache, start = self._reusable_cache(target)
                 if start < len(target) - 1:
                     model.llm(inputs_embeds=embeds[:, start:-1], past_key_values=cache, use_cache=True,
-                              position_ids=torch.arange(start, len(target) - 1, device=ids.device)[None])
+                              position_ids=torch.arange(start, len(target) - 1, device=ids.device)[None],
+                              logits_to_keep=1)  # only the cache is wanted: skip the prefix's logits
                 pad = pipeline.processor.tokenizer.pad_token_id
                 text_ids = ids.masked_fill(ids == model.config.image_token_index, pad)
                 out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),

@@ -21,6 +21,21 @@ ADAPTER_NAME = "added_tokens"
 LORA_ADAPTER_NAME = "lora"
 
 
+def _canonical_strides(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of the LM head: hand it its input with canonical strides.
+
+    `generate` asks the LM for the last position's logits only, and transformers slices
+    `hidden_states[:, -1:, :]`: shape (B, 1, K) with the stride of the full sequence. With a frozen
+    (requires_grad=False) bf16 weight, PyTorch 2.13's CPU `linear` sends that input through a batched
+    matmul that first copies the transposed weight — 1.2 s instead of 18 ms for a 32k x 2048 head at batch 1,
+    10.8 s instead of 20 ms at batch 8 (fp32 at batch 8: 162 vs 77 ms). A contiguous copy (B > 1) or a
+    re-view (B = 1) of the same values takes the plain GEMM."""
+    hidden = args[0]
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3:
+        return None
+    return (hidden.contiguous().view(-1, hidden.shape[-1]).view(hidden.shape), *args[1:])
+
+
 class LanguageModel(nn.Module):
     def __init__(self, config: MMBridgeConfig, model: PreTrainedModel | None = None):
         super().__init__()
@@ -33,6 +48,14 @@ class LanguageModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def hook_output_layer(self) -> None:
+        """Give the current LM head (it changes when tokens are added or adapters wrapped or merged) the
+        `_canonical_strides` pre-hook, once."""
+        layer = self.model.get_output_embeddings()
+        if layer is not None and not getattr(layer, "_mmbridge_canonical_strides", False):
+            layer.register_forward_pre_hook(_canonical_strides)
+            layer._mmbridge_canonical_strides = True
 
     @property
     def has_adapters(self) -> bool:
@@ -140,3 +163,23 @@ class LanguageModel(nn.Module):
     def _make_rows_trainable(self, token_ids: list[int]) -> None:
         peft_config = TrainableTokensConfig(token_indices=token_ids, target_modules=self._target_module_names())
         inject_adapter_in_model(peft_config, self.model, adapter_name=ADAPTER_NAME)
+
+
+def merge_adapters_(module: nn.Module) -> int:
+    """Merge peft adapters (LoRA, trainable token rows) into the weights they wrap and put the plain layers
+    back, in place; returns how many. Unmerged, every decode step runs each LoRA's two extra matmuls, and a
+    trainable-rows layer copies its whole matrix (embedding, LM head) to splice its rows in. The merged
+    model computes the same; saved and loaded again it gets fresh adapters that add nothing (LoRA B = 0,
+    token rows read from the merged matrix)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    done: list[str] = []
+    for name, layer in list(module.named_modules()):
+        if not isinstance(layer, BaseTunerLayer) or any(name.startswith(d + ".") for d in done):
+            continue
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+        done.append(name)
+    return len(done)

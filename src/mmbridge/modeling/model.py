@@ -22,10 +22,11 @@ from mmbridge.config import QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection, embedding_rms
 from mmbridge.modeling.components import load_component
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
-from mmbridge.modeling.llm import LanguageModel
+from mmbridge.modeling.llm import LanguageModel, merge_adapters_
 from mmbridge.modeling.loading import load_streaming, needs_conversion, safetensors_files
 from mmbridge.modeling.outputs import MMBridgeOutput
 from mmbridge.modeling.qformer import QFormer, QFormerTextHeads
+from mmbridge.modeling.quantize import QUANTIZE_CHOICES, has_int8, quantize_int8_
 from mmbridge.modeling.vision import VisionEncoder
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -439,6 +440,7 @@ class MMBridgeModel(PreTrainedModel):
                                           region_image_index=region_image_index, region_masks=region_masks)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        self.llm.hook_output_layer()
         return self.llm.model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **kwargs
         )
@@ -507,8 +509,8 @@ class MMBridgeModel(PreTrainedModel):
         where the LLM has no adapters (else after loading, adapters merged first), the rest of the model
         in `dtype` (default fp32). Either way the peak memory is the converted model plus a chunk of the
         file, not the stored model (`modeling.loading`)."""
-        from mmbridge.generation.decode_options import apply_decode_options
-
+        if quantize not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
         path = _local_dir(pretrained_model_name_or_path)
         small_artifact = path / TRAINABLE_WEIGHTS_NAME
         if not small_artifact.exists():
@@ -519,9 +521,8 @@ class MMBridgeModel(PreTrainedModel):
                     (lambda m: None if m.llm.has_adapters else m.llm.model) if quantize == "int8" else None))
                 if model is not None:
                     model.apply_trainable_policy()
-                    return apply_decode_options(model.eval(), quantize=quantize)
-            model = cls._from_pretrained_full(path, *args, dtype=dtype, **kwargs)
-            return apply_decode_options(model, quantize=quantize)
+                    return model.eval()._quantize(quantize)
+            return cls._from_pretrained_full(path, *args, dtype=dtype, **kwargs)._quantize(quantize)
         config = MMBridgeConfig.from_pretrained(path)
         model = cls.from_components(config, dtype=dtype)
         state = load_file(str(small_artifact))
@@ -537,7 +538,15 @@ class MMBridgeModel(PreTrainedModel):
         if dtype is not None:
             model.to(dtype)
         model.apply_trainable_policy()
-        return apply_decode_options(model.eval(), quantize=quantize)
+        return model.eval()._quantize(quantize)
+
+    def _quantize(self, quantize: str | None) -> MMBridgeModel:
+        """int8 linears in the LLM unless it has them already (quantized while loading); adapters merged
+        first, so that every linear is quantized."""
+        if quantize is not None and not has_int8(self.llm.model):
+            merge_adapters_(self.llm.model)
+            quantize_int8_(self.llm.model)
+        return self
 
     @classmethod
     def _from_pretrained_full(cls, path: Path, *args, dtype: torch.dtype | None = None, **kwargs):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+QUANTIZE_CHOICES = ("int8",)
+
 
 class Int8WeightOnlyLinear(nn.Module):
     """`nn.Linear` with int8 weights and one scale per output row (symmetric). Activations are cast to
