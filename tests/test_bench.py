@@ -184,3 +184,17 @@ def test_merging_adapters_keeps_the_answers(tiny):
     inputs = {k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_linear_prefill_path_matches_the_decode_kernel():
+    """Many rows (a prefill) widen the int8 weight for one bf16 GEMM; few rows call the int8 kernel: the
+    same quantized weights, so the same outputs up to bf16 rounding."""
+    from mmbridge.modeling.quantize import PREFILL_ROWS
+
+    torch.manual_seed(0)
+    quantized = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 48))
+    x = torch.randn(PREFILL_ROWS, 64)
+    with torch.no_grad():
+        together = quantized(x)  # one call: the prefill path
+        one_by_one = torch.cat([quantized(row[None]) for row in x])  # the kernel
+    torch.testing.assert_close(together, one_by_one, rtol=0.02, atol=0.02)
