@@ -48,8 +48,13 @@ class Int8WeightOnlyLinear(nn.Module):
             raise ValueError(f"weight of shape {tuple(weight.shape)} for an int8 linear of "
                              f"{(self.out_features, self.in_features)}")
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        scaled = weight / scale[:, None]  # the one float temporary (a 1 B model's layers are 16-268 MB)
-        self.weight = scaled.round_().clamp_(-127, 127).to(torch.int8)
+        quantized = torch.empty(weight.shape, dtype=torch.int8)
+        # in blocks of rows: the float temporaries stay small (a 1 B model's LM head is 268 MB in fp32),
+        # which keeps a quantizing load's peak memory near the int8 model's size
+        for start in range(0, weight.shape[0], 2048):
+            rows = slice(start, start + 2048)
+            quantized[rows] = (weight[rows] / scale[rows, None]).round_().clamp_(-127, 127)
+        self.weight = quantized
         self.scale = scale.to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
