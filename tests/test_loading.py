@@ -113,8 +113,9 @@ print(json.dumps({"grown": hwm() - base}))
 def test_converted_loads_do_not_hold_the_stored_copy(tmp_path, full_dir, options, limit):
     """A ~330 MB fp32 file read in 16 MB chunks, as bf16 (0.5x the file) or with an int8 LLM (~0.3x):
     transformers' loader peaked at 1.5x (every page it read stayed mapped). bf16 measures 0.55x every
-    time; the int8 load varies from run to run, 0.43x to 1.16x here (0.46x on a 3.9 GB model), for a
-    reason not yet found (issue 19's notes), hence its looser bound."""
+    time; the int8 load varies from run to run, 0.44x to 0.85x here (0.46x on a 3.9 GB model): the
+    excess is freed heap that glibc has not returned yet (after `malloc_trim` only the model's bytes
+    remain), hence the looser bound."""
     config = tiny_config(320, 319)
     config.text_config = LlamaConfig(vocab_size=16384, hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
                                      intermediate_size=2048, tie_word_embeddings=False)

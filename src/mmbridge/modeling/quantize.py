@@ -47,13 +47,17 @@ class Int8WeightOnlyLinear(nn.Module):
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} for an int8 linear of "
                              f"{(self.out_features, self.in_features)}")
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        low, high = weight.aminmax(dim=1)  # no |weight| temporary of the full size
+        scale = torch.maximum(low.abs(), high).clamp(min=1e-8) / 127.0
         quantized = torch.empty(weight.shape, dtype=torch.int8)
         # in blocks of rows: the float temporaries stay small (a 1 B model's LM head is 268 MB in fp32),
         # which keeps a quantizing load's peak memory near the int8 model's size
-        for start in range(0, weight.shape[0], 2048):
-            rows = slice(start, start + 2048)
-            quantized[rows] = (weight[rows] / scale[rows, None]).round_().clamp_(-127, 127)
+        block = torch.empty(min(2048, weight.shape[0]), weight.shape[1])
+        for start in range(0, weight.shape[0], len(block)):
+            rows = slice(start, start + len(block))
+            out = block[: len(weight[rows])]
+            torch.div(weight[rows], scale[rows, None], out=out)
+            quantized[rows] = out.round_().clamp_(-127, 127)
         self.weight = quantized
         self.scale = scale.to(torch.bfloat16)
 
