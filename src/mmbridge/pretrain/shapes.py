@@ -99,12 +99,20 @@ def relation_sentences(scene, rng: random.Random) -> list[str]:
     return sentences
 
 
+def object_words(text: str) -> str:
+    """Every "size colour shape" mention as one word ("large red circle" -> "largeredcircle"): one token
+    per object, so that every question is a one-hop lookup (find the object token whose embedding has
+    the asked-about attribute, read another attribute off the same token) instead of a lookup of the
+    word *before* the named one (experiment r6)."""
+    return _MENTION.sub(lambda m: m["size"] + m["color"] + m["shape"], text)
+
+
 def lm_description(scene, rng: random.Random) -> str:
     """`description(scene)` with its relation sentences from `relation_sentences`: the LM's pretraining
     text. Captions and later stages keep `description` as is (a fixed order is easier to generate)."""
     text, facts = description(scene), relation_facts(scene)
     head = text.removesuffix(" " + " ".join(facts)) if facts else text
-    return " ".join([head] + relation_sentences(scene, rng))
+    return object_words(" ".join([head] + relation_sentences(scene, rng)))
 
 
 def attribute_sentences(scene, rng: random.Random) -> str:
@@ -251,7 +259,7 @@ def text_qa_accuracy(lm, tokenizer, num_scenes: int = 100, split: str = "val") -
         for q in eval_questions(scene):
             if q["type"] == "describe":
                 continue
-            prompts.append(first_turn(description(scene), q["question"]))
+            prompts.append(first_turn(object_words(description(scene)), q["question"]))
             answers.append(q["answer"])
             types.append(q["type"])
     predictions = greedy_answers(lm, tokenizer, prompts, END)
