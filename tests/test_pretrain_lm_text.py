@@ -22,6 +22,7 @@ from mmbridge.pretrain.shapes import (
     lm_description,
     lm_samples,
     lookup_check,
+    object_words,
     qa_turns,
     relation_sentences,
     relative_sentences,
@@ -63,9 +64,19 @@ def test_relation_sentences_state_the_same_facts_in_random_order_and_both_ways_r
 
 def test_lm_description_keeps_the_head_of_the_description():
     for k, scene in enumerate(SCENES[:50]):
-        text, fixed = lm_description(scene, random.Random(k)), description(scene)
+        text, fixed = lm_description(scene, random.Random(k)), object_words(description(scene))
         assert text.split(". The ")[0] == fixed.split(". The ")[0]
         assert text.count(". The ") == fixed.count(". The ")
+
+
+def test_every_object_is_one_word_in_the_lm_description():
+    """Run r6: one token per object makes every attribute question a one-hop lookup."""
+    assert object_words("a large red circle left of the small blue square.") == \
+        "a largeredcircle left of the smallbluesquare."
+    for k, scene in enumerate(SCENES[:50]):
+        text = lm_description(scene, random.Random(k))
+        for o in scene.objects:
+            assert o.size + o.color + o.shape in text and o.name not in text
 
 
 def test_lm_chats_train_the_shuffled_description_and_the_answers_only():

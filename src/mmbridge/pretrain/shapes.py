@@ -107,12 +107,14 @@ def object_words(text: str) -> str:
     return _MENTION.sub(lambda m: m["size"] + m["color"] + m["shape"], text)
 
 
-def lm_description(scene, rng: random.Random) -> str:
-    """`description(scene)` with its relation sentences from `relation_sentences`: the LM's pretraining
-    text. Captions and later stages keep `description` as is (a fixed order is easier to generate)."""
+def lm_description(scene, rng: random.Random, object_tokens: bool = True) -> str:
+    """`description(scene)` with its relation sentences from `relation_sentences`, every object one
+    word (`object_words`; `object_tokens=False`: the word form): the LM's pretraining text. Captions and
+    later stages keep `description` as is (a fixed order is easier to generate)."""
     text, facts = description(scene), relation_facts(scene)
     head = text.removesuffix(" " + " ".join(facts)) if facts else text
-    return object_words(" ".join([head] + relation_sentences(scene, rng)))
+    text = " ".join([head] + relation_sentences(scene, rng))
+    return object_words(text) if object_tokens else text
 
 
 def attribute_sentences(scene, rng: random.Random) -> str:
@@ -270,9 +272,11 @@ _MENTION = re.compile(rf"(?P<size>{'|'.join(SIZES)}) (?P<color>{'|'.join(COLORS)
 
 
 def shape_word_targets(scene, rng: random.Random) -> tuple[str, list[int]]:
-    """A shuffled description (`lm_description`) and the character offsets of the shape words in its
-    relation sentences whose size and colour name one object only (the shape follows from the text)."""
-    text = lm_description(scene, rng)
+    """A shuffled description (`lm_description`, word form) and the character offsets of the shape words
+    in its relation sentences whose size and colour name one object only (the shape follows from the
+    text). Since run r6 the LM trains on the one-word-per-object form, so for LMs trained since, this
+    check measures a form they do not see (kept to compare with runs r0-r5)."""
+    text = lm_description(scene, rng, object_tokens=False)
     start = text.index(". The ") + 2 if ". The " in text else len(text)
     named = [(o.size, o.color) for o in scene.objects]
     unique = {n for n in named if named.count(n) == 1}
