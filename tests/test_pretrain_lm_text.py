@@ -49,24 +49,35 @@ def canonical_facts(scene, sentences: list[str]) -> set[tuple]:
     return facts
 
 
-def test_relation_sentences_state_the_same_facts_in_random_order_and_both_ways_round():
-    flipped = reordered = total = 0
+def test_relation_sentences_state_every_fact_both_ways_round_in_random_order():
+    """Run r7: each pair once, in a random direction, made a relation answer the XOR of the stated
+    direction and the stated word; both ways round it is a lookup of the sentence "The A is … the B."."""
+    reordered = 0
     for k, scene in enumerate(SCENES):
         fixed, shuffled = relation_facts(scene), relation_sentences(scene, random.Random(k))
-        assert len(shuffled) == len(fixed)
+        assert len(shuffled) == 2 * len(fixed) == len(set(shuffled))
         assert canonical_facts(scene, shuffled) == canonical_facts(scene, fixed)
-        flipped += sum(s not in fixed for s in shuffled)
-        reordered += len(fixed) > 1 and [s for s in shuffled if s in fixed] != [s for s in fixed if s in shuffled]
-        total += len(fixed)
-    assert 0.4 < flipped / total < 0.6
+        for sentence in shuffled:
+            a, words, b = SENTENCE.fullmatch(sentence).groups()
+            mirrored = " and ".join(MIRROR[w] for w in words.split(" and "))
+            assert f"The {b} is {mirrored} the {a}." in shuffled
+        reordered += len(fixed) > 1 and [s for s in shuffled if s in fixed] != fixed
     assert reordered > 20
+
+
+def test_lm_dialogues_ask_extra_relation_questions():
+    asks_relation = re.compile(r"(left of|right of|above|below) the \w+ \w+\?")
+    samples = lm_samples(random.Random(1), 40)
+    per_scene = [sum(bool(asks_relation.search(branch[0][0])) for branch in sample.branches) for sample in samples]
+    with_pairs = [n for n, sample in zip(per_scene, samples) if " is left of " in sample.text() or " above " in sample.text()]
+    assert len(with_pairs) > 20 and min(with_pairs) >= 2  # two extra, besides the balanced turns' share
 
 
 def test_lm_description_keeps_the_head_of_the_description():
     for k, scene in enumerate(SCENES[:50]):
         text, fixed = lm_description(scene, random.Random(k)), object_words(description(scene))
         assert text.split(". The ")[0] == fixed.split(". The ")[0]
-        assert text.count(". The ") == fixed.count(". The ")
+        assert text.count(". The ") == 2 * fixed.count(". The ")
 
 
 def test_every_object_is_one_word_in_the_lm_description():
@@ -302,3 +313,21 @@ def test_lm_pretraining_killed_midway_resumes_to_the_same_weights(tokenizer, tmp
     assert {"resumed_at_step": 3} in logs and len(losses) == 3
     expected = straight.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in resumed.state_dict().items())
+
+
+class _SaysNo:
+    """An LM that answers "no" to everything: the relation prior run r6 had learnt."""
+
+    def __init__(self, tokenizer):
+        self.answer = torch.tensor(tokenizer("no###", add_special_tokens=False)["input_ids"])
+
+    def generate(self, input_ids, **_):
+        return torch.cat([input_ids, self.answer.expand(len(input_ids), -1)], dim=1)
+
+
+def test_relation_breakdown_exposes_an_lm_that_answers_the_prior(tokenizer):
+    from mmbridge.pretrain.shapes import relation_breakdown
+
+    result = relation_breakdown(_SaysNo(tokenizer), tokenizer, num_scenes=20)
+    assert result["answer_no"] == 1.0 and result["answer_yes"] == 0.0 and result["said_no"] == 1.0
+    assert 0.3 < result["all"] < 0.7 and {"objects_2", "objects_3", "objects_4"} <= set(result)

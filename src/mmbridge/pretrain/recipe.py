@@ -260,13 +260,15 @@ class Recipe:
     def _lm(self) -> dict:
         from transformers import PreTrainedTokenizerFast
 
-        from mmbridge.pretrain.shapes import lm_samples, lookup_check, retrieval_check, text_qa_accuracy
+        from mmbridge.pretrain.shapes import (lm_samples, lookup_check, relation_breakdown, retrieval_check,
+                                              text_qa_accuracy)
         from mmbridge.pretrain.text import build_causal_lm, pretrain_causal_lm
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
         lm = build_causal_lm(tokenizer, self.cfg.lm)
         def evaluate(model) -> dict:
             return {"text_qa": text_qa_accuracy(model, tokenizer, num_scenes=30),
+                    "relations": relation_breakdown(model, tokenizer, num_scenes=30),
                     "retrieval": retrieval_check(model, tokenizer), "lookups": lookup_check(model, tokenizer)}
 
         checkpoint = self.out / "lm.checkpoint"  # resumes a killed LM stage where it was
@@ -278,7 +280,7 @@ class Recipe:
         accuracy = text_qa_accuracy(lm, tokenizer, num_scenes=100)
         return {"final_loss": _tail_mean(losses), "params": sum(p.numel() for p in lm.parameters()),
                 "text_qa_accuracy_val": accuracy, "retrieval_val": retrieval_check(lm, tokenizer),
-                "lookups_val": lookup_check(lm, tokenizer)}
+                "relations_val": relation_breakdown(lm, tokenizer), "lookups_val": lookup_check(lm, tokenizer)}
 
     def _lm_gate(self) -> dict:
         """A stage of its own so that a failed gate keeps the trained LM: rerun with a lower gate to go on."""
