@@ -95,23 +95,30 @@ def test_shapes_clip_captions_end_with_eos_so_the_text_tower_pools_them():
 
 
 def test_patches_learn_where_their_object_is():
-    """Each covered patch's `column`/`row` label is its object's centre on an 8 × 8 grid (1-based;
-    0 = background): CLIP's captions never say where things are, so without it the ViT drops position."""
+    """Each covered patch's `column`/`row` label is its object's centre on a 24 × 24 grid (1-based;
+    0 = background): CLIP's captions never say where things are, so without it the ViT drops position.
+    The bins nest in the description's 3 × 3 regions (8 bins a third), so a region is a union of bins."""
     import random as _random
 
+    from mmbridge.data.shapes.annotations import region
     from mmbridge.data.shapes.world import make_scene
-    from mmbridge.pretrain.shapes import vision_batch
+    from mmbridge.pretrain.shapes import POSITION_BINS, vision_batch
 
+    assert POSITION_BINS % 3 == 0
     tokenizer = train_tokenizer(TEXTS * 10, vocab_size=300)
     rng = _random.Random(4)
-    batch = vision_batch(_random.Random(4), 2, tokenizer, patch_size=8)
-    scenes = [make_scene("train", rng.randrange(1_000_000), 0) for _ in range(2)]
+    batch = vision_batch(_random.Random(4), 6, tokenizer, patch_size=8)
+    scenes = [make_scene("train", rng.randrange(1_000_000), 0) for _ in range(6)]
     for b, scene in enumerate(scenes):
         columns, rows = batch["dense_labels"]["column"][b], batch["dense_labels"]["row"][b]
         for o in scene.objects:
             cx, cy = o.centre
             patch = int(cy // 8) * 8 + int(cx // 8)  # the patch under the centre is covered by the object
-            assert (columns[patch], rows[patch]) == (1 + int(cx // 8), 1 + int(cy // 8))
+            column, row = int(columns[patch]) - 1, int(rows[patch]) - 1
+            assert (column, row) == (int(cx * POSITION_BINS / 64), int(cy * POSITION_BINS / 64))
+            third = POSITION_BINS // 3
+            vertical, horizontal = ("top", "", "bottom")[row // third], ("left", "", "right")[column // third]
+            assert region(o) == (f"{vertical} {horizontal}".strip() or "centre")
         assert ((columns == 0) == (rows == 0)).all()
 
 
