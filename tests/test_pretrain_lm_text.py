@@ -69,7 +69,8 @@ def test_lm_dialogues_ask_extra_relation_questions():
     asks_relation = re.compile(r"(left of|right of|above|below) the \w+ \w+\?")
     samples = lm_samples(random.Random(1), 40)
     per_scene = [sum(bool(asks_relation.search(branch[0][0])) for branch in sample.branches) for sample in samples]
-    with_pairs = [n for n, sample in zip(per_scene, samples) if " is left of " in sample.text() or " above " in sample.text()]
+    related = [" is left of " in s.text() or " above " in s.text() for s in samples]
+    with_pairs = [n for n, r in zip(per_scene, related) if r]
     assert len(with_pairs) > 20 and min(with_pairs) >= 2  # two extra, besides the balanced turns' share
 
 

@@ -260,8 +260,13 @@ class Recipe:
     def _lm(self) -> dict:
         from transformers import PreTrainedTokenizerFast
 
-        from mmbridge.pretrain.shapes import (lm_samples, lookup_check, relation_breakdown, retrieval_check,
-                                              text_qa_accuracy)
+        from mmbridge.pretrain.shapes import (
+            lm_samples,
+            lookup_check,
+            relation_breakdown,
+            retrieval_check,
+            text_qa_accuracy,
+        )
         from mmbridge.pretrain.text import build_causal_lm, pretrain_causal_lm
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")

@@ -174,7 +174,8 @@ def relation_turns(scene, rng: random.Random, num: int) -> list[tuple[str, str]]
     """`num` more relation questions (any wording): the one lookup with two names and a direction,
     learnt last (run r7), gets more of the answers' loss."""
     seed = rng.randrange(1 << 30)
-    pool = [q for q in qa_pairs(scene, rng_for(seed, 3), varied=True, include_describe=False) if q["type"] == "relation"]
+    pool = qa_pairs(scene, rng_for(seed, 3), varied=True, include_describe=False)
+    pool = [q for q in pool if q["type"] == "relation"]
     return [(q["question"], q["answer"]) for q in rng.sample(pool, min(num, len(pool)))]
 
 
