@@ -266,47 +266,46 @@ def shapes_processor(tokenizer, num_query_tokens: int, image_size: int = 64, ins
 
 
 @torch.no_grad()
-def text_qa_accuracy(lm, tokenizer, num_scenes: int = 100, split: str = "val") -> dict[str, float]:
-    """The frozen LM's ceiling: canonical questions answered from the description given as text, in the
-    form the LM reads (`lm_description`, a fixed shuffle per scene)."""
+def _text_answers(lm, tokenizer, num_scenes: int, split: str, keep) -> tuple[list[dict], list[int], list[str]]:
+    """The canonical questions `keep(question)` selects on `num_scenes` scenes of `split`, the number of
+    objects in each one's scene, and the LM's greedy answers from the description in its own form
+    (`lm_description`, a fixed shuffle per scene)."""
     from mmbridge.data.shapes.dataset import eval_questions
-    from mmbridge.data.shapes.metrics import vqa_match
     from mmbridge.pretrain.text import greedy_answers
 
-    prompts, answers, types = [], [], []
+    prompts, questions, objects = [], [], []
     for i in range(num_scenes):
         scene = make_scene(split, i, 0)
         for q in eval_questions(scene):
-            if q["type"] == "describe":
-                continue
-            prompts.append(first_turn(lm_description(scene, random.Random(i)), q["question"]))
-            answers.append(q["answer"])
-            types.append(q["type"])
-    predictions = greedy_answers(lm, tokenizer, prompts, END)
-    return accuracy_by_type([vqa_match(p, a) for p, a in zip(predictions, answers)], types)
+            if keep(q):
+                prompts.append(first_turn(lm_description(scene, random.Random(i)), q["question"]))
+                questions.append(q)
+                objects.append(len(scene.objects))
+    return questions, objects, greedy_answers(lm, tokenizer, prompts, END)
 
 
-@torch.no_grad()
+def text_qa_accuracy(lm, tokenizer, num_scenes: int = 100, split: str = "val") -> dict[str, float]:
+    """The frozen LM's ceiling: canonical questions answered from the description given as text, in the
+    form the LM reads (`lm_description`, a fixed shuffle per scene)."""
+    from mmbridge.data.shapes.metrics import vqa_match
+
+    questions, _, predictions = _text_answers(lm, tokenizer, num_scenes, split, lambda q: q["type"] != "describe")
+    return accuracy_by_type([vqa_match(p, q["answer"]) for p, q in zip(predictions, questions)],
+                            [q["type"] for q in questions])
+
+
 def relation_breakdown(lm, tokenizer, num_scenes: int = 100, split: str = "val") -> dict[str, float]:
     """Text-only accuracy of the relation questions split by true answer (yes / no), by objects in the
     scene, and the share answered "no": an LM that has learnt the prior rather than the lookup scores
     ~100 % on one answer and ~0 % on the other (run r6: "no" 87 %, yes-questions 15 % right)."""
-    from mmbridge.data.shapes.dataset import eval_questions
     from mmbridge.data.shapes.metrics import vqa_match
-    from mmbridge.pretrain.text import greedy_answers
 
-    prompts, answers, groups = [], [], []
-    for i in range(num_scenes):
-        scene = make_scene(split, i, 0)
-        for q in eval_questions(scene):
-            if q["type"] == "relation":
-                prompts.append(first_turn(lm_description(scene, random.Random(i)), q["question"]))
-                answers.append(q["answer"])
-                groups.append((f"answer_{q['answer']}", f"objects_{len(scene.objects)}"))
-    predictions = greedy_answers(lm, tokenizer, prompts, END)
-    correct = [vqa_match(p, a) for p, a in zip(predictions, answers)]
-    out = accuracy_by_type(correct, [g[0] for g in groups])
-    out.update({k: v for k, v in accuracy_by_type(correct, [g[1] for g in groups]).items() if k not in ("all", "n")})
+    questions, objects, predictions = _text_answers(lm, tokenizer, num_scenes, split,
+                                                    lambda q: q["type"] == "relation")
+    correct = [vqa_match(p, q["answer"]) for p, q in zip(predictions, questions)]
+    out = accuracy_by_type(correct, [f"answer_{q['answer']}" for q in questions])
+    by_objects = accuracy_by_type(correct, [f"objects_{n}" for n in objects])
+    out.update({k: v for k, v in by_objects.items() if k not in ("all", "n")})
     out["said_no"] = round(sum(vqa_match(p, "no") for p in predictions) / max(len(predictions), 1), 4)
     return out
 
