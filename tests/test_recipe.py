@@ -1,6 +1,7 @@
 """The ShapesWorld recipe end to end on tiny settings (`shapes-smoke`), and `mmbridge eval` on its result."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -91,18 +92,22 @@ def test_lm_gate_stops_the_recipe_and_keeps_the_trained_lm(tmp_path, capsys):
 BRIDGES = "stages=[compose,data,stage1,stage2,stage3,export]"
 
 
-def test_bridges_train_on_a_foundation_directory_and_keep_it_frozen(smoke_run, tmp_path):
+def test_bridges_train_on_a_foundation_directory_and_keep_it_frozen(smoke_run, tmp_path, monkeypatch):
     """`shapes` trains only the bridges, reading the frozen stage-0 models from a foundation dir
-    (`foundation=DIR`, or the package's `shipped` one) as the seeds read downloaded weights."""
+    (`foundation=DIR`, or the package's `shipped` one) as the seeds read downloaded weights. Both
+    directories relative, as the README writes them (the trainer stages once resolved the data paths
+    against their YAML's folder and found no shards)."""
     from transformers import AutoModelForCausalLM
 
     from mmbridge.modeling import MMBridgeModel
 
+    monkeypatch.chdir(tmp_path)
+    foundation = os.path.relpath(smoke_run, tmp_path)
+    assert main(["train", "shapes-smoke", "--out", "bridges", BRIDGES, f"foundation={foundation}"]) == 0
     out = tmp_path / "bridges"
-    assert main(["train", "shapes-smoke", "--out", str(out), BRIDGES, f"foundation={smoke_run}"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report["stages"]) == ["compose", "data", "stage1", "stage2", "stage3", "export"]
-    assert report["foundation"] == str(smoke_run) and not (out / "lm").exists()
+    assert report["foundation"] == str(smoke_run.resolve()) and not (out / "lm").exists()
     model = MMBridgeModel.from_pretrained(out / "model").state_dict()
     foundation_lm = AutoModelForCausalLM.from_pretrained(smoke_run / "lm").state_dict()
     model = {k.replace(".base_layer.", "."): v for k, v in model.items()}

@@ -180,7 +180,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 
 def resolve_foundation(foundation: str) -> Path:
     """`shipped` or a directory written by `mmbridge train shapes-foundation`, checked to hold every part."""
-    path = SHIPPED_FOUNDATION if foundation == "shipped" else Path(foundation)
+    path = SHIPPED_FOUNDATION if foundation == "shipped" else Path(foundation).resolve()
     missing = [part for part in FOUNDATION_PARTS if not (path / part).is_dir()]
     if missing:
         hint = ("this install ships no trained foundation" if foundation == "shipped"
@@ -192,7 +192,8 @@ def resolve_foundation(foundation: str) -> Path:
 
 class Recipe:
     def __init__(self, cfg: RecipeConfig, out: str | os.PathLike, log: Callable[[str], None] = print):
-        self.cfg, self.out, self.log = cfg, Path(out), log
+        # absolute: the trainer stages resolve relative data paths against their YAML's folder
+        self.cfg, self.out, self.log = cfg, Path(out).resolve(), log
         self.report_path = self.out / "report.json"
         # the frozen stage-0 models: this run's own (foundation stages in this recipe) or a trained foundation's
         self.foundation = resolve_foundation(cfg.foundation) if cfg.foundation is not None else self.out
