@@ -57,6 +57,9 @@ def test_report_has_the_see_table_retrieval_and_the_soft_prompt_scale(smoke_run)
         ("frozen LM", "text_upper_bound"), ("frozen LM", "question_only_lm")]
     assert all({"count", "color", "shape", "exists"} <= set(r) for r in table["rows"])
     assert stages["compose"]["projection_norm_scale"] > 0
+    for stage in ("stage1", "stage2", "stage3"):  # attributes and their binding in the soft prompt
+        probes = stages[stage]["soft_prompt_probes"]
+        assert "single_color" in probes and all(0 <= v <= 1 for v in probes.values())
 
 
 def test_frozen_parts_are_bit_identical_after_stages_1_to_3(smoke_run):

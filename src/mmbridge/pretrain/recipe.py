@@ -143,6 +143,7 @@ class RecipeConfig:
     seed: int = 0
     threads: int = 2
     see_scenes: int = 40  # val scenes of the see table after stages 2 and 3 (pretrain/see.py); 0: none
+    probe_items: int = 1500  # train items of the soft-prompt probes after stages 1-3 (a quarter as many val); 0: none
     dense_vision_targets: bool = True  # each ViT patch predicts color/shape/size (docs/recipe.md)
     base_dir: str = "."
 
@@ -387,12 +388,13 @@ class Recipe:
         return {**result, **self._measure(self.out / "stage1" / "model", see=False)}
 
     def _measure(self, model_dir: Path, see: bool = True) -> dict:
-        """A stage's checks: ITC retrieval R@1 on 1000 val scenes and, with `see`, the see table's rows
-        (pretrain/see.py) on `see_scenes` val scenes; stage 2 also holds the frozen LM's blind baselines."""
+        """A stage's checks: ITC retrieval R@1 on 1000 val scenes, the soft-prompt probes (`probe_items`) and,
+        with `see`, the see table's rows (pretrain/see.py) on `see_scenes` val scenes; stage 2 also holds
+        the frozen LM's blind baselines."""
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.qformer import retrieval_recall
         from mmbridge.pretrain.see import blind_baselines, see_records, stage_see
-        from mmbridge.pretrain.shapes import scene_features
+        from mmbridge.pretrain.shapes import scene_features, soft_prompt_probes
         from mmbridge.processing import MMBridgeProcessor
 
         model = MMBridgeModel.from_pretrained(model_dir)
@@ -402,6 +404,9 @@ class Recipe:
             features, texts = scene_features(model, "val", 1000)
             out["itc_recall_at_1_val1000"] = retrieval_recall(model.qformer, features, texts, processor.tokenizer,
                                                               cls_token_id=model.config.qformer_cls_token_id)
+        if self.cfg.probe_items > 0:  # attributes and their binding in the soft prompt (pretrain/shapes.py)
+            out["soft_prompt_probes"] = soft_prompt_probes(model, processor.tokenizer, self.cfg.probe_items,
+                                                           max(self.cfg.probe_items // 4, 8))
         if see and self.cfg.see_scenes > 0:
             out["see"] = stage_see(model, processor, see_records(self.cfg.see_scenes))
             if not any("blind_baselines" in r for r in self._report()["stages"].values()):
