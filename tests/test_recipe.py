@@ -31,7 +31,7 @@ def test_every_stage_runs_and_reports(smoke_run):
     report = json.loads((smoke_run / "report.json").read_text())
     assert list(report["stages"]) == list(STAGES)
     assert all(report["stages"][s]["seconds"] >= 0 for s in STAGES)
-    assert set(report["stages"]["stage1"]["final_losses"]) == {"itc", "itm", "itg"}
+    assert set(report["stages"]["stage1"]["final_losses"]) == {"itc", "itm", "itg", "objects"}
     assert report["stages"]["stage2"]["steps"] == 2 and report["stages"]["stage3"]["steps"] == 2
     assert report["stages"]["export"]["frozen_parts_identical"] is True
     # draw's stage 0: a StableDiffusionPipeline dir conditioned on the stage-0 CLIP text tower
@@ -48,7 +48,7 @@ def test_report_has_the_see_table_retrieval_and_the_soft_prompt_scale(smoke_run)
     bridge scales soft prompts to the LM's token embeddings."""
     report = json.loads((smoke_run / "report.json").read_text())
     stages = report["stages"]
-    assert set(stages["stage2"]["final_losses"]) == set(stages["stage3"]["final_losses"]) == {"lm", "itc"}
+    assert set(stages["stage2"]["final_losses"]) == set(stages["stage3"]["final_losses"]) == {"lm", "itc", "objects"}
     assert all(stages[s]["itc_recall_at_1_val1000"]["n"] == 1000 for s in ("stage1", "stage2", "stage3"))
     table = report["see_table"]
     assert list(table["retrieval"]) == ["stage1", "stage2", "stage3"]
@@ -60,6 +60,8 @@ def test_report_has_the_see_table_retrieval_and_the_soft_prompt_scale(smoke_run)
     for stage in ("stage1", "stage2", "stage3"):  # attributes and their binding in the soft prompt
         probes = stages[stage]["soft_prompt_probes"]
         assert "single_color" in probes and all(0 <= v <= 1 for v in probes.values())
+        slots = stages[stage]["object_slots"]  # the object set loss's queries (modeling/objects.py)
+        assert slots["objects"] > 500 and 0 <= slots["bound"] <= min(slots["color"], slots["shape"], slots["size"])
 
 
 def test_frozen_parts_are_bit_identical_after_stages_1_to_3(smoke_run):

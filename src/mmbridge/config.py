@@ -19,6 +19,9 @@ COMPONENTS = ("vision", "qformer", "projection", "llm")
 #: Losses the base model reports: the LM's, and BLIP-2 stage 1's on a Q-Former with a text side.
 BASE_LOSSES = ("lm",)
 QFORMER_LOSSES = ("itc", "itm", "itg")
+#: Losses on the image side alone (the LLM need not run for them): stage 1's and the object set loss.
+OBJECT_LOSS = "objects"
+IMAGE_LOSSES = (*QFORMER_LOSSES, OBJECT_LOSS)
 
 #: MiniGPT-4 / BLIP-2 default: only the bridge (Q-Former + projection) trains.
 DEFAULT_TRAINABLE = {"vision": False, "qformer": True, "projection": True, "llm": False}
@@ -59,6 +62,10 @@ class MMBridgeConfig(PreTrainedConfig):
         holds an image enters the Q-Former next to the queries (bi-directional self-attention), so
         the queries extract what the question asks for. Needs the text side (`image_text_hidden_size`);
         the processor then returns `qformer_input_ids` / `qformer_attention_mask`, one row per image.
+    qformer_object_attributes: attribute name -> class names (e.g. `{"color": [...], "shape": [...]}`).
+        When set, the Q-Former gets DETR-style object heads and the model reports the `objects` loss: each
+        labelled object is matched to one query, which must predict all its attributes and its box, so
+        that one query holds one object's attributes together (`modeling/objects.py` says why).
     llm_lora: peft `LoraConfig` arguments (`r`, `lora_alpha`, `target_modules`, ...) of LoRA adapters on
         the frozen LLM (MiniGPT-4 v2 / LLaVA fine-tune it this way). The LLM's own weights never change;
         only the adapters' low-rank matrices train and are saved. `None`: no adapters.
@@ -94,6 +101,7 @@ class MMBridgeConfig(PreTrainedConfig):
     qformer_cls_token_id: int | None = None
     qformer_dec_token_id: int | None = None
     qformer_instruction: bool = False
+    qformer_object_attributes: dict | None = None
     llm_lora: dict | None = None
     draw_config: dict | None = None
     act_config: dict | None = None
@@ -125,6 +133,9 @@ class MMBridgeConfig(PreTrainedConfig):
             raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(self.components)}")
         if self.qformer_instruction and not self.image_text_hidden_size:
             raise ValueError("qformer_instruction needs the Q-Former's text side: set image_text_hidden_size")
+        for name, values in (self.qformer_object_attributes or {}).items():
+            if not isinstance(values, (list, tuple)) or len(values) < 2 or len(set(values)) != len(values):
+                raise ValueError(f"qformer_object_attributes[{name!r}] must list >= 2 distinct class names, got {values!r}")
         if self.projection_norm_scale is not None and not self.projection_norm_scale > 0:
             raise ValueError(f"projection_norm_scale must be > 0, got {self.projection_norm_scale}")
         if self.num_query_tokens < 1:
@@ -164,8 +175,10 @@ class MMBridgeConfig(PreTrainedConfig):
         names = list(BASE_LOSSES)
         if self.image_text_hidden_size:
             names += QFORMER_LOSSES
+        if self.qformer_object_attributes:
+            names.append(OBJECT_LOSS)
         return (*names, *(n for head in self.head_configs.values() for n in head.loss_names))
 
 
-__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "QFORMER_LOSSES",
-           "DrawConfig", "ActConfig", "HeadConfig"]
+__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "QFORMER_LOSSES", "OBJECT_LOSS",
+           "IMAGE_LOSSES", "DrawConfig", "ActConfig", "HeadConfig"]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from mmbridge.config import QFORMER_LOSSES, MMBridgeConfig
+from mmbridge.config import IMAGE_LOSSES, OBJECT_LOSS, QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection, embedding_rms
 from mmbridge.modeling.components import load_component
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
@@ -322,6 +322,7 @@ class MMBridgeModel(PreTrainedModel):
         region_image_index: torch.Tensor | None = None,
         region_masks: torch.Tensor | None = None,
         head_targets: dict | None = None,
+        object_targets: list | None = None,
         loss_names: tuple[str, ...] | list[str] | None = None,
         **kwargs,
     ) -> MMBridgeOutput:
@@ -332,6 +333,9 @@ class MMBridgeModel(PreTrainedModel):
           image, as the processor returns with `return_qformer_text=True`); the LLM does not run when
           only these are asked for; `qformer_text_rows` (indices into the batch's images) pairs the texts
           with some images only (a stage mixing captions with chats), otherwise text i goes with image i;
+        * `objects` — the Q-Former's object set loss (`modeling/objects.py`) on `object_targets`: one entry
+          per image, its objects (`{"box": [cx, cy, w, h] in [0, 1], <attribute>: <class name>, ...}`) or
+          `None` for an image without object labels; the queries run on the image alone (no instruction);
         * each head's losses, from its slots' hidden states and `head_targets[head_name]`.
         """
         wanted = set(self.config.loss_names if loss_names is None else loss_names)
@@ -349,8 +353,15 @@ class MMBridgeModel(PreTrainedModel):
                 paired.to(self.qformer.query_tokens.dtype), qformer_text_ids, qformer_text_mask,
                 cls_token_id=self.config.qformer_cls_token_id, dec_token_id=self.config.qformer_dec_token_id,
                 losses=stage1))
+        if OBJECT_LOSS in wanted and object_targets is not None and any(t is not None for t in object_targets):
+            if vision_features is None:
+                vision_features = self.vision(pixel_values)
+            if len(object_targets) != len(vision_features):
+                raise ValueError(f"object_targets has {len(object_targets)} entries for {len(vision_features)} images")
+            queries = self.qformer(vision_features.to(self.qformer.query_tokens.dtype))
+            losses[OBJECT_LOSS] = self.qformer.objects.loss(queries, object_targets)
         run_llm = input_ids is not None or inputs_embeds is not None
-        if loss_names is not None and not wanted - set(QFORMER_LOSSES):
+        if loss_names is not None and not wanted - set(IMAGE_LOSSES):
             run_llm = False  # stage 1: the LLM plays no part
         llm_out, head_outputs = None, {}
         need_heads = bool(self.head_names) and input_ids is not None and head_targets is not None

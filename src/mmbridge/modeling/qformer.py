@@ -23,6 +23,7 @@ from transformers import Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from mmbridge.config import MMBridgeConfig
+from mmbridge.modeling.objects import QueryObjectHeads
 from mmbridge.tokenization import tokenize_qformer_text  # noqa: F401  (re-exported for stage-1 code)
 
 MASK_MODES = ("bidirectional", "causal")
@@ -82,6 +83,8 @@ class QFormer(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.model = Blip2QFormerModel(qformer_config)
         self.text = QFormerTextHeads(config) if config.image_text_hidden_size else None
+        attributes = config.qformer_object_attributes
+        self.objects = QueryObjectHeads(qformer_config.hidden_size, attributes) if attributes else None
 
     @property
     def hidden_size(self) -> int:

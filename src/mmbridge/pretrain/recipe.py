@@ -86,6 +86,8 @@ class QFormerShape:
     instruction: bool = False  # InstructBLIP: the question also enters the Q-Former (stages 2-3)
     # the projection's output is scaled to the frozen LM's token-embedding RMS (MMBridgeConfig.projection_norm)
     projection_norm: bool = True
+    # DETR-style object set loss on the queries (MMBridgeConfig.qformer_object_attributes): one query per object
+    objects: bool = True
 
 
 @dataclass
@@ -355,7 +357,7 @@ class Recipe:
 
         from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
-        from mmbridge.pretrain.shapes import shapes_processor
+        from mmbridge.pretrain.shapes import OBJECT_ATTRIBUTES, shapes_processor
 
         tokenizer, lm = self._tokenizer_and_lm()
         vision = CLIPVisionModel.from_pretrained(self.foundation / "vision")
@@ -372,6 +374,7 @@ class Recipe:
             image_text_hidden_size=q.image_text_hidden_size, qformer_cls_token_id=tokenizer.bos_token_id,
             qformer_dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), qformer_instruction=q.instruction,
             projection_norm=q.projection_norm,  # the scale is measured from the LM when the model is built
+            qformer_object_attributes=OBJECT_ATTRIBUTES if q.objects else None,
         )
         torch.manual_seed(self.cfg.seed)
         model = MMBridgeModel(config, vision_model=vision, language_model=lm)
@@ -394,7 +397,7 @@ class Recipe:
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.qformer import retrieval_recall
         from mmbridge.pretrain.see import blind_baselines, see_records, stage_see
-        from mmbridge.pretrain.shapes import scene_features, soft_prompt_probes
+        from mmbridge.pretrain.shapes import object_slot_accuracy, scene_features, soft_prompt_probes
         from mmbridge.processing import MMBridgeProcessor
 
         model = MMBridgeModel.from_pretrained(model_dir)
@@ -404,6 +407,8 @@ class Recipe:
             features, texts = scene_features(model, "val", 1000)
             out["itc_recall_at_1_val1000"] = retrieval_recall(model.qformer, features, texts, processor.tokenizer,
                                                               cls_token_id=model.config.qformer_cls_token_id)
+        if model.qformer.objects is not None:  # one object per query, attributes bound (modeling/objects.py)
+            out["object_slots"] = object_slot_accuracy(model, "val", 500)
         if self.cfg.probe_items > 0:  # attributes and their binding in the soft prompt (pretrain/shapes.py)
             out["soft_prompt_probes"] = soft_prompt_probes(model, processor.tokenizer, self.cfg.probe_items,
                                                            max(self.cfg.probe_items // 4, 8))

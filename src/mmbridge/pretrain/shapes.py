@@ -524,6 +524,30 @@ def accuracy_by_type(correct: list[bool], types: list[str]) -> dict[str, float]:
     return out
 
 
+#: The Q-Former's object heads for ShapesWorld (MMBridgeConfig.qformer_object_attributes).
+OBJECT_ATTRIBUTES = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}
+
+
+def scene_objects(scene) -> list[dict]:
+    """A scene's objects as a shard's JSON `"objects"`: pixel box [x0, y0, x1, y1] and attribute labels."""
+    return [{"box": list(o.box), "color": o.color, "shape": o.shape, "size": o.size} for o in scene.objects]
+
+
+@torch.no_grad()
+def object_slot_accuracy(model, split: str, num: int) -> dict[str, float]:
+    """`QueryObjectHeads.accuracy` of the Q-Former's queries (image alone) on `num` scenes of `split`."""
+    from mmbridge.train.data import image_objects
+
+    model.eval()
+    features, _ = scene_features(model, split, num)
+    queries = torch.cat([model.qformer(features[i:i + 128]) for i in range(0, num, 128)])
+    objects = []
+    for i in range(num):
+        scene = make_scene(split, i, 0)
+        objects.append(image_objects({"objects": scene_objects(scene)}, render(scene)))
+    return {k: round(v, 4) for k, v in model.qformer.objects.accuracy(queries, objects).items()}
+
+
 @torch.no_grad()
 def scene_features(model, split: str, num: int, start: int = 0,
                    batch_size: int = 128) -> tuple[torch.Tensor, list[str]]:
@@ -558,8 +582,9 @@ def write_stage_data(out, num_scenes: int, qa_per_scene: int, single_qa_per_scen
             key = f"train-{i:06d}"
             png = png_bytes(render(scene))
             (out / "images" / f"{key}.png").write_bytes(png)
-            captions.write({"__key__": key, "png": png, "txt": short_caption(scene), "json": {}})
-            descriptions.write({"__key__": key, "png": png, "txt": description(scene), "json": {}})
+            meta = {"objects": scene_objects(scene)}  # labels for the Q-Former's object loss
+            captions.write({"__key__": key, "png": png, "txt": short_caption(scene), "json": meta})
+            descriptions.write({"__key__": key, "png": png, "txt": description(scene), "json": meta})
             messages = []
             for question, answer in qa_turns(scene, rng, qa_per_scene):
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -52,7 +52,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
 #: Present only where they apply: instruction-aware Q-Formers (InstructBLIP), BLIP-2 stage-1 text,
 #: head targets (not tensors: each head reads its own).
 OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask", "qformer_text_ids", "qformer_text_mask",
-                         "qformer_text_rows", "region_image_index", "region_masks", "head_targets")
+                         "qformer_text_rows", "region_image_index", "region_masks", "head_targets",
+                         "object_targets")
 #: A reader that skips this many samples in a row without one good sample stops with an error
 #: instead of spinning forever on a dataset that is corrupt through and through.
 MAX_CONSECUTIVE_SKIPS = 10_000
@@ -166,11 +167,30 @@ def llava_to_messages(turns: list[dict], images: list, targets: dict | None = No
     return messages
 
 
+def image_objects(meta: dict, image) -> list[dict] | None:
+    """A sample's optional `"objects"` (`[{"box": [x0, y0, x1, y1] in pixels, <attribute>: <class>, ...}]`)
+    with each box as (cx, cy, w, h) in [0, 1] of the image, as the Q-Former's object loss reads it."""
+    objects = meta.get("objects") if isinstance(meta, dict) else None
+    if objects is None:
+        return None
+    width, height = image.size
+    out = []
+    for obj in objects:
+        box = obj.get("box") if isinstance(obj, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and box[0] < box[2] and box[1] < box[3]):
+            raise SampleError(f"object {obj!r}: 'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+        x0, y0, x1, y1 = box
+        out.append({**obj, "box": [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width,
+                                   (y1 - y0) / height]})
+    return out
+
+
 class WebDatasetSource:
     """Tar shards with `key.png` (or jpg/webp) + `key.txt` (caption) + `key.json` (metadata).
 
     A sample whose JSON holds LLaVA-style `conversations` trains on those; otherwise the caption is
-    the answer to one of the dataset's `prompts` (MiniGPT-4 stage 1)."""
+    the answer to one of the dataset's `prompts` (MiniGPT-4 stage 1). A JSON `"objects"` list (pixel
+    boxes and attribute labels, `image_objects`) feeds the Q-Former's object loss where a stage asks for it."""
 
     def __init__(self, cfg: DatasetConfig, seed: int):
         self.cfg = cfg
@@ -219,12 +239,17 @@ class WebDatasetSource:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise SampleError(f"broken json: {err}") from err
         if isinstance(meta, dict) and meta.get("conversations"):
-            return llava_to_messages(meta["conversations"], [image])
-        caption = raw.get("txt")
-        caption = caption.decode("utf-8", errors="strict").strip() if isinstance(caption, bytes) else caption
-        if not caption:
-            raise SampleError(f"sample {key} has no caption (.txt)")
-        return _caption_conversation(image, caption, self.cfg.prompts[prompt_index % len(self.cfg.prompts)])
+            messages = llava_to_messages(meta["conversations"], [image])
+        else:
+            caption = raw.get("txt")
+            caption = caption.decode("utf-8", errors="strict").strip() if isinstance(caption, bytes) else caption
+            if not caption:
+                raise SampleError(f"sample {key} has no caption (.txt)")
+            messages = _caption_conversation(image, caption, self.cfg.prompts[prompt_index % len(self.cfg.prompts)])
+        objects = image_objects(meta, image)
+        if objects is not None:  # the sample's one image carries its object labels
+            next(p for m in messages for p in m["content"] if p["type"] == "image")["objects"] = objects
+        return messages
 
 
 class LlavaJsonDataset(Dataset):
@@ -395,6 +420,10 @@ class TrainStream(IterableDataset):
             out = {name: batch[name] for name in (*MODEL_INPUTS, *OPTIONAL_MODEL_INPUTS) if name in batch}
             if any(paired) and not every:
                 out.update(self._paired_text(conversations, paired, len(batch["pixel_values"])))
+            objects = [p.get("objects") for c in conversations for m in normalize_messages(c) for p in m["content"]
+                       if p["type"] == "image"]
+            if any(o is not None for o in objects) and len(objects) == len(batch["pixel_values"]):
+                out["object_targets"] = objects  # else truncation cut an image and the rows would not line up
             out.update(keys=keys, _worker=logical, _position=position, _skipped=dict(stats.counts))
             yield out
 
