@@ -135,7 +135,8 @@ class MMBridgeConfig(PreTrainedConfig):
             raise ValueError("qformer_instruction needs the Q-Former's text side: set image_text_hidden_size")
         for name, values in (self.qformer_object_attributes or {}).items():
             if not isinstance(values, (list, tuple)) or len(values) < 2 or len(set(values)) != len(values):
-                raise ValueError(f"qformer_object_attributes[{name!r}] must list >= 2 distinct class names, got {values!r}")
+                raise ValueError(f"qformer_object_attributes[{name!r}] must list >= 2 distinct class names, "
+                                 f"got {values!r}")
         if self.projection_norm_scale is not None and not self.projection_norm_scale > 0:
             raise ValueError(f"projection_norm_scale must be > 0, got {self.projection_norm_scale}")
         if self.num_query_tokens < 1:
