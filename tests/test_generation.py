@@ -95,6 +95,15 @@ def test_stop_string_filter_never_shows_a_stop_string():
     assert "".join(StopStringFilter(["###"]).filter(["a #", "b "])) == "a #b"
 
 
+def test_streaming_survives_a_decoder_that_rejoins_words_and_punctuation():
+    """Bug: the shapes tokenizer decodes "4 " and then "4###" (its decoder drops the space it inserted before
+    punctuation); transformers' delta streamer then sent "##" and `mmbridge chat` printed "4 ##" where
+    `generate` answered "4". The snapshot streamer sends whole texts and the filter never shows a stop string."""
+    assert "".join(StopStringFilter(["###"]).filter_snapshots(["4 ", "4###", "4###right "])) == "4"
+    assert "".join(StopStringFilter(["###"]).filter_snapshots(["A red circle ", "A red circle,", "A red circle, a"])) \
+        == "A red circle, a"
+
+
 @pytest.mark.parametrize("turns", [3])
 def test_chat_kv_reuse_equals_full_reencoding(tiny_pipeline, images, turns):
     reuse = tiny_pipeline.chat(max_new_tokens=8)

@@ -15,6 +15,7 @@ streaming, chat sessions), each with the same head hook:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -294,7 +295,7 @@ class MMBridgePipeline:
         return self._result(holder["ids"], options, int(inputs["attention_mask"].sum()), heads)
 
     def _stream_text(self, run, options: SamplingOptions) -> Iterator[str]:
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = SnapshotStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def target():
@@ -306,7 +307,7 @@ class MMBridgePipeline:
 
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
-        yield from StopStringFilter(options.stop_strings(self.processor)).filter(streamer)
+        yield from StopStringFilter(options.stop_strings(self.processor)).filter_snapshots(streamer)
         thread.join()
         if errors:
             raise errors[0]
@@ -314,6 +315,32 @@ class MMBridgePipeline:
     # -- sessions --------------------------------------------------------------------------
     def chat(self, system: str | None = None, reuse_cache: bool = True, **defaults) -> ChatSession:
         return ChatSession(self, system=system, reuse_cache=reuse_cache, **defaults)
+
+
+class SnapshotStreamer(TextIteratorStreamer):
+    """A `TextIteratorStreamer` that queues the whole answer decoded so far after every token instead of the
+    new characters. transformers' streamer assumes decoding is prefix-stable; a tokenizer whose decoder
+    rejoins words and punctuation (the shapes tokenizer decodes "4 " then "4###") breaks that, and its
+    deltas would show "4 ##". `StopStringFilter.filter_snapshots` turns the snapshots into clean pieces."""
+
+    def put(self, value):
+        if len(value.shape) > 1:
+            if value.shape[0] > 1:
+                raise ValueError("streaming supports one sequence at a time")
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(value.tolist())
+        self.on_finalized_text(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
+
+    def end(self):
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs) if self.token_cache else None
+        self.token_cache, self.next_tokens_are_prompt = [], True
+        if text is None:  # nothing generated (or `_emit_all` already sent the whole answer)
+            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+        else:
+            self.on_finalized_text(text, stream_end=True)
 
 
 class StopStringFilter:
@@ -325,13 +352,21 @@ class StopStringFilter:
         self.stops = [s for s in stops if s]
 
     def filter(self, pieces) -> Iterator[str]:
+        """From pieces that join to the text (deltas)."""
+        return self.filter_snapshots(itertools.accumulate(pieces))
+
+    def filter_snapshots(self, snapshots) -> Iterator[str]:
+        """From snapshots: each the whole text so far (`SnapshotStreamer`). Characters already shown are never
+        taken back, so the last word waits for the next snapshot (as transformers' streamer waits for a space)."""
         text, emitted, stopped = "", 0, False
-        for piece in pieces:
+        for snapshot in snapshots:
             if stopped:
                 continue  # drain the streamer so the generating thread can finish
-            text += piece
+            text = snapshot
             cut, stopped = _cut_at_stop(text, self.stops)
             safe = len(cut) if stopped else len(cut) - self._held_back(cut)
+            if not stopped:  # the last word may still change: the rest of a character's bytes, rejoined punctuation
+                safe = min(safe, max(cut.rfind(" "), cut.rfind("\n")) + 1)
             visible = cut[:safe].rstrip()
             start = len(visible) - len(visible.lstrip()) if emitted == 0 else 0
             if len(visible) > emitted:
@@ -484,7 +519,7 @@ class ChatSession:
         return self._cache, self._cache.get_seq_length()
 
 
-def _emit_all(streamer: TextIteratorStreamer, token_ids: list[int]) -> None:
+def _emit_all(streamer: SnapshotStreamer, token_ids: list[int]) -> None:
     streamer.on_finalized_text(streamer.tokenizer.decode(token_ids, skip_special_tokens=True), stream_end=True)
 
 
