@@ -1,7 +1,7 @@
 """The shipped ShapesWorld foundation (the stage-0 models `mmbridge train shapes` starts from, loaded by
 path like downloaded weights): complete, small, frozen inside the shipped model bit for bit, and an LM
 that reads its own world from text. Thresholds sit a little below what was measured when it was
-shipped (docs/recipe.md, "The shipped foundation")."""
+shipped (docs/recipe.md, "Results: the shipped model")."""
 
 import pytest
 import torch
