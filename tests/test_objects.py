@@ -98,3 +98,11 @@ def test_object_labels_travel_from_shard_json_to_the_batch(tmp_path):
     assert batch["object_targets"] == [[{"box": [0.25, 0.25, 0.5, 0.5], "color": "red", "shape": "square"}], None]
     second = next(x for i, x in zip(range(2), iter(TrainStream(cfg, processor, seed=0))) if i == 1)
     assert "s/c" not in second["keys"] and sum(second["_skipped"].values()) == 1
+
+
+def test_objects_that_are_not_a_list_are_a_sample_error():
+    from mmbridge.train.data import SampleError, image_objects
+
+    with pytest.raises(SampleError, match="'objects' must be a list"):
+        image_objects({"objects": {"box": [0, 0, 1, 1]}}, Image.new("RGB", (4, 4)))
+    assert image_objects({}, Image.new("RGB", (4, 4))) is None

@@ -173,6 +173,8 @@ def image_objects(meta: dict, image) -> list[dict] | None:
     objects = meta.get("objects") if isinstance(meta, dict) else None
     if objects is None:
         return None
+    if not isinstance(objects, list):
+        raise SampleError(f"'objects' must be a list of objects, got {type(objects).__name__}")
     width, height = image.size
     out = []
     for obj in objects:
