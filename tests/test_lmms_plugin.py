@@ -92,7 +92,7 @@ def test_generate_until_cuts_at_until_and_groups_settings(adapter):
     mixed = _generate_requests(docs, {"max_new_tokens": 8}) + _generate_requests(docs, {"max_new_tokens": 1})
     answers = adapter.generate_until(mixed)
     assert answers[:3] == first
-    assert all(len(adapter.tokenizer(a, add_special_tokens=False)["input_ids"]) <= 1 for a in answers[3:])
+    assert all(len(adapter.answer_tokens(a)) <= 1 for a in answers[3:])
     k = next((i for i, a in enumerate(first) if len(a) >= 2), None)
     if k is not None:  # `until` cuts the answer where it starts
         requests = _generate_requests(docs, {"max_new_tokens": 8, "until": [first[k][1:]]})
@@ -128,7 +128,7 @@ def test_loglikelihood_batched_equals_single_and_knows_greedy(adapter):
     conversation = [{"role": "user", "content": [{"type": "image", "image": doc["image"]},
                                                  {"type": "text", "text": doc["question"]}]}]
     prompt = processor(conversation, add_generation_prompt=True)
-    answer = adapter.tokenizer(doc["answer"], add_special_tokens=False)["input_ids"]
+    answer = adapter.answer_tokens(doc["answer"])  # as it stands in an answer (see `answer_tokens`)
     ids = torch.cat([prompt["input_ids"], torch.tensor([answer])], dim=1)
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=prompt["pixel_values"],
@@ -136,6 +136,16 @@ def test_loglikelihood_batched_equals_single_and_knows_greedy(adapter):
     logprobs = torch.log_softmax(logits[0, -len(answer) - 1:-1].float(), -1)
     expected = -logprobs.gather(-1, torch.tensor(answer)[:, None]).mean().item()
     assert abs(batched[1][0] - expected) <= 1e-4
+
+
+def test_answer_tokens_are_the_ones_the_model_writes(adapter):
+    """Bug: the shipped tokenizer's words carry their trailing space ("4###" -> "4 " + "###"), so "4" alone
+    tokenised to another token than the model writes in an answer, and its own greedy answer scored as not
+    greedy. Continuations are now tokenised as they stand before the template's end of answer."""
+    tokenizer = adapter.tokenizer
+    in_answer = tokenizer("4###", add_special_tokens=False)["input_ids"][:-1]
+    assert adapter.answer_tokens("4") == in_answer
+    assert tokenizer.decode(adapter.answer_tokens("a red circle")).strip() == "a red circle"
 
 
 def test_unknown_model_args_are_refused():

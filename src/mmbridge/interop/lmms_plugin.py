@@ -153,6 +153,17 @@ class MMBridgeLMMCore:
         return [(-total / n, greedy) for total, n, greedy in self.continuation_logprobs(requests)]
 
     @torch.no_grad()
+    def answer_tokens(self, text: str) -> list[int]:
+        """The token ids of `text` as it stands in an answer: tokenised with the template's end of answer (its first
+        stop string) after it, keeping the tokens that cover `text`'s characters. A tokenizer whose words carry their
+        trailing space (the shapes tokenizer writes "4###" as "4 " + "###") has a different token for "4" at the end
+        of a string than inside an answer; scoring that one would score what the model never writes."""
+        stops = self.pipeline.processor.stop_strings
+        if not stops or not getattr(self.tokenizer, "is_fast", False):
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer(text + stops[0], add_special_tokens=False, return_offsets_mapping=True)
+        return [i for i, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"]) if begin < len(text)]
+
     def continuation_logprobs(self, requests) -> list[tuple[float, int, bool]]:
         """(log P(continuation | prompt) summed over its tokens, number of tokens, is_greedy) per request."""
         processor = self.pipeline.processor
@@ -170,7 +181,7 @@ class MMBridgeLMMCore:
             rows, spans = [], []
             for ids, mask, continuation in zip(prompt["input_ids"], prompt["attention_mask"], continuations):
                 head = ids[mask.bool()].tolist()
-                tail = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+                tail = self.answer_tokens(continuation)
                 if not tail:
                     raise ValueError(f"the continuation {continuation!r} has no tokens")
                 rows.append(head + tail)
