@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mmbridge.data.shapes.faithfulness import RELATIONS, Relation, Request, relation_holds
+from mmbridge.data.shapes.faithfulness import request_for
 from mmbridge.data.shapes.world import rng_for, sample_scene, scene_seed
 
 
@@ -22,16 +22,10 @@ def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         scene = sample_scene(scene_seed("test", i, seed), num_objects=int(rng.integers(lo, hi + 1)))
-        objects = [(o.size, o.color, o.shape) for o in scene.objects]
-        relation = None
-        if len(objects) == 2:
-            held = [r for r in RELATIONS if relation_holds(scene.objects[0], scene.objects[1], r)]
-            if held:
-                relation = Relation(0, held[int(rng.integers(len(held)))], 1)
-        request = Request(objects, relation)
-        record = {"prompt": f"Draw {request.text}.", "objects": [" ".join(t) for t in objects]}
-        if relation:
-            record["relation"] = {"a": 0, "rel": relation.rel, "b": 1}
+        request = request_for(scene, rng)
+        record = {"prompt": f"Draw {request.text}.", "objects": [" ".join(t) for t in request.objects]}
+        if request.relation:
+            record["relation"] = {"a": 0, "rel": request.relation.rel, "b": 1}
         out.append(record)
     return out
 

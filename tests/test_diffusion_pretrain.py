@@ -37,6 +37,30 @@ def test_batches_are_a_function_of_the_step():
     assert not torch.equal(batches(-1, 2)[0], batches(1, 2)[0])  # held-out stream
 
 
+def test_generator_captions_are_what_draw_requests_say():
+    """Half draw requests (the eval prompts' shape: a relation that holds for 2 objects), half short captions;
+    every one parses back to the scene's objects, and a named relation is true in the scene."""
+    from mmbridge.data.shapes.faithfulness import parse_request, relation_holds
+    from mmbridge.data.shapes.world import make_scene, rng_for
+    from mmbridge.pretrain.diffusion import generator_caption
+
+    rng = rng_for(0, stream=15)
+    kinds = {"request": 0, "short": 0, "relation": 0}
+    for i in range(200):
+        scene = make_scene("train", i)
+        text = generator_caption(scene, rng)
+        request = parse_request(text)
+        assert request.objects == [(o.size, o.color, o.shape) for o in scene.objects], text
+        kinds["short" if "background" in text else "request"] += 1
+        if request.relation:
+            kinds["relation"] += 1
+            a, b = scene.objects[request.relation.a], scene.objects[request.relation.b]
+            assert relation_holds(a, b, request.relation.rel), text
+    assert 60 < kinds["request"] < 140 and kinds["relation"] > 10
+    with pytest.raises(ValueError, match="generator caption"):
+        shapes_batches(tiny_cfg(caption="poem"))
+
+
 def test_vae_resumes_exactly_after_an_interruption(tmp_path):
     cfg = tiny_cfg()
     images = lambda step, n: shapes_batches(cfg)(step, n)[0]  # noqa: E731

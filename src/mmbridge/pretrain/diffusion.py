@@ -52,6 +52,9 @@ class GeneratorConfig:
     warmup_steps: int = 100
     save_every: int = 500
     seed: int = 0
+    #: training captions: "draw" (half draw requests with a relation for 2 objects, half short captions),
+    #: "short" (short captions) or "description" (the long scene description)
+    caption: str = "draw"
 
 
 def build_vae(cfg: GeneratorConfig):
@@ -188,7 +191,19 @@ def save_generator(out: str | Path, vae, unet, text_encoder, tokenizer, cfg: Gen
     return out
 
 
-def shapes_batches(cfg: GeneratorConfig, split: str = "train", caption: str = "description"
+def generator_caption(scene, rng) -> str:
+    """What the generator is conditioned on in training: half the time a draw request as users write it
+    ("a large red circle above a small blue square": the eval prompts' shape, a relation for most
+    2-object scenes), half the short caption, which also names the background."""
+    from mmbridge.data.shapes.annotations import short_caption
+    from mmbridge.data.shapes.faithfulness import request_for
+
+    if rng.random() < 0.5:
+        return short_caption(scene)
+    return request_for(scene, rng, relation_rate=0.8).text
+
+
+def shapes_batches(cfg: GeneratorConfig, split: str = "train"
                    ) -> Callable[[int, int], tuple[torch.Tensor, list[str]]]:
     """ShapesWorld (image, caption) batches, a pure function of the step (so a resumed run sees the
     same data); negative steps draw from a held-out stream (the VAE's latent-scale measurement)."""
@@ -196,9 +211,13 @@ def shapes_batches(cfg: GeneratorConfig, split: str = "train", caption: str = "d
     from PIL import Image
 
     from mmbridge.data.shapes.annotations import description, short_caption
-    from mmbridge.data.shapes.world import make_scene, render
+    from mmbridge.data.shapes.world import make_scene, render, rng_for
 
-    text_of = description if caption == "description" else short_caption
+    captions = {"description": lambda scene, rng: description(scene), "short": lambda scene, rng: short_caption(scene),
+                "draw": generator_caption}
+    if cfg.caption not in captions:
+        raise ValueError(f"generator caption {cfg.caption!r}: expected one of {sorted(captions)}")
+    text_of = captions[cfg.caption]
 
     def batch(step: int, n: int) -> tuple[torch.Tensor, list[str]]:
         scenes = [make_scene(split if step >= 0 else "val", (abs(step) * n + i) % 1_000_000) for i in range(n)]
@@ -206,7 +225,8 @@ def shapes_batches(cfg: GeneratorConfig, split: str = "train", caption: str = "d
         if cfg.image_size != rendered[0].width:
             rendered = [r.resize((cfg.image_size, cfg.image_size), Image.BILINEAR) for r in rendered]
         arrays = np.stack([np.asarray(r, dtype=np.float32) for r in rendered]) / 127.5 - 1
-        return torch.from_numpy(arrays).permute(0, 3, 1, 2), [text_of(s) for s in scenes]
+        rng = rng_for(cfg.seed + abs(step), stream=15)  # captions are a pure function of the step too
+        return torch.from_numpy(arrays).permute(0, 3, 1, 2), [text_of(s, rng) for s in scenes]
 
     return batch
 

@@ -50,6 +50,19 @@ class Request:
         return ", ".join(f"a {n}" for n in names)
 
 
+def request_for(scene: Scene, rng, relation_rate: float = 1.0) -> Request:
+    """The draw request a scene answers: its objects in order and, for a 2-object scene, one relation
+    that holds between them (with probability `relation_rate`; `rng` is a numpy Generator). The shape of
+    the eval prompts (bench/draw_prompts.py) and of the generator's training captions."""
+    objects = [(o.size, o.color, o.shape) for o in scene.objects]
+    relation = None
+    if len(objects) == 2 and (relation_rate >= 1 or rng.random() < relation_rate):
+        held = [r for r in RELATIONS if relation_holds(scene.objects[0], scene.objects[1], r)]
+        if held:
+            relation = Relation(0, held[int(rng.integers(len(held)))], 1)
+    return Request(objects, relation)
+
+
 def _triple(obj) -> Triple:
     if isinstance(obj, str):
         words = obj.lower().split()
