@@ -14,6 +14,7 @@ from mmbridge.train.fixtures import make_base_model
 from mmbridge.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+TINY_DRAW = {"mapper_hidden_size": 32, "mapper_layers": (1, 1), "mapper_heads": 2, "num_inference_steps": 2}
 
 
 def test_draw_data_is_llava_with_images_in_answers(tmp_path):
@@ -33,8 +34,7 @@ def test_draw_stages_train_through_the_trainer_and_the_model_draws(tmp_path):
 
     make_base_model(tmp_path / "see", init_std=0.02)
     build_tiny_sd(tmp_path / "generator")
-    add_draw_head(tmp_path / "see", tmp_path / "generator", tmp_path / "base", mapper_hidden_size=32,
-                  mapper_layers=(1, 1), mapper_heads=2, num_inference_steps=2)
+    add_draw_head(tmp_path / "see", tmp_path / "generator", tmp_path / "base", **TINY_DRAW)
     write_draw_data(tmp_path / "data", num_scenes=6, num_stories=2)
     recipes = Path(recipes_init).parent
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0",
@@ -53,3 +53,49 @@ def test_draw_stages_train_through_the_trainer_and_the_model_draws(tmp_path):
     assert pipe.model.config.llm_lora and pipe.processor.image_head == "draw"
     [out] = pipe.generate([{"role": "user", "content": "Draw a small red circle."}], max_new_tokens=4)
     assert out.finish_reason in ("stop", "length")  # decoding runs with the head's hook in place
+
+
+def test_the_recipe_runs_the_draw_stages_when_listed_and_exports_a_self_contained_model(tmp_path):
+    """`mmbridge train shapes ... stages=[..., draw_data, draw_stage1, draw_stage2, export]`: on a stage-3 model
+    and the foundation's generator the draw head is added, trained in two trainer stages, and exported with
+    the generator inside (the model dir moves and still draws); a second run skips every stage."""
+    import shutil
+
+    from mmbridge.config import MMBridgeConfig
+    from mmbridge.generation import MMBridgePipeline
+    from mmbridge.pretrain.recipe import RECIPES_DIR, RUN_ORDER, DrawStage, Recipe, RecipeConfig, TrainerStage
+
+    assert "draw_stage1" not in RecipeConfig(name="x").stages  # opt-in: the see recipe is unchanged
+    make_base_model(tmp_path / "run" / "base", init_std=0.02)
+    make_base_model(tmp_path / "run" / "stage3" / "model", init_std=0.02)
+    build_tiny_sd(tmp_path / "foundation" / "generator")
+    short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
+    stages = ["draw_data", "draw_stage1", "draw_stage2", "export"]
+    cfg = RecipeConfig(name="draw-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
+                       draw=DrawStage(train_scenes=6, stories=2, head=TINY_DRAW),
+                       draw_stage1=TrainerStage("shapes_draw_stage1.yaml", short),
+                       draw_stage2=TrainerStage("shapes_draw_stage2.yaml", short))
+    assert [s for s in RUN_ORDER if s in stages] == stages
+    recipe = Recipe(cfg, tmp_path / "run", log=lambda _: None)
+    recipe.foundation = tmp_path / "foundation"  # as `foundation=DIR` resolves it
+    report = recipe.run()
+    assert report["stages"]["draw_stage1"]["steps"] == 2 and report["stages"]["draw_stage2"]["steps"] == 2
+    assert report["stages"]["export"]["frozen_parts_identical"]
+    exported = MMBridgeConfig.from_pretrained(tmp_path / "run" / "model")
+    assert exported.component_paths["draw.generator"] == "generator" and exported.llm_lora
+    shutil.move(tmp_path / "run" / "model", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "foundation")  # the export needs no generator outside its own directory
+    pipe = MMBridgePipeline.from_pretrained(tmp_path / "moved")
+    assert pipe.processor.image_head == "draw"
+    [out] = pipe.generate([{"role": "user", "content": "Draw a small red circle."}], max_new_tokens=4)
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_the_draw_stages_say_where_the_generator_comes_from(tmp_path):
+    from mmbridge.pretrain.recipe import ConfigError, DrawStage, Recipe, RecipeConfig
+
+    make_base_model(tmp_path / "stage3" / "model", init_std=0.02)
+    cfg = RecipeConfig(name="draw-test", stages=["draw_data", "draw_stage1"], threads=1, see_scenes=0,
+                       draw=DrawStage(train_scenes=2, stories=1))
+    with pytest.raises(ConfigError, match="draw_generator=true"):
+        Recipe(cfg, tmp_path, log=lambda _: None).run()

@@ -49,7 +49,9 @@ class MMBridgeConfig(PreTrainedConfig):
         placeholder to `num_query_tokens` copies; the model scatters projected queries into them.
     trainable: component -> bool. Frozen components get `requires_grad=False` and `eval()`.
     component_paths: component -> local HF directory. Such a component is loaded from there and
-        not stored in this model's safetensors (the MiniGPT-4 "small checkpoint" layout).
+        not stored in this model's safetensors (the MiniGPT-4 "small checkpoint" layout). A relative
+        path that exists inside the model's directory is read from there (an exported model carries
+        its draw generator as `generator/`), else from the working directory.
     added_tokens: token -> id of special tokens added to the LLM (e.g. `[IMG0]`); only their
         embedding (and untied output) rows train.
     image_text_hidden_size: when set, the Q-Former also gets BLIP-2's text side (text embeddings,

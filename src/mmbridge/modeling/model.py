@@ -535,6 +535,7 @@ class MMBridgeModel(PreTrainedModel):
                     return model.eval()._quantize(quantize)
             return cls._from_pretrained_full(path, *args, dtype=dtype, **kwargs)._quantize(quantize)
         config = MMBridgeConfig.from_pretrained(path)
+        config.component_paths = {name: _inside(path, part) for name, part in config.component_paths.items()}
         model = cls.from_components(config, dtype=dtype)
         state = load_file(str(small_artifact))
         expected = model.state_dict()
@@ -565,6 +566,11 @@ class MMBridgeModel(PreTrainedModel):
         model = super().from_pretrained(path, *args, dtype=dtype, **kwargs)
         model.apply_trainable_policy()
         return model.eval()
+
+
+def _inside(model_dir: Path, part: str) -> str:
+    """A component path relative to the model's own directory when it is there (a self-contained export)."""
+    return str(model_dir / part) if not Path(part).is_absolute() and (model_dir / part).is_dir() else part
 
 
 def _local_dir(path) -> Path:

@@ -3,8 +3,8 @@
 * `add_draw_head`: a trained see-model + a frozen generator (a StableDiffusionPipeline dir, e.g. the
   one `pretrain.diffusion` trains) -> the same model with vokens `[IMG0]…[IMG7]` and a fresh mapper.
 * `write_draw_data`: the seed's two stages as LLaVA JSON, the format users bring their own data in —
-  stage 1 caption -> image ("Draw a large red circle …" answered by the image), stage 2 interleaved:
-  stories whose steps alternate sentences and pictures, and dialogues that change a drawing
+  stage 1 caption -> image ("Draw a large red circle above a small blue square." answered by the image),
+  stage 2 interleaved: stories whose steps alternate sentences and pictures, and dialogues that change a drawing
   ("Now make the circle blue."). An `<image>` in an answer is an image the model draws.
 """
 
@@ -42,7 +42,8 @@ def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: s
     from mmbridge.data.formats.llava import write_llava
     from mmbridge.data.shapes.annotations import short_caption
     from mmbridge.data.shapes.edits import edit_pair, make_story
-    from mmbridge.data.shapes.world import make_scene, render
+    from mmbridge.data.shapes.world import make_scene, render, rng_for
+    from mmbridge.pretrain.diffusion import generator_caption
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -53,9 +54,10 @@ def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: s
         return f"images/{name}"
 
     stage1 = []
+    requests = rng_for(seed, stream=16)
     for i in range(num_scenes):
-        scene = make_scene(split, i, seed)
-        prompt = rng.choice(DRAW_PROMPTS).format(_lower_first(short_caption(scene))) + "."
+        scene = make_scene(split, i, seed)  # as the generator was trained: requests (relations) and captions
+        prompt = rng.choice(DRAW_PROMPTS).format(_lower_first(generator_caption(scene, requests))) + "."
         stage1.append({"id": f"draw-{i}", "image": [save(render(scene), f"draw-{i}.png")],
                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"}]})
     stage2 = []

@@ -43,8 +43,11 @@ STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
 #: VisionLLM v2's act head on the see-model (pretrain/act.py, docs/recipe.md "Act"): run only when listed in
 #: `stages` (between stage3 and export); with them, `export` exports the act model.
 ACT_STAGES = ("act_data", "act_stage1", "act_stage2")
+#: MiniGPT-5's draw head on the see-model (pretrain/draw.py, docs/recipe.md "Draw"), on the foundation's
+#: generator: run only when listed (after stage3; the act stages then start from the draw model).
+DRAW_STAGES = ("draw_data", "draw_stage1", "draw_stage2")
 #: Every stage a recipe may list, in the order they run.
-RUN_ORDER = (*STAGES[:-1], *ACT_STAGES, STAGES[-1])
+RUN_ORDER = (*STAGES[:-1], *DRAW_STAGES, *ACT_STAGES, STAGES[-1])
 #: Where a trained foundation ships inside the package (`foundation: shipped` in a recipe).
 SHIPPED_FOUNDATION = Path(__file__).resolve().parent.parent / "assets" / "foundation" / "shapes"
 #: What a foundation directory holds (one subdirectory each; `generator` only with draw's stage 0).
@@ -110,6 +113,15 @@ class ActStage:
 
 
 @dataclass
+class DrawStage:
+    """The draw stages' data (pretrain.draw.write_draw_data) and head (`DrawConfig` settings, e.g.
+    `num_vokens: 4` for the seed's ablation)."""
+    train_scenes: int = 20000  # stage 1: caption -> image
+    stories: int = 4000  # stage 2: as many stories and edit dialogues
+    head: dict = field(default_factory=dict)
+
+
+@dataclass
 class TrainerStage:
     config: str  # a trainer stage YAML (relative to the recipe file)
     overrides: list[str] = field(default_factory=list)
@@ -133,6 +145,9 @@ class RecipeConfig:
     # draw's stage 0: a VAE + text-conditioned UNet (hours on 2 cores, resumable); off in the see recipe
     draw_generator: bool = False
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    draw: DrawStage = field(default_factory=DrawStage)
+    draw_stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_draw_stage1.yaml"))
+    draw_stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_draw_stage2.yaml"))
     act: ActStage = field(default_factory=ActStage)
     act_stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage1.yaml"))
     act_stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage2.yaml"))
@@ -456,6 +471,36 @@ class Recipe:
             f"data.datasets.1.shards={self.out / 'data' / 'captions' / 'shard-*.tar'}"])
         return {**result, **self._measure(self.out / "stage3" / "model")}
 
+    # -- the draw head (issue 14): data, then its two trainer stages on the stage-3 model -------------
+    def _draw_data(self) -> dict:
+        from mmbridge.pretrain.draw import write_draw_data
+
+        return write_draw_data(self.out / "draw" / "data", self.cfg.draw.train_scenes, self.cfg.draw.stories,
+                               seed=self.cfg.seed)
+
+    def _draw_stage1(self) -> dict:
+        from mmbridge.pretrain.draw import add_draw_head
+
+        generator = self.foundation / "generator"
+        if not (generator / "model_index.json").is_file():
+            raise ConfigError(f"the draw stages need the foundation's generator, and {generator} has none: train it "
+                              "with `mmbridge train shapes-foundation --out DIR draw_generator=true` (resumable)")
+        base = self.out / "draw" / "base"
+        if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
+            torch.manual_seed(self.cfg.seed)
+            add_draw_head(self.out / "stage3" / "model", generator, base, **self.cfg.draw.head)
+        return self._trainer_stage(self.cfg.draw_stage1, base, self.out / "draw" / "stage1",
+                                   [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage1.json'}"])
+
+    def _draw_stage2(self) -> dict:
+        return self._trainer_stage(self.cfg.draw_stage2, self.out / "draw" / "stage1" / "model",
+                                   self.out / "draw" / "stage2",
+                                   [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage2.json'}"])
+
+    def _see_model(self) -> Path:
+        """The model later heads build on: the draw model when this recipe draws, else the stage-3 see-model."""
+        return self.out / ("draw/stage2" if "draw_stage2" in self.cfg.stages else "stage3") / "model"
+
     # -- the act head (issue 15): data, then its two trainer stages on the stage-3 model --------------
     def _act_data(self) -> dict:
         from mmbridge.pretrain.act import write_act_data, write_act_eval
@@ -471,7 +516,7 @@ class Recipe:
         base = self.out / "act" / "base"
         if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
             torch.manual_seed(self.cfg.seed)
-            add_act_head(self.out / "stage3" / "model", base, **self.cfg.act.head)
+            add_act_head(self._see_model(), base, **self.cfg.act.head)
         return self._trainer_stage(self.cfg.act_stage1, base, self.out / "act" / "stage1",
                                    [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}"])
 
@@ -483,7 +528,8 @@ class Recipe:
 
     def _export(self) -> dict:
         """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts.
-        With the act stages in `stages`, the act model (act/stage2/model), else the see-model (stage3/model)."""
+        With the act stages in `stages`, the act model (act/stage2/model), else the draw model with the draw
+        stages, else the see-model (stage3/model)."""
         from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.shapes import frozen_parts_identical
@@ -491,11 +537,15 @@ class Recipe:
         final = self.out / "model"
         if final.exists():
             shutil.rmtree(final)
-        trained = "act_stage2" in self.cfg.stages
-        shutil.copytree(self.out / ("act/stage2" if trained else "stage3") / "model", final)
+        acts = "act_stage2" in self.cfg.stages
+        shutil.copytree(self.out / "act" / "stage2" / "model" if acts else self._see_model(), final)
         config = MMBridgeConfig.from_pretrained(final)
         for sub in (config.vision_config, config.qformer_config, config.text_config):
             sub._name_or_path = ""  # where stage 0 happened to write its parts means nothing elsewhere
+        for name, head in config.heads.items():  # the draw generator travels inside the model: self-contained
+            if head.get("pipeline_path"):
+                shutil.copytree(head["pipeline_path"], final / "generator")
+                head["pipeline_path"] = config.component_paths[f"{name}.generator"] = "generator"
         config.save_pretrained(final)
         model = MMBridgeModel.from_pretrained(final)
         base = MMBridgeModel.from_pretrained(self.out / "base")

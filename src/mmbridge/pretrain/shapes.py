@@ -605,13 +605,15 @@ def to_llava_record(key: str, messages: list[dict]) -> dict:
 
 def frozen_parts_identical(before, after) -> bool:
     """Every parameter and buffer of the frozen components (vision, LLM) is bit-identical. LoRA adapters
-    are not the LLM's own weights: they wrap its layers (`q_proj.weight` -> `q_proj.base_layer.weight`)."""
+    are not the LLM's own weights: they wrap its layers (`q_proj.weight` -> `q_proj.base_layer.weight`);
+    rows a head appends for its tokens are not either."""
     from mmbridge.modeling.model import is_llm_adapter
 
     a = before.state_dict()
     b = {k.replace(".base_layer.", "."): v for k, v in after.state_dict().items() if not is_llm_adapter(k)}
     keys = [k for k in a if k.startswith(("vision.", "llm."))]
-    return bool(keys) and all(k in b and torch.equal(a[k], b[k]) for k in keys)
+    # a head's added tokens ([IMG0], [DET], ...) append rows to the embeddings: the LLM's own rows must hold
+    return bool(keys) and all(k in b and torch.equal(a[k], b[k][:len(a[k])]) for k in keys)
 
 
 class LMGateFailed(ConfigError):
