@@ -247,6 +247,27 @@ def test_eval_draw_cli_on_the_tiny_draw_model(draw_model_dir, tmp_path, capsys):
     assert records[2]["status"] == "not_in_world"
 
 
+def test_eval_draw_of_the_generator_alone_is_the_upper_bound_row(draw_model_dir, tmp_path, capsys):
+    """`--generator DIR`: the frozen SD-layout generator prompted with each request's caption text, scored
+    like a model; `--model` only lends its vision encoder to the Fréchet distance."""
+    from mmbridge.cli import main
+    from mmbridge.config import MMBridgeConfig
+
+    generator = MMBridgeConfig.from_pretrained(draw_model_dir).component_paths["draw.generator"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("Draw a small blue circle above a large green cross.\nDraw a large red square.\n")
+    out = tmp_path / "gen"
+    assert main(["eval", "draw", "--model", str(draw_model_dir), "--generator", str(generator), "--prompts",
+                 str(prompts), "--out", str(out), "--steps", "2", "--guidance-scale", "1", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["generator"] == str(generator) and summary["steps"] == 2 and "num_vokens" not in summary
+    assert summary["drawn"] == 2 and summary["frechet_distance"] >= 0
+    records = [json.loads(line) for line in (out / "draw.jsonl").read_text().splitlines()]
+    assert records[0]["text"] == "a small blue circle above a large green cross"  # what the generator was given
+    assert main(["eval", "draw", "--generator", str(tmp_path), "--prompts", str(prompts)]) == 2
+    assert "not a diffusers pipeline directory" in capsys.readouterr().err
+
+
 def test_eval_draw_cli_errors_are_one_line(tmp_path, capsys):
     from mmbridge.cli import main
 

@@ -305,6 +305,26 @@ def draw_images(pipeline, prompts: Sequence[str], batch_size: int = 8, max_new_t
 
 
 @torch.no_grad()
+def generator_images(generator_dir, guidance_scale: float = 7.5, num_inference_steps: int = 25, seed: int = 0):
+    """`draw(prompts)` for `evaluate_draw` with the frozen generator alone (a diffusers StableDiffusionPipeline
+    dir), prompted with each request's caption text ("a large red circle above a small blue square", the
+    form it was trained on): the upper bound of what a draw head on it can reach. Same seed per batch."""
+    from diffusers import StableDiffusionPipeline
+
+    from mmbridge.data.shapes.faithfulness import parse_request
+
+    sd = StableDiffusionPipeline.from_pretrained(generator_dir, safety_checker=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+
+    def draw(prompts: Sequence[str]) -> list[tuple[object, str]]:
+        texts = [parse_request(p).text or p for p in prompts]
+        images = sd(texts, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                    generator=torch.Generator().manual_seed(seed)).images
+        return [(image, text) for image, text in zip(images, texts)]
+
+    return draw
+
+
 def pooled_image_features(model, processor, images: Sequence, batch_size: int = 32) -> torch.Tensor:
     """The frozen vision encoder's pooled feature of each image (its `pooler_output`; the mean of the
     last hidden state when it has none), (n, hidden) float64 on the CPU."""

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="draw: diffusion sampling steps for this run (default: the model's)")
     parser.add_argument("--no-fid", action="store_true", help="draw: skip the Fréchet distance")
+    parser.add_argument("--generator", metavar="DIR", default=None,
+                        help="draw: score this frozen generator alone (a StableDiffusionPipeline dir) prompted with "
+                             "the requests' caption text — the upper bound of a draw head on it; --model then only "
+                             "gives the vision encoder of the Fréchet distance")
     parser.add_argument("--blind", action="store_true",
                         help="vqa: ask the question without the image (the question-only baseline)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -148,10 +152,12 @@ def _draw(args) -> int:
         draw_head_names,
         draw_images,
         evaluate_draw,
+        generator_images,
         pooled_image_features,
         read_draw_requests,
         set_draw_settings,
     )
+    from mmbridge.heads_config import DrawConfig
 
     if not args.prompts or not os.path.isfile(args.prompts):
         raise CLIError(f"eval draw needs --prompts FILE (JSON lines or plain prompts); got {args.prompts}")
@@ -168,17 +174,29 @@ def _draw(args) -> int:
     if not requests:
         raise CLIError(f"no prompts in {args.prompts}")
     pipeline = load_pipeline(args.model)
-    heads = draw_head_names(pipeline.model)
-    if not heads:
-        raise CLIError(f"model {args.model!r} has no draw head: it cannot draw (README: heads that draw and act)")
-    set_draw_settings(pipeline.model, args.guidance_scale, args.steps)
-    config = pipeline.model.heads[heads[0]].config
     out = args.out or "draw-eval"
     progress = not args.no_progress
+    if args.generator:
+        if not os.path.isfile(os.path.join(args.generator, "model_index.json")):
+            raise CLIError(f"--generator {args.generator!r} is not a diffusers pipeline directory "
+                           "(no model_index.json)")
+        defaults = DrawConfig()
+        guidance = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        steps = args.steps or defaults.num_inference_steps
+        draw = generator_images(args.generator, guidance, steps)
+        settings = {"generator": args.generator, "guidance_scale": guidance, "steps": steps}
+    else:
+        heads = draw_head_names(pipeline.model)
+        if not heads:
+            raise CLIError(f"model {args.model!r} has no draw head: it cannot draw (README: heads that draw and act)")
+        set_draw_settings(pipeline.model, args.guidance_scale, args.steps)
+        config = pipeline.model.heads[heads[0]].config
+        settings = {"model": args.model, "guidance_scale": config.guidance_scale, "steps": config.num_inference_steps,
+                    "num_vokens": 1 + config.num_slots}
 
-    def draw(prompts):
-        return draw_images(pipeline, prompts, batch_size=len(prompts), progress=False,
-                           max_new_tokens=config.num_slots + 8)
+        def draw(prompts):
+            return draw_images(pipeline, prompts, batch_size=len(prompts), progress=False,
+                               max_new_tokens=config.num_slots + 8)
 
     def features(images):
         return pooled_image_features(pipeline.model, pipeline.processor, images).numpy()
@@ -188,8 +206,7 @@ def _draw(args) -> int:
     with open(os.path.join(out, "draw.jsonl"), "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    summary = {"task": "draw", "model": args.model, "guidance_scale": config.guidance_scale,
-               "steps": config.num_inference_steps, "num_vokens": 1 + config.num_slots, **summary, "out": out}
+    summary = {"task": "draw", **settings, **summary, "out": out}
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0
