@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mmbridge.pretrain.draw import add_draw_head, write_draw_data
+from mmbridge.pretrain.shapes import write_stage_data
 from mmbridge.recipes import __file__ as recipes_init
 from mmbridge.testing import build_tiny_sd
 from mmbridge.train.config import load_stage_config
@@ -43,9 +44,10 @@ def test_draw_stages_train_through_the_trainer_and_the_model_draws(tmp_path):
         f"model={tmp_path / 'base'}", f"data.datasets.0.path={tmp_path / 'data' / 'draw_stage1.json'}", *short])
     result = Trainer(stage1, tmp_path / "stage1").fit()
     assert set(result["losses"]) == {"lm", "draw_ldm", "draw_caption"}
+    write_stage_data(tmp_path / "see-data", num_scenes=3, qa_per_scene=2)
     stage2 = load_stage_config(recipes / "shapes_draw_stage2.yaml", [
         f"model={tmp_path / 'stage1' / 'model'}", f"data.datasets.0.path={tmp_path / 'data' / 'draw_stage2.json'}",
-        *short])
+        f"data.datasets.1.path={tmp_path / 'see-data' / 'instruct.json'}", *short])
     result = Trainer(stage2, tmp_path / "stage2").fit()
     assert set(result["losses"]) == {"lm", "draw_ldm"}
 
@@ -69,6 +71,7 @@ def test_the_recipe_runs_the_draw_stages_when_listed_and_exports_a_self_containe
     make_base_model(tmp_path / "run" / "base", init_std=0.02)
     make_base_model(tmp_path / "run" / "stage3" / "model", init_std=0.02)
     build_tiny_sd(tmp_path / "foundation" / "generator")
+    write_stage_data(tmp_path / "run" / "data", num_scenes=3, qa_per_scene=2)  # the see chats stage 2 mixes in
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
     stages = ["draw_data", "draw_stage1", "draw_stage2", "export"]
     cfg = RecipeConfig(name="draw-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),

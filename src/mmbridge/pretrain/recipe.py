@@ -495,7 +495,8 @@ class Recipe:
     def _draw_stage2(self) -> dict:
         return self._trainer_stage(self.cfg.draw_stage2, self.out / "draw" / "stage1" / "model",
                                    self.out / "draw" / "stage2",
-                                   [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage2.json'}"])
+                                   [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage2.json'}",
+                                    f"data.datasets.1.path={self.out / 'data' / 'instruct.json'}"])
 
     def _see_model(self) -> Path:
         """The model later heads build on: the draw model when this recipe draws, else the stage-3 see-model."""
