@@ -268,6 +268,26 @@ def test_eval_draw_of_the_generator_alone_is_the_upper_bound_row(draw_model_dir,
     assert "not a diffusers pipeline directory" in capsys.readouterr().err
 
 
+def test_eval_story_draws_each_sentence_and_scores_steps(draw_model_dir, tmp_path, capsys):
+    """`mmbridge eval story`: each story sentence is a user turn of one chat; every step is drawn, saved, read
+    back and scored (faithful to its scene; consistent with the previous drawing under the narrated edit)."""
+    from mmbridge.cli import main
+
+    out = tmp_path / "story"
+    assert main(["eval", "story", "--model", str(draw_model_dir), "--stories", "2", "--out", str(out),
+                 "--steps", "2", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stories"] == 2 and summary["steps"] == 6 and summary["drawn"] == 6
+    assert 0 <= summary["good"] <= summary["faithful"] <= 1 and len(summary["good_by_step"]) == 3
+    records = [json.loads(line) for line in (out / "story.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 0, 1, 2]
+    assert records[0]["prompt"].startswith("At first") and records[1]["prompt"].startswith("Then ")
+    assert "consistent" not in records[0] and isinstance(records[1]["consistent"], bool)
+    assert all(os.path.isfile(r["image"]) for r in records)
+    assert main(["eval", "story", "--model", shared_tiny_model_dir(), "--stories", "1"]) == 2
+    assert "no draw head" in capsys.readouterr().err
+
+
 def test_eval_draw_cli_errors_are_one_line(tmp_path, capsys):
     from mmbridge.cli import main
 

@@ -20,12 +20,14 @@ TINY_DRAW = {"mapper_hidden_size": 32, "mapper_layers": (1, 1), "mapper_heads": 
 
 def test_draw_data_is_llava_with_images_in_answers(tmp_path):
     counts = write_draw_data(tmp_path, num_scenes=3, num_stories=2)
-    assert counts == {"stage1_records": 3, "stage2_records": 4}
+    assert counts == {"stage1_records": 3, "stage2_records": 6}  # per story: told, told a turn at a time, an edit
     stage1 = json.loads((tmp_path / "draw_stage1.json").read_text())
     assert stage1[0]["conversations"][1]["value"] == "<image>"
     assert (tmp_path / stage1[0]["image"][0]).is_file()
-    story = json.loads((tmp_path / "draw_stage2.json").read_text())[0]
+    story, turns = json.loads((tmp_path / "draw_stage2.json").read_text())[:2]
     assert story["conversations"][1]["value"].count("<image>") == len(story["image"]) == 3
+    assert [m["from"] for m in turns["conversations"]] == ["human", "gpt"] * 3 and turns["image"] == story["image"]
+    assert turns["conversations"][2]["value"].startswith("Then ") and turns["conversations"][3]["value"] == "<image>"
 
 
 def test_draw_stages_train_through_the_trainer_and_the_model_draws(tmp_path):

@@ -429,6 +429,56 @@ def evaluate_draw(draw, requests: Sequence[dict], out_dir, features=None, batch_
     return summary, records
 
 
+def evaluate_story(pipeline, num_stories: int, out_dir, split: str = "test", seed: int = 0, steps: int = 3,
+                   progress: bool = True) -> tuple[dict, list[dict]]:
+    """Prompted stories (issue 14's story score): the sentences of a ShapesWorld story (`make_story`: "At
+    first there was a large red circle on a gray background.", "Then a small blue square appears at the top
+    left.") are the user turns of one chat, and the model answers each with a drawing. A step is `faithful`
+    when the objects read back equal that step's scene, `consistent` (from the second step) when the
+    previous drawing's objects carried over under the narrated edit and the edit shows (`story_consistency`,
+    positions free: the generator starts from noise each time); `good` = faithful and, after the first step,
+    consistent. Images: `out_dir/SSSS-T.png`. Returns (summary, one record per step)."""
+    from pathlib import Path
+
+    from mmbridge.data.shapes.edits import make_story
+    from mmbridge.data.shapes.faithfulness import faithfulness, story_consistency
+    from mmbridge.data.shapes.reader import read_image
+    from mmbridge.generation import ImagePart
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heads = draw_head_names(pipeline.model)
+    max_new_tokens = pipeline.model.heads[heads[0]].config.num_slots + 8 if heads else 16
+    records = []
+    for i in tqdm(range(num_stories), desc="story", disable=not progress, unit="story"):
+        chat, previous = pipeline.chat(), None
+        for t, step in enumerate(make_story(split, i, seed, steps)):
+            result = chat.ask(step["text"], max_new_tokens=max_new_tokens, do_sample=False)
+            images = [p.image for p in result.parts if isinstance(p, ImagePart)]
+            record = {"story": i, "step": t, "prompt": step["text"], "text": result.text,
+                      "requested": [o.name for o in step["scene"].objects], "image": None, "faithful": False}
+            objects = None
+            if images:
+                path = out / f"{i:04d}-{t}.png"
+                images[0].save(path)
+                objects = read_image(images[0]).objects
+                record.update(image=str(path), read=[o.name for o in objects],
+                              faithful=bool(faithfulness(objects, step["scene"])["faithful"]))
+            if t > 0:
+                record["consistent"] = bool(objects is not None and previous is not None and story_consistency(
+                    previous, objects, step["edit"])["consistent"])
+            record["good"] = record["faithful"] and record.get("consistent", True)
+            records.append(record)
+            previous = objects
+    later = [r for r in records if r["step"] > 0]
+    summary = {"stories": num_stories, "steps": len(records), "drawn": sum(r["image"] is not None for r in records),
+               "faithful": _mean([r["faithful"] for r in records]),
+               "consistent": _mean([r["consistent"] for r in later]),
+               "good": _mean([r["good"] for r in records]),
+               "good_by_step": [_mean([r["good"] for r in records if r["step"] == t]) for t in range(steps)]}
+    return summary, records
+
+
 POSE_PROMPT = "Find the pose of every figure."
 
 

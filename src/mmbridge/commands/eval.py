@@ -1,6 +1,7 @@
 """`mmbridge eval vqa|caption|retrieval --model DIR --questions FILE.jsonl [--out preds.jsonl]`, and
 `mmbridge eval detect --model DIR --coco FILE.json [--prompt "Find every {category}."]` (COCOeval AP), and
-`mmbridge eval draw --model DIR --prompts FILE [--out DIR] [--guidance-scale S]` (draw faithfulness), and
+`mmbridge eval draw --model DIR --prompts FILE [--out DIR] [--guidance-scale S]` (draw faithfulness; `--generator
+SD_DIR`: the generator alone), `mmbridge eval story --model DIR [--stories N]` (stories drawn turn by turn), and
 `mmbridge eval edit --model DIR --edits edits/edits_SPLIT.jsonl [--out DIR]` (instruction-edit accuracy).
 
 Prints one JSON object (the metric, `n`, per-type numbers); `--out` writes one prediction per line.
@@ -13,7 +14,7 @@ import sys
 
 from mmbridge.commands.eval_act import ACT_TASKS  # segment, ground, region, route: commands/eval_act.py
 
-TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "pose", "edit")
+TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "story", "pose", "edit")
 
 
 def register(subparsers) -> None:
@@ -41,6 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="draw: diffusion sampling steps for this run (default: the model's)")
     parser.add_argument("--no-fid", action="store_true", help="draw: skip the Fréchet distance")
+    parser.add_argument("--stories", type=int, default=100,
+                        help="story: how many test-split stories to draw step by step (default 100)")
     parser.add_argument("--generator", metavar="DIR", default=None,
                         help="draw: score this frozen generator alone (a StableDiffusionPipeline dir) prompted with "
                              "the requests' caption text — the upper bound of a draw head on it; --model then only "
@@ -68,6 +71,8 @@ def handle(args) -> int:
         return _detect(args)
     if args.task == "draw":
         return _draw(args)
+    if args.task == "story":
+        return _story(args)
     if args.task == "pose":
         return _pose(args)
     if args.task == "edit":
@@ -208,6 +213,30 @@ def _draw(args) -> int:
             f.write(json.dumps(record) + "\n")
     summary = {"task": "draw", **settings, **summary, "out": out}
     json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _story(args) -> int:
+    """`mmbridge eval story --model DIR [--stories N] [--out DIR]`: prompted stories, drawn turn by turn."""
+    import os
+
+    from mmbridge.cli import CLIError
+    from mmbridge.commands.chat import load_pipeline
+    from mmbridge.evaluate import draw_head_names, evaluate_story, set_draw_settings
+
+    if args.stories < 1:
+        raise CLIError(f"--stories must be >= 1, got {args.stories}")
+    pipeline = load_pipeline(args.model)
+    if not draw_head_names(pipeline.model):
+        raise CLIError(f"model {args.model!r} has no draw head: it cannot draw (README: heads that draw and act)")
+    set_draw_settings(pipeline.model, args.guidance_scale, args.steps)
+    out = args.out or "story-eval"
+    summary, records = evaluate_story(pipeline, args.stories, out, progress=not args.no_progress)
+    with open(os.path.join(out, "story.jsonl"), "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    json.dump({"task": "story", "model": args.model, **summary, "out": out}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 

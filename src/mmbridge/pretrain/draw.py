@@ -4,8 +4,9 @@
   one `pretrain.diffusion` trains) -> the same model with vokens `[IMG0]…[IMG7]` and a fresh mapper.
 * `write_draw_data`: the seed's two stages as LLaVA JSON, the format users bring their own data in —
   stage 1 caption -> image ("Draw a large red circle above a small blue square." answered by the image),
-  stage 2 interleaved: stories whose steps alternate sentences and pictures, and dialogues that change a drawing
-  ("Now make the circle blue."). An `<image>` in an answer is an image the model draws.
+  stage 2 interleaved: stories whose steps alternate sentences and pictures (told by the model, and told by
+  the user a sentence a turn), and dialogues that change a drawing ("Now make the circle blue."). An
+  `<image>` in an answer is an image the model draws.
 """
 
 from __future__ import annotations
@@ -64,10 +65,14 @@ def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: s
     for i in range(num_stories):
         steps = make_story(split, i, seed)
         answer = " ".join(f"{step['text']} <image>" for step in steps)
-        stage2.append({"id": f"story-{i}", "image": [save(render(s["scene"]), f"story-{i}-{t}.png")
-                                                     for t, s in enumerate(steps)],
+        images = [save(render(s["scene"]), f"story-{i}-{t}.png") for t, s in enumerate(steps)]
+        stage2.append({"id": f"story-{i}", "image": images,
                        "conversations": [{"from": "human", "value": "Tell me a short story with pictures."},
                                          {"from": "gpt", "value": answer}]})
+        # the same story told by the user, one sentence a turn, drawn turn by turn (what `eval story` asks)
+        turns = [m for step in steps for m in ({"from": "human", "value": step["text"]},
+                                                {"from": "gpt", "value": "<image>"})]
+        stage2.append({"id": f"story-turns-{i}", "image": images, "conversations": turns})
         edit = edit_pair(split, num_scenes + i, seed)
         prompt = rng.choice(DRAW_PROMPTS).format(_lower_first(short_caption(edit["before"]))) + "."
         stage2.append({"id": f"edit-{i}", "image": [save(render(edit["before"]), f"edit-{i}-0.png"),

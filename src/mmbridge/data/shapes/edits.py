@@ -129,7 +129,8 @@ def edit_pair(split: str, index: int, base_seed: int = 0) -> dict:
 
 def make_story(split: str, index: int, base_seed: int = 0, steps: int = 3) -> list[dict]:
     """A short story: ``steps`` scenes, each introduced by a sentence: the first describes the
-    scene, the next ones narrate the edit that leads to it.  ``[{"text", "scene"}, …]``."""
+    scene, the next ones narrate the edit that leads to it: ``[{"text", "scene"}, {"text", "scene", "edit"},
+    …]`` (``edit`` as :func:`make_edit` returns it: what a story score checks a step against)."""
     seed = scene_seed(split, index, base_seed)
     rng = rng_for(seed, 3)
     scene = sample_scene(seed ^ (1 << 63), num_objects=int(rng.integers(1, 3)))  # own scene stream
@@ -143,5 +144,5 @@ def make_story(split: str, index: int, base_seed: int = 0, steps: int = 3) -> li
         if edit is None:
             continue
         scene = edit["after"]
-        story.append({"text": f"Then {edit['narration']}.", "scene": scene})
+        story.append({"text": f"Then {edit['narration']}.", "scene": scene, "edit": edit})
     return story
