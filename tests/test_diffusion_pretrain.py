@@ -5,7 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmbridge.pretrain.diffusion import GeneratorConfig, save_generator, shapes_batches, train_unet, train_vae
+from mmbridge.pretrain.diffusion import (
+    GeneratorConfig,
+    caption_embeds,
+    save_generator,
+    shapes_batches,
+    train_unet,
+    train_vae,
+)
 
 
 def tiny_cfg(**kw):
@@ -103,3 +110,28 @@ def test_generator_dir_loads_in_diffusers_and_in_the_draw_head(tmp_path, text_to
     assert generator.image_size == 32 and generator.condition_length == 16
     assert torch.equal(load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"],
                        unet.conv_in.weight)
+
+
+def test_dropped_captions_teach_both_unconditional_inputs(tmp_path, text_tower, monkeypatch):
+    """CFG's unconditional input must be one the UNet was trained on: the empty caption's embedding (what
+    diffusers' pipeline feeds) and an all-zero condition (what the draw head feeds) both occur."""
+    from diffusers import UNet2DConditionModel
+
+    encoder, tokenizer = text_tower
+    cfg = tiny_cfg(caption_dropout=1.0)
+    batches = shapes_batches(cfg)
+    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], tmp_path / "work", log=lambda d: None)
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append(encoder_hidden_states.detach().clone())
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    train_unet(cfg, vae, encoder, tokenizer, batches, tmp_path / "work", log=lambda d: None)
+    rows = torch.cat(seen)
+    zero = rows.flatten(1).abs().sum(dim=1) == 0
+    empty = caption_embeds(encoder, tokenizer, [""], cfg.max_caption_tokens)[0]
+    assert zero.any() and (~zero).any()
+    assert all(torch.allclose(row, empty) for row in rows[~zero])  # every other caption was dropped to ""

@@ -7,7 +7,8 @@ same layout, so the draw head loads it exactly as it would load SD 1.5 / 2.1:
    scale (`scaling_factor`) is measured on the data, as SD's 0.18215 was;
 2. a text-conditioned UNet (`UNet2DConditionModel`) on caption -> image, conditioned on the stage-0 CLIP
    text tower's last hidden state — exactly how SD is conditioned by CLIP — with DDPM training
-   (Min-SNR-γ weighting) and 10 % of captions dropped to the empty one for classifier-free guidance;
+   (Min-SNR-γ weighting) and 10 % of captions dropped for classifier-free guidance (half to the empty
+   caption, diffusers' unconditional input; half to an all-zero condition, the draw head's);
 3. saved as a `StableDiffusionPipeline` directory (vae/, unet/, text_encoder/, tokenizer/, scheduler/ with
    DDIM), which `diffusers.StableDiffusionPipeline.from_pretrained` samples from as is.
 
@@ -45,7 +46,7 @@ class GeneratorConfig:
     unet_steps: int = 10000
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
-    caption_dropout: float = 0.1  # empty caption -> classifier-free guidance
+    caption_dropout: float = 0.1  # empty caption or zero condition -> classifier-free guidance
     snr_gamma: float = 5.0
     num_train_timesteps: int = 1000
     max_caption_tokens: int = 64  # the text encoder's sequence = the UNet's cross-attention length
@@ -157,11 +158,16 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
 
     def step_loss(step: int) -> dict[str, torch.Tensor]:
         images, captions = batches(step, cfg.unet_batch_size)
-        drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        # Classifier-free guidance needs an unconditional input the UNet knows. Half the dropped captions
+        # become the empty caption (diffusers' negative prompt: the generator alone), half an all-zero
+        # condition (the draw head's: MiniGPT-5 drops mapped voken features to zeros).
+        draw = torch.rand(len(captions), generator=generator)
+        empty, zero = draw < cfg.caption_dropout / 2, (draw >= cfg.caption_dropout / 2) & (draw < cfg.caption_dropout)
+        captions = ["" if e else c for c, e in zip(captions, empty.tolist())]
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
         condition = caption_embeds(text_encoder, tokenizer, captions, cfg.max_caption_tokens)
+        condition[zero] = 0.0
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],))
         noisy = scheduler.add_noise(latents, noise, timesteps)
