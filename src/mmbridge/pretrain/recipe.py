@@ -115,7 +115,7 @@ class ActStage:
 @dataclass
 class DrawStage:
     """The draw stages' data (pretrain.draw.write_draw_data) and head (`DrawConfig` settings, e.g.
-    `num_vokens: 4` for the seed's ablation)."""
+    `num_slots: 3` — 4 vokens — for the seed's voken-count ablation)."""
     train_scenes: int = 20000  # stage 1: caption -> image
     stories: int = 4000  # stage 2: as many stories and edit dialogues
     head: dict = field(default_factory=dict)
@@ -502,7 +502,7 @@ class Recipe:
         """The model later heads build on: the draw model when this recipe draws, else the stage-3 see-model."""
         return self.out / ("draw/stage2" if "draw_stage2" in self.cfg.stages else "stage3") / "model"
 
-    # -- the act head (issue 15): data, then its two trainer stages on the stage-3 model --------------
+    # -- the act head (issue 15): data, then its two trainer stages on the see (or draw) model ---------
     def _act_data(self) -> dict:
         from mmbridge.pretrain.act import write_act_data, write_act_eval
 
