@@ -62,12 +62,12 @@ def main() -> None:
 
     @torch.no_grad()
     def batched():
-        unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        return unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
 
     @torch.no_grad()
     def two_passes():
-        unet(latents, t, encoder_hidden_states=uncond).sample
-        unet(latents, t, encoder_hidden_states=cond).sample
+        first = unet(latents, t, encoder_hidden_states=uncond).sample
+        return first, unet(latents, t, encoder_hidden_states=cond).sample
 
     one = median_seconds(batched, args.repeats)
     two = median_seconds(two_passes, args.repeats)

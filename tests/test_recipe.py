@@ -37,6 +37,7 @@ def test_every_stage_runs_and_reports(smoke_run):
     # draw's stage 0: a StableDiffusionPipeline dir conditioned on the stage-0 CLIP text tower
     generator = Path(report["stages"]["generator"]["generator_dir"])
     assert (generator / "model_index.json").is_file() and (generator / "unet").is_dir()
+    assert 0 <= report["stages"]["generator"]["vae_reconstructions_read_back_faithful_val300"] <= 1
     # stage 3 learned from the LLaVA chats the data stage wrote; stage 2 from both shard sets
     assert (smoke_run / "data" / "instruct.json").is_file()
     assert list((smoke_run / "data" / "captions").glob("shard-*.tar"))

@@ -237,6 +237,29 @@ def shapes_batches(cfg: GeneratorConfig, split: str = "train"
     return batch
 
 
+def reconstruction_faithfulness(vae, cfg: GeneratorConfig, num_scenes: int = 300) -> float:
+    """The fraction of val scenes whose VAE reconstruction (mean latent, decoded) the world reader reads back
+    as the same objects: what the decoder alone lets a drawing reach."""
+    import numpy as np
+    from PIL import Image
+
+    from mmbridge.data.shapes.faithfulness import faithfulness
+    from mmbridge.data.shapes.reader import read_image
+    from mmbridge.data.shapes.world import make_scene, render
+
+    faithful = 0
+    for start in range(0, num_scenes, 25):
+        scenes = [make_scene("val", i) for i in range(start, min(num_scenes, start + 25))]
+        rendered = [render(s).resize((cfg.image_size, cfg.image_size), Image.BILINEAR) for s in scenes]
+        batch = torch.from_numpy(np.stack([np.asarray(r, dtype=np.float32) for r in rendered]) / 127.5 - 1)
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(batch.permute(0, 3, 1, 2)).latent_dist.mean).sample.clamp(-1, 1)
+        pixels = ((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+        faithful += sum(bool(faithfulness(read_image(Image.fromarray(p)), s)["faithful"])
+                        for p, s in zip(pixels, scenes))
+    return round(faithful / num_scenes, 4)
+
+
 def train_generator(out: str | Path, text_encoder, tokenizer, cfg: GeneratorConfig,
                     log: Callable[[dict], None] = print) -> dict:
     """VAE, then UNet, then the pipeline dir at `out/generator`; resumes where a previous run stopped."""
@@ -244,7 +267,10 @@ def train_generator(out: str | Path, text_encoder, tokenizer, cfg: GeneratorConf
     work = out / "generator-work"
     batches = shapes_batches(cfg)
     vae = train_vae(cfg, lambda step, n: batches(step, n)[0], work, log=lambda d: log({"vae": d}))
+    vae_faithful = reconstruction_faithfulness(vae, cfg)
+    log({"vae_reconstructions_read_back_faithful_val300": vae_faithful})
     unet = train_unet(cfg, vae, text_encoder, tokenizer, batches, work, log=lambda d: log({"unet": d}))
     path = save_generator(out / "generator", vae, unet, text_encoder, tokenizer, cfg)
-    return {"generator_dir": str(path), "vae_scaling_factor": vae.config.scaling_factor}
+    return {"generator_dir": str(path), "vae_scaling_factor": vae.config.scaling_factor,
+            "vae_reconstructions_read_back_faithful_val300": vae_faithful}
 
