@@ -1,6 +1,8 @@
 """Stage 0 of draw: the ShapesWorld generator (VAE + text-conditioned UNet) trains, resumes exactly after
 an interruption, and is saved as a StableDiffusionPipeline dir that diffusers and the draw head load."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,3 +137,27 @@ def test_dropped_captions_teach_both_unconditional_inputs(tmp_path, text_tower, 
     empty = caption_embeds(encoder, tokenizer, [""], cfg.max_caption_tokens)[0]
     assert zero.any() and (~zero).any()
     assert all(torch.allclose(row, empty) for row in rows[~zero])  # every other caption was dropped to ""
+
+
+def test_a_snapshot_of_a_run_is_the_generator_it_would_save(tmp_path, text_tower):
+    """`snapshot_generator(run, out)` assembles the checkpoints of a (still running) generator stage into a
+    pipeline dir: after the last step it equals what the stage itself saves."""
+    from mmbridge.pretrain.diffusion import snapshot_generator
+
+    encoder, tokenizer = text_tower
+    encoder.save_pretrained(tmp_path / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg = tiny_cfg()
+    with pytest.raises(FileNotFoundError, match="no vae checkpoint"):
+        snapshot_generator(tmp_path, tmp_path / "early", cfg)
+    batches = shapes_batches(cfg)
+    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], tmp_path / "generator-work", log=lambda d: None)
+    unet = train_unet(cfg, vae, encoder, tokenizer, batches, tmp_path / "generator-work", log=lambda d: None)
+    snap = snapshot_generator(tmp_path, tmp_path / "snap", cfg)
+    saved = save_generator(tmp_path / "saved", vae, unet, encoder, tokenizer, cfg)
+    for part in ("unet", "vae"):
+        a = load_file(str(snap / part / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(saved / part / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scale = json.loads((snap / "vae" / "config.json").read_text())["scaling_factor"]
+    assert scale == vae.config.scaling_factor

@@ -131,10 +131,15 @@ def train_vae(cfg: GeneratorConfig, images: Callable[[int, int], torch.Tensor], 
 
     _loop(vae, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "vae"), cfg.save_every,
           step_loss, log)
-    with torch.no_grad():  # SD's 0.18215, measured here: latents of unit variance for the UNet
+    set_latent_scale(vae, images, cfg)
+    return vae
+
+
+def set_latent_scale(vae, images: Callable[[int, int], torch.Tensor], cfg: GeneratorConfig) -> None:
+    """SD's 0.18215, measured here on held-out images: latents of unit variance for the UNet."""
+    with torch.no_grad():
         latents = torch.cat([vae.encode(images(-1 - i, cfg.vae_batch_size)).latent_dist.mean for i in range(4)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae
 
 
 def caption_embeds(text_encoder, tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
@@ -207,6 +212,27 @@ def generator_caption(scene, rng) -> str:
     if rng.random() < 0.5:
         return short_caption(scene)
     return request_for(scene, rng, relation_rate=0.8).text
+
+
+def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfig | None = None) -> Path:
+    """A pipeline dir from a generator run's *current* checkpoints (`run_dir/generator-work/{vae,unet}`, the
+    foundation's `text_encoder/` and `tokenizer/`), to score a UNet mid-training with `mmbridge eval draw
+    --generator OUT`. `cfg` must be the run's (default: `GeneratorConfig()`)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    run_dir, cfg = Path(run_dir), cfg or GeneratorConfig()
+    text_encoder = CLIPTextModel.from_pretrained(run_dir / "text_encoder").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
+    vae, unet = build_vae(cfg), build_unet(cfg, text_encoder.config.hidden_size)
+    for model, part in ((vae, "vae"), (unet, "unet")):
+        weights = run_dir / "generator-work" / part / "weights.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: this run has no {part} checkpoint yet")
+        model.load_state_dict(load_file(str(weights)))
+        model.eval()
+    set_latent_scale(vae, lambda step, n: shapes_batches(cfg)(step, n)[0], cfg)
+    return save_generator(out, vae, unet, text_encoder, tokenizer, cfg)
 
 
 def shapes_batches(cfg: GeneratorConfig, split: str = "train"
