@@ -266,6 +266,10 @@ def test_eval_draw_of_the_generator_alone_is_the_upper_bound_row(draw_model_dir,
     assert records[0]["text"] == "a small blue circle above a large green cross"  # what the generator was given
     assert main(["eval", "draw", "--generator", str(tmp_path), "--prompts", str(prompts)]) == 2
     assert "not a diffusers pipeline directory" in capsys.readouterr().err
+    # without the Fréchet distance no model is loaded at all (a --model that does not exist is never read)
+    assert main(["eval", "draw", "--model", str(tmp_path / "absent"), "--generator", str(generator), "--prompts",
+                 str(prompts), "--out", str(tmp_path / "gen2"), "--steps", "1", "--no-fid", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["drawn"] == 2
 
 
 def test_eval_story_draws_each_sentence_and_scores_steps(draw_model_dir, tmp_path, capsys):

@@ -80,7 +80,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _stream_turn(session, text, images, options, outputs=None) -> None:
+def _stream_turn(session, text, images, options, outputs=None, seen=None) -> None:
+    """One streamed turn; `seen` is the image the session looks at (the overlays of what the act head finds)."""
     from mmbridge.generation import part_to_text
 
     stream = session.ask_stream(text, images=images, **vars(options))
@@ -92,7 +93,7 @@ def _stream_turn(session, text, images, options, outputs=None) -> None:
             break
     print()
     if outputs is not None and any(part.type != "text" for part in result.parts):
-        for path in outputs.write(text, result):  # images and other head outputs, saved
+        for path in outputs.write(text, result, seen):  # images and other head outputs, saved
             print(f"  saved {path}")
     else:
         for part in result.parts:
@@ -114,8 +115,9 @@ def run(args) -> int:
     from mmbridge.commands.outputs import OutputWriter
 
     outputs = OutputWriter(args.out)
+    seen = images[-1] if images else None
     if args.prompt is not None:
-        _stream_turn(session, args.prompt, images, options, outputs)
+        _stream_turn(session, args.prompt, images, options, outputs, seen)
         return 0
 
     print(HELP, file=sys.stderr)
@@ -131,17 +133,18 @@ def run(args) -> int:
             return 0
         if line == "/reset":
             session.reset()
-            pending = []
+            pending, seen = [], None
             continue
         if line.startswith("/image "):
             try:
                 pending.append(load_image(line.split(" ", 1)[1].strip()))
+                seen = pending[-1]
             except ImageLoadError as err:
                 print(f"error: {err}", file=sys.stderr)
             continue
         print("model> ", end="", flush=True)
         try:
-            _stream_turn(session, line, pending, options, outputs)
+            _stream_turn(session, line, pending, options, outputs, seen)
         except ValueError as err:
             print(f"\nerror: {err}", file=sys.stderr)
         pending = []

@@ -1,6 +1,7 @@
 """`mmbridge demo`: the shipped ShapesWorld model on bundled sample scenes — captions, answers, a chat;
-and, for a model with a draw head, a few drawings saved beside a markdown page and checked by the
-world reader."""
+for a model with a draw head, a few drawings saved beside a markdown page and checked by the world reader;
+for a model with an act head, detections, masks and a grounded box on each sample, saved as overlay PNGs
+and scored against the scene's true boxes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="shapes", help="model directory or shipped name (default: shapes)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", default="mmbridge-demo",
-                        help="where a model with a draw head saves its drawings (default: ./mmbridge-demo)")
+                        help="where drawings and act overlays are saved (default: ./mmbridge-demo)")
     parser.set_defaults(func=run)
 
 
@@ -70,6 +71,7 @@ def run(args) -> int:
         answer = session.ask(turn, images=[str(path)] if i == 0 else None)
         print(f"  you:   {turn}\n  model: {answer.text}")
     _draw(pipeline, args)
+    _act(pipeline, args, samples)
     return 0
 
 
@@ -112,3 +114,68 @@ def _draw(pipeline, args) -> None:
             mark = "right" if score["faithful"] else "wrong"
             print(f"  image: {path}   [{mark}: read {seen}]")
     print(f"{right} of {len(DRAW_PROMPTS)} drawings right (read back by the world reader).")
+
+
+#: What the demo asks a model with an act head about each sample (route -> request; {expression}: the
+#: sample's referring expression).
+ACT_REQUESTS = {"[DET]": "Find every shape.", "[SEG]": "Segment every shape.", "[GRD]": "Find {expression}."}
+
+
+def _act(pipeline, args, samples) -> None:
+    """Each act route the model has, on each sample with its truth: the answer's boxes matched to the true
+    boxes at IoU >= 0.5 (right: every object found and nothing else; `[GRD]`: the one box on the expressed
+    object), the overlay PNG and its JSON saved under `--out/act`. Nothing for a model without an act head."""
+    from pathlib import Path
+
+    from mmbridge.commands.outputs import OutputWriter
+    from mmbridge.evaluate_act import box_iou
+    from mmbridge.processing import load_image
+
+    routes = {t for h in pipeline.model.config.head_configs.values() if h.kind == "act" for t in h.routes}
+    asks = [(route, text) for route, text in ACT_REQUESTS.items() if route in routes]
+    samples = [(path, scene) for path, scene in samples if scene and scene.get("objects")]
+    if not asks or not samples:
+        return
+    out = Path(args.out) / "act"
+    print()
+    print(f"== finding (overlays and chat.md under {out})")
+    writer, right, asked = OutputWriter(out), 0, 0
+    for path, scene in samples:
+        image = load_image(str(path))
+        size = image.width, image.height, image.width, image.height
+        truth = [[v / s for v, s in zip(o["box"], size)] for o in scene["objects"]]
+        texts = [text.format(expression=scene["grounding"]["expression"]) for _, text in asks]
+        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}]
+                         for t in texts]
+        results = pipeline.generate(conversations, images=[image] * len(texts), max_new_tokens=args.max_new_tokens,
+                                    do_sample=False)
+        print(f"-- {path.name}  (truth: {len(truth)} objects; {scene['grounding']['expression']!r} is the "
+              f"{' '.join(scene['objects'][scene['grounding']['object']][k] for k in ('size', 'color', 'shape'))})")
+        for (route, _), text, result in zip(asks, texts, results):
+            saved = writer.write(text, result, image)
+            found = [p for p in result.parts if p.type == "detections" and p.route == route]
+            boxes = found[0].boxes if found else []
+            if route == "[GRD]":
+                wanted = [truth[scene["grounding"]["object"]]]
+                ok = bool(boxes) and box_iou(boxes[0], wanted[0]) >= 0.5
+                verdict = f"IoU {box_iou(boxes[0], wanted[0]):.2f}" if boxes else "no box"
+            else:
+                matched = _matched(boxes, truth, box_iou)
+                ok = bool(found) and matched == len(truth) == len(boxes)
+                verdict = f"{matched} of {len(truth)} objects found, {len(boxes) - matched} extra"
+            right, asked = right + ok, asked + 1
+            overlay = next((str(p) for p in saved if p.name.endswith("-overlay.png")), "no overlay: nothing found")
+            answer = result.text or (route if found else "")
+            print(f"  you:   {text}\n  model: {answer}   [{'right' if ok else 'wrong'}: {verdict}]  {overlay}")
+    print(f"{right} of {asked} act answers right (boxes at IoU >= 0.5).")
+
+
+def _matched(boxes, truth, iou) -> int:
+    """Greedy one-to-one matching at IoU >= 0.5 (boxes come best-scored first): how many true boxes are found."""
+    free, hits = list(range(len(truth))), 0
+    for box in boxes:
+        best = max(free, key=lambda k: iou(box, truth[k]), default=None)
+        if best is not None and iou(box, truth[best]) >= 0.5:
+            free.remove(best)
+            hits += 1
+    return hits

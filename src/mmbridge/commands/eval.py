@@ -178,7 +178,8 @@ def _draw(args) -> int:
         requests = requests[:args.limit]
     if not requests:
         raise CLIError(f"no prompts in {args.prompts}")
-    pipeline = load_pipeline(args.model)
+    # The generator alone needs the model only for its ViT (the Fréchet distance): --no-fid skips the load.
+    pipeline = None if args.generator and args.no_fid else load_pipeline(args.model)
     out = args.out or "draw-eval"
     progress = not args.no_progress
     if args.generator:

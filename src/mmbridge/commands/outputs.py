@@ -1,5 +1,6 @@
 """Where the CLI puts what the model made: images (and other non-text parts) saved under a folder,
-next to a markdown page of the conversation, so a terminal user can open them."""
+next to a markdown page of the conversation, so a terminal user can open them. What the act head found
+(boxes, masks, keypoints) is also drawn on the image it looked at (`generation.overlay`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ class OutputWriter:
         self.directory = Path(directory)
         self.turn = 0
 
-    def write(self, request: str, result) -> list[Path]:
-        """Save the turn's non-text parts and append the turn to `chat.md`; returns the files written."""
+    def write(self, request: str, result, image=None) -> list[Path]:
+        """Save the turn's non-text parts and append the turn to `chat.md`; returns the files written. With
+        `image` (the PIL image the model looked at), detections and keypoints also get an overlay PNG."""
         self.turn += 1
         self.directory.mkdir(parents=True, exist_ok=True)
         lines, saved = [f"**you:** {request}", "", "**model:**"], []
@@ -32,6 +34,13 @@ class OutputWriter:
                 path.write_text(json.dumps(part_to_dict(part)) + "\n")
                 saved.append(path)
                 lines.append(f"`{part_to_text(part)}` ([{path.name}]({path.name}))")
+                if image is not None and part.type in ("detections", "keypoints"):
+                    from mmbridge.generation.overlay import draw_overlay
+
+                    overlay = path.with_name(f"{path.stem}-overlay.png")
+                    draw_overlay(image, part).save(overlay)
+                    saved.append(overlay)
+                    lines.append(f"![{overlay.name}]({overlay.name})")
         with (self.directory / "chat.md").open("a") as f:
             f.write("\n".join(lines) + "\n\n")
         return saved
