@@ -69,14 +69,14 @@ def test_losses_per_route_add_up_by_name():
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny act model trained 200 steps on four scenes (two [DET], two [SEG] requests)."""
+    """A tiny act model trained 300 steps on four scenes (two [DET], two [SEG] requests)."""
     model, processor = with_act_head(seed=1)
     scenes = [make_scene("train", i) for i in range(4)]
     routes = ["[DET]", "[DET]", "[SEG]", "[SEG]"]
     conversations = [request(s, r, "Find every shape." if r == "[DET]" else "Segment every shape.")
                      for s, r in zip(scenes, routes)]
     batch = processor(conversations, return_labels=True)
-    return model, processor, scenes, routes, conversations, overfit(model, batch, steps=200, lr=3e-3)
+    return model, processor, scenes, routes, conversations, overfit(model, batch, steps=300, lr=3e-3)
 
 
 def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them(trained):
@@ -204,3 +204,30 @@ def test_visual_prompts_fill_region_slots_in_every_path(images):
     content = [{"type": "image"}, {"type": "text", "text": "Find all like "}, {"type": "region", **regions[1]},
                {"type": "text", "text": "."}]
     assert session.ask(content, images=images[1:2], max_new_tokens=6).token_ids == single.token_ids
+
+
+def test_decoder_queries_start_from_the_best_patch_proposals():
+    """Two-stage queries: every patch proposes (score, box around the patch); the top-scoring proposals'
+    boxes are the references the queries refine; a grid smaller than the query count uses every patch."""
+    from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+
+    torch.manual_seed(0)
+    decoder = LinkConditionedDecoder(8, 12, 16, 1, 2, num_queries=3, mask_size=8).eval()
+    with torch.no_grad():
+        decoder.box_head[2].weight.zero_()
+        decoder.box_head[2].bias.zero_()  # no refinement: each query's box is its proposal's
+        out = decoder(torch.randn(2, 5, 8), torch.randn(2, 1 + 16, 12))  # a CLS token and a 4 x 4 grid
+    assert out["proposal_logits"].shape == (2, 16) and out["proposal_boxes"].shape == (2, 16, 4)
+    top = out["proposal_logits"].topk(3, dim=1).indices
+    assert torch.allclose(out["boxes"], out["proposal_boxes"].gather(1, top[..., None].expand(-1, -1, 4)), atol=1e-5)
+    assert out["boxes"].shape == (2, 3, 4) and out["masks"].shape == (2, 3, 8, 8)
+    small = LinkConditionedDecoder(8, 12, 16, 1, 2, num_queries=6, mask_size=None)(torch.randn(1, 5, 8),
+                                                                                     torch.randn(1, 4, 12))
+    assert small["boxes"].shape == (1, 4, 4) and small["masks"] is None  # 2 x 2 patches: 4 queries
+    # the proposals' anchors sit on the patch centres: with a zero box MLP a proposal is its patch
+    with torch.no_grad():
+        for layer in (decoder.proposal_box[2],):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        boxes = decoder(torch.randn(1, 5, 8), torch.randn(1, 16, 12))["proposal_boxes"][0]
+    assert torch.allclose(boxes[5], torch.tensor([0.375, 0.375, 0.5, 0.5]), atol=1e-4)  # row 1, col 1 of 4

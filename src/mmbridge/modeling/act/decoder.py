@@ -1,10 +1,19 @@
 """A DETR-style box and mask decoder conditioned on the super-link queries' hidden states.
 
-Object queries (learned) cross-attend to a memory made of the frozen ViT's patch features and the
-request's super-link states (the "category text" of an open-vocabulary detector: what to find comes
-from the user's words, not a class list). Each query predicts a box (cx, cy, w, h in [0, 1]), one
-logit "is this what was asked for", and a mask as the dot product of its embedding with per-patch
-embeddings (upsampled). The transformer is torch's; no maintained library ships this conditioning.
+The memory is the frozen ViT's patch features — each with its 2-D sine position added, as DETR does
+(without it a query can attend to "the red patches" but cannot read *where* they are) — and the request's
+super-link states (the "category text" of an open-vocabulary detector: what to find comes from the user's
+words, not a class list).
+
+Queries are chosen as two-stage Deformable DETR / DINO choose them, because learned queries alone converge
+far too slowly for a 30-minute CPU budget (DETR needs hundreds of epochs to tie queries to places): every
+patch, read together with the request, is a *proposal* — a score "part of something asked for" and a box
+relative to the patch — and the top-scoring `num_queries` proposals become the decoder's queries (their
+features plus a learned per-rank embedding), each refining its proposal's box (a delta in logit space).
+The act head trains the proposals with the same matching losses as the final boxes. Each query predicts a
+box (cx, cy, w, h in [0, 1]), one logit "is this what was asked for", and a mask as the dot product of its
+embedding with per-patch embeddings (upsampled). Without an image, learned queries stand in.
+The transformer is torch's; no maintained library ships this conditioning.
 """
 
 from __future__ import annotations
@@ -16,16 +25,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _mlp(hidden_size: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, out))
+
+
 class LinkConditionedDecoder(nn.Module):
     def __init__(self, llm_hidden_size: int, vision_hidden_size: int, hidden_size: int, num_layers: int,
                  num_heads: int, num_queries: int, mask_size: int | None):
+        from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
+
         super().__init__()
         self.link_proj = nn.Linear(llm_hidden_size, hidden_size)
         self.vision_proj = nn.Linear(vision_hidden_size, hidden_size)
+        self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
+        self.proposal_norm = nn.LayerNorm(hidden_size)
+        self.proposal_score = nn.Linear(hidden_size, 1)
+        self.proposal_box = _mlp(hidden_size, 4)
         layer = nn.TransformerDecoderLayer(hidden_size, num_heads, 4 * hidden_size, dropout=0.0, batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, num_layers)
-        self.box_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 4))
+        self.box_head = _mlp(hidden_size, 4)
         self.score_head = nn.Linear(hidden_size, 1)
         if mask_size is not None:  # None: no mask branch (the pose decoder)
             self.mask_embed = nn.Linear(hidden_size, hidden_size)
@@ -35,21 +54,45 @@ class LinkConditionedDecoder(nn.Module):
     def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """(n, 1 + slots, llm_hidden), (n, tokens, vision_hidden) or None -> per query: `boxes` (n, q, 4)
         cx cy w h, `logits` (n, q), `masks` (n, q, mask_size, mask_size) logits (None without an image or
-        a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top."""
+        a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top; with an
+        image also every patch's proposal, `proposal_logits` (n, patches) and `proposal_boxes` (n, patches, 4)."""
         link = self.link_proj(link_hidden.to(self.link_proj.weight.dtype))
         patches = _patch_grid(vision_features)
-        memory = link if patches is None else torch.cat([self.vision_proj(patches), link], dim=1)
-        queries = self.queries.expand(link.shape[0], -1, -1) + link.mean(dim=1, keepdim=True)
+        out = {"masks": None}
+        if patches is None:
+            queries = self.queries.expand(link.shape[0], -1, -1) + link.mean(dim=1, keepdim=True)
+            memory, reference = link, None
+        else:
+            n, tokens, _ = patches.shape
+            side = math.isqrt(tokens)
+            position = self.positions((n, 1, side, side), patches.device, link.dtype).flatten(2).transpose(1, 2)
+            features = self.vision_proj(patches) + position
+            memory = torch.cat([features, link], dim=1)
+            proposals = self.proposal_norm(features + link.mean(dim=1, keepdim=True))  # each patch, for this request
+            out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1)
+            out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
+            k = min(self.queries.shape[1], tokens)  # a grid smaller than the query count: every patch
+            pick = out["proposal_logits"].topk(k, dim=1).indices[..., None]
+            queries = proposals.gather(1, pick.expand(-1, -1, proposals.shape[-1])) + self.queries[:, :k]
+            reference = out["proposal_boxes"].gather(1, pick.expand(-1, -1, 4)).detach()
         hidden = self.decoder(queries, memory)
-        out = {"boxes": self.box_head(hidden).sigmoid(), "logits": self.score_head(hidden).squeeze(-1),
-               "masks": None, "hidden": hidden}
+        delta = self.box_head(hidden)
+        out.update(boxes=delta.sigmoid() if reference is None else (torch.logit(reference, eps=1e-4) + delta).sigmoid(),
+                   logits=self.score_head(hidden).squeeze(-1), hidden=hidden)
         if patches is not None and self.mask_size is not None:
-            side = int(math.isqrt(patches.shape[1]))
-            pixels = self.pixel_embed(patches)  # (n, side*side, d)
+            pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
             masks = torch.einsum("nqd,npd->nqp", self.mask_embed(hidden), pixels).view(*hidden.shape[:2], side, side)
             out["masks"] = F.interpolate(masks, size=(self.mask_size, self.mask_size), mode="bilinear",
                                          align_corners=False)
         return out
+
+
+def _anchors(side: int, like: torch.Tensor) -> torch.Tensor:
+    """Each patch's anchor box in logit space: its centre, two patches wide (the proposals' starting point)."""
+    centres = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) / side
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    size = torch.full_like(cx, min(2.0 / side, 0.5))
+    return torch.logit(torch.stack([cx, cy, size, size], dim=-1).view(1, side * side, 4), eps=1e-4)
 
 
 def _patch_grid(vision_features: torch.Tensor | None) -> torch.Tensor | None:

@@ -147,22 +147,10 @@ class ActHead(OutputHead):
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
         if route == "[GRD]" and any(len(b) != 1 for b in boxes):
             raise ValueError("act: a [GRD] target holds exactly one box")
-        matching = [{"class_labels": torch.zeros(len(b), dtype=torch.long, device=device),
-                     "boxes": corners_to_center(b)} for b in boxes]
-        two_class = torch.stack([out["logits"], torch.zeros_like(out["logits"])], dim=-1)  # softmax[0] = sigmoid
-        indices = self.matcher({"logits": two_class, "pred_boxes": out["boxes"]}, matching)
+        losses, indices, num_boxes = self._set_losses(out["logits"], out["boxes"], boxes)
+        losses = self._with_proposal_losses(losses, out, boxes)
         rows = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         queries = torch.cat([src for src, _ in indices])
-        num_boxes = max(sum(len(b) for b in boxes), 1)
-        wanted = torch.zeros_like(out["logits"])
-        wanted[rows, queries] = 1.0
-        losses = {"act_cls": sigmoid_focal_loss(out["logits"][..., None], wanted[..., None], num_boxes)
-                  * out["logits"].shape[1]}
-        predicted = out["boxes"][rows, queries]
-        target = torch.cat([matching[i]["boxes"][tgt] for i, (_, tgt) in enumerate(indices)])
-        losses["act_l1"] = F.l1_loss(predicted, target, reduction="sum") / num_boxes
-        giou = torch.diag(generalized_box_iou(center_to_corners_format(predicted), center_to_corners_format(target)))
-        losses["act_giou"] = (1 - giou).sum() / num_boxes
         if out["masks"] is not None and all(t.get("masks") is not None for t in targets):
             if not len(rows):  # every request of the batch names nothing in its image: no mask to learn
                 zero = out["masks"].sum() * 0.0
@@ -175,6 +163,36 @@ class ActHead(OutputHead):
             losses["act_mask"] = sigmoid_focal_loss(predicted_masks, target_masks.flatten(1), num_boxes)
             losses["act_dice"] = dice_loss(predicted_masks, target_masks.flatten(1), num_boxes)
         return losses
+
+    def _set_losses(self, logits: torch.Tensor, pred_boxes: torch.Tensor, boxes: list[torch.Tensor]):
+        """DETR's set losses of (n, q) logits and (n, q, 4) cx cy w h boxes against per-row corner boxes:
+        Hungarian matching, sigmoid focal on "asked for", L1 and GIoU on the matched boxes.
+        -> (losses, matched (query, target) indices per row, number of target boxes)."""
+        device = logits.device
+        matching = [{"class_labels": torch.zeros(len(b), dtype=torch.long, device=device),
+                     "boxes": corners_to_center(b)} for b in boxes]
+        two_class = torch.stack([logits, torch.zeros_like(logits)], dim=-1)  # softmax[0] = sigmoid
+        indices = self.matcher({"logits": two_class, "pred_boxes": pred_boxes}, matching)
+        rows = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        queries = torch.cat([src for src, _ in indices])
+        num_boxes = max(sum(len(b) for b in boxes), 1)
+        wanted = torch.zeros_like(logits)
+        wanted[rows, queries] = 1.0
+        losses = {"act_cls": sigmoid_focal_loss(logits[..., None], wanted[..., None], num_boxes) * logits.shape[1]}
+        predicted = pred_boxes[rows, queries]
+        target = torch.cat([matching[i]["boxes"][tgt] for i, (_, tgt) in enumerate(indices)])
+        losses["act_l1"] = F.l1_loss(predicted, target, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(center_to_corners_format(predicted), center_to_corners_format(target)))
+        losses["act_giou"] = (1 - giou).sum() / num_boxes
+        return losses, indices, num_boxes
+
+    def _with_proposal_losses(self, losses: dict, out: dict, boxes: list[torch.Tensor]) -> dict:
+        """The decoder's patch proposals (its queries' starting points) learn by the same set losses, added
+        under the same names (two-stage Deformable DETR's encoder loss)."""
+        if "proposal_logits" not in out:
+            return losses
+        extra = self._set_losses(out["proposal_logits"], out["proposal_boxes"], boxes)[0]
+        return {k: v + extra[k] if k in extra else v for k, v in losses.items()}
 
     @torch.no_grad()
     def decode(self, hidden: torch.Tensor, route: str, context: dict) -> dict[str, torch.Tensor]:
@@ -264,7 +282,7 @@ class ActHead(OutputHead):
         losses["act_l1"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_people
         giou = torch.diag(generalized_box_iou(center_to_corners_format(boxes), matched["boxes"]))
         losses["act_giou"] = (1 - giou).sum() / num_people
-        return losses
+        return self._with_proposal_losses(losses, out, [p["boxes"] for p in people])
 
 
 def _pose_target(target: dict, num_keypoints: int, device) -> dict[str, torch.Tensor]:

@@ -77,5 +77,6 @@ class PoseDecoder(nn.Module):
         out = self.decoder(link_hidden, vision_features)
         hidden = out["hidden"]
         keypoints = self.keypoint_head(hidden).sigmoid().view(*hidden.shape[:2], self.num_keypoints, 2)
+        proposals = {k: v for k, v in out.items() if k.startswith("proposal_")}  # trained by the act head
         return {"boxes": out["boxes"], "logits": out["logits"], "keypoints": keypoints,
-                "visibility": self.visibility_head(hidden)}
+                "visibility": self.visibility_head(hidden), **proposals}
