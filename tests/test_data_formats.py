@@ -22,7 +22,7 @@ from mmbridge.data.formats import (
     webdataset_pipeline,
     write_shards,
 )
-from mmbridge.data.formats.coco import evaluate, gt_as_detections
+from mmbridge.data.formats.coco import encode_mask, evaluate, gt_as_detections
 from mmbridge.data.shapes.world import Scene, make_scene, png_bytes, render
 
 N = 24
@@ -155,8 +155,14 @@ def test_coco_loads_and_scores_ap_1(data):
     for iou_type in ("bbox", "segm"):
         stats = evaluate(coco, gt_as_detections(coco, iou_type), iou_type)
         assert stats[0] == pytest.approx(1.0) and stats[1] == pytest.approx(1.0)
-    # masks decode to the rendered coverage
+    # the detections are left as they were: still JSON (pycocotools turns RLE counts into bytes in place)
     recs = list(read_coco(str(out / m["files"]["coco"]), decode_masks=True, check_images=True))
+    detections = [{"image_id": recs[0]["id"], "category_id": 1, "score": 0.5, "bbox": [1.0, 1.0, 8.0, 8.0],
+                   "segmentation": encode_mask(recs[0]["annotations"][0]["mask"])}]
+    before = json.dumps(detections)
+    evaluate(coco, detections, "segm")
+    assert json.dumps(detections) == before
+    # masks decode to the rendered coverage
     scene = make_scene("val", 0, 1)
     for a, mask in zip(recs[0]["annotations"], scene.masks()):
         assert np.array_equal(a["mask"], mask) and a["bbox_xyxy"] == list(map(float, a["bbox_xyxy"]))

@@ -142,12 +142,15 @@ def read_coco(path: str, image_root: str | None = None, stats: ReadStats | None 
 def evaluate(gt, detections: list[dict], iou_type: str = "bbox", kpt_sigmas=None) -> np.ndarray:
     """COCOeval summary stats (12 numbers for bbox/segm, 10 for keypoints; ``[0]`` is AP@[.5:.95]).
     ``detections``: COCO result dicts (``image_id``, ``category_id``, ``bbox``/``segmentation``/
-    ``keypoints``, ``score``)."""
+    ``keypoints``, ``score``); left as they were (pycocotools rewrites the dicts it is given — ids, areas,
+    RLE counts as bytes — which made the callers' predictions unwritable as JSON)."""
+    import copy
+
     from pycocotools.cocoeval import COCOeval
 
     gt = gt if not isinstance(gt, (str, dict)) else load_coco(gt)
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(detections)
+        dt = gt.loadRes(copy.deepcopy(detections))
         ev = COCOeval(gt, dt, iou_type)
         if kpt_sigmas is not None:
             ev.params.kpt_oks_sigmas = np.asarray(kpt_sigmas)

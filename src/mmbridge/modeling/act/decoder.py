@@ -10,6 +10,9 @@ far too slowly for a 30-minute CPU budget (DETR needs hundreds of epochs to tie 
 patch, read together with the request, is a *proposal* — a score "part of something asked for" and a box
 relative to the patch — and the top-scoring `num_queries` proposals become the decoder's queries (their
 features plus a learned per-rank embedding), each refining its proposal's box (a delta in logit space).
+Scores are open-vocabulary detectors' (OWL-ViT, GLIP): a dot product between the patch's (or query's)
+embedding and the request's, plus an objectness term — "is this what was asked" is a match between the
+two, which an additive mix of request and patch followed by a linear score cannot express.
 The act head trains the proposals with the same matching losses as the final boxes. Each query predicts a
 box (cx, cy, w, h in [0, 1]), one logit "is this what was asked for", and a mask as the dot product of its
 embedding with per-patch embeddings (upsampled). Without an image, learned queries stand in.
@@ -40,12 +43,15 @@ class LinkConditionedDecoder(nn.Module):
         self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
         self.proposal_norm = nn.LayerNorm(hidden_size)
-        self.proposal_score = nn.Linear(hidden_size, 1)
+        self.proposal_score = nn.Linear(hidden_size, 1)  # objectness
+        self.proposal_match = nn.Linear(hidden_size, hidden_size)  # the patch's side of the request match
+        self.request_embed = nn.Linear(hidden_size, hidden_size)  # the request's side (from the link states)
         self.proposal_box = _mlp(hidden_size, 4)
         layer = nn.TransformerDecoderLayer(hidden_size, num_heads, 4 * hidden_size, dropout=0.0, batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, num_layers)
         self.box_head = _mlp(hidden_size, 4)
         self.score_head = nn.Linear(hidden_size, 1)
+        self.query_match = nn.Linear(hidden_size, hidden_size)
         if mask_size is not None:  # None: no mask branch (the pose decoder)
             self.mask_embed = nn.Linear(hidden_size, hidden_size)
             self.pixel_embed = nn.Linear(vision_hidden_size, hidden_size)
@@ -59,6 +65,7 @@ class LinkConditionedDecoder(nn.Module):
         link = self.link_proj(link_hidden.to(self.link_proj.weight.dtype))
         patches = _patch_grid(vision_features)
         out = {"masks": None}
+        request = self.request_embed(link.mean(dim=1)) / math.sqrt(link.shape[-1])  # (n, d)
         if patches is None:
             queries = self.queries.expand(link.shape[0], -1, -1) + link.mean(dim=1, keepdim=True)
             memory, reference = link, None
@@ -69,7 +76,8 @@ class LinkConditionedDecoder(nn.Module):
             features = self.vision_proj(patches) + position
             memory = torch.cat([features, link], dim=1)
             proposals = self.proposal_norm(features + link.mean(dim=1, keepdim=True))  # each patch, for this request
-            out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1)
+            out["proposal_logits"] = (self.proposal_score(proposals).squeeze(-1)
+                                      + torch.einsum("npd,nd->np", self.proposal_match(proposals), request))
             out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
             k = min(self.queries.shape[1], tokens)  # a grid smaller than the query count: every patch
             pick = out["proposal_logits"].topk(k, dim=1).indices[..., None]
@@ -78,7 +86,8 @@ class LinkConditionedDecoder(nn.Module):
         hidden = self.decoder(queries, memory)
         delta = self.box_head(hidden)
         out.update(boxes=delta.sigmoid() if reference is None else (torch.logit(reference, eps=1e-4) + delta).sigmoid(),
-                   logits=self.score_head(hidden).squeeze(-1), hidden=hidden)
+                   logits=self.score_head(hidden).squeeze(-1)
+                   + torch.einsum("nqd,nd->nq", self.query_match(hidden), request), hidden=hidden)
         if patches is not None and self.mask_size is not None:
             pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
             masks = torch.einsum("nqd,npd->nqp", self.mask_embed(hidden), pixels).view(*hidden.shape[:2], side, side)
