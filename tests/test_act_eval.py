@@ -63,9 +63,17 @@ def test_each_act_eval_prints_one_json_object(act_dir, eval_dir, capsys, tmp_pat
     assert summary["metric"] == "routing_accuracy" and summary["n"] > 0 and summary["confusion"]
 
     summary = run(capsys, "segment", "--model", str(act_dir), "--coco", str(eval_dir / "coco_test.json"),
-                  "--limit", "2")
+                  "--limit", "2", "--out", str(tmp_path / "segment.json"))
     assert summary["task"] == "segment" and {"segm_ap", "bbox_ap", "segm_ap50"} <= set(summary)
     assert summary["requests"] == 2 * 5  # one per (image, shape category), as `eval detect`
+    assert summary["score_threshold"] == 0.05  # COCO-eval's usual cut, not the serving threshold
+    assert isinstance(json.loads((tmp_path / "segment.json").read_text()), list)
+    summary = run(capsys, "segment", "--model", str(act_dir), "--coco", str(eval_dir / "coco_test.json"),
+                  "--limit", "1", "--score-threshold", "0.3")
+    assert summary["score_threshold"] == 0.3
+    assert main(["eval", "detect", "--model", str(act_dir), "--coco", str(eval_dir / "coco_test.json"),
+                 "--score-threshold", "1.5"]) == 2
+    assert "--score-threshold must be in (0, 1)" in capsys.readouterr().err
 
 
 def test_act_evals_explain_what_is_missing(tiny_model_dir, eval_dir, capsys):

@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="draw: diffusion sampling steps for this run (default: the model's)")
     parser.add_argument("--no-fid", action="store_true", help="draw: skip the Fréchet distance")
+    parser.add_argument("--score-threshold", type=float, default=0.05,
+                        help="detect / segment / pose: keep detections scoring above this for COCOeval (default "
+                             "0.05, the usual COCO-eval setting: AP integrates over scores, so a serving threshold "
+                             "such as the head's 0.5 would cut its recall)")
     parser.add_argument("--stories", type=int, default=100,
                         help="story: how many test-split stories to draw step by step (default 100)")
     parser.add_argument("--generator", metavar="DIR", default=None,
@@ -134,7 +138,12 @@ def _coco_task(args, task: str, evaluate, default_prompt: str, what: str) -> int
 
     if not args.coco or not os.path.isfile(args.coco):
         raise CLIError(f"eval {task} needs --coco FILE.json ({what}); got {args.coco}")
+    if not 0 < args.score_threshold < 1:
+        raise CLIError(f"--score-threshold must be in (0, 1), got {args.score_threshold}")
     pipeline = load_pipeline(args.model)
+    for head in pipeline.model.heads.values():
+        if head.config.kind == "act":  # this run only (read at every decode); the saved model keeps its own
+            head.config.score_threshold = args.score_threshold
     try:
         summary, results = evaluate(pipeline, args.coco, args.prompt or default_prompt, args.batch_size,
                                     args.limit, progress=not args.no_progress)
@@ -143,7 +152,7 @@ def _coco_task(args, task: str, evaluate, default_prompt: str, what: str) -> int
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f)
-    json.dump({"task": task, "model": args.model, **summary}, sys.stdout)
+    json.dump({"task": task, "model": args.model, "score_threshold": args.score_threshold, **summary}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
