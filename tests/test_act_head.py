@@ -69,10 +69,13 @@ def test_losses_per_route_add_up_by_name():
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny act model trained 300 steps on four scenes (two [DET], two [SEG] requests)."""
+    """A tiny act model trained 300 steps on four scenes, each asked both ways ([DET] and [SEG]): the route
+    must follow the words, not the image (with one request per image it learnt image -> route, and whether
+    "Segment every shape." on a [DET] image segmented depended on the thread count)."""
     model, processor = with_act_head(seed=1)
-    scenes = [make_scene("train", i) for i in range(4)]
-    routes = ["[DET]", "[DET]", "[SEG]", "[SEG]"]
+    unique = [make_scene("train", i) for i in range(4)]
+    scenes = [s for s in unique for _ in range(2)]
+    routes = ["[DET]", "[SEG]"] * 4
     conversations = [request(s, r, "Find every shape." if r == "[DET]" else "Segment every shape.")
                      for s, r in zip(scenes, routes)]
     batch = processor(conversations, return_labels=True)
@@ -114,6 +117,7 @@ def test_eval_detect_scores_with_cocoeval(trained, tmp_path):
     from mmbridge.evaluate import evaluate_detection
 
     model, processor, scenes, *_ = trained
+    scenes = scenes[::2]  # each scene once
     coco = CocoBuilder([{"id": i + 1, "name": n} for i, n in enumerate(["circle", "square", "triangle", "diamond",
                                                                           "cross"])])
     for k, scene in enumerate(scenes):

@@ -30,6 +30,8 @@ from mmbridge.modeling.quantize import QUANTIZE_CHOICES, has_int8, quantize_int8
 from mmbridge.modeling.vision import VisionEncoder
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+#: how many tokens before a route trigger its head may read as the request (`head_context`)
+REQUEST_WINDOW = 32
 
 
 def is_llm_adapter(param_name: str) -> bool:
@@ -273,20 +275,41 @@ class MMBridgeModel(PreTrainedModel):
         return torch.where(in_row > 0, index, torch.full_like(index, -1))
 
     def head_context(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                     vision_features: torch.Tensor | None,
-                     images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     vision_features: torch.Tensor | None, images: torch.Tensor | None = None,
+                     hidden: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """What a head may read besides its slots' hidden states: the frozen vision encoder's features of
         each occurrence's image (`vision_features`: (occurrences, patches, vision_hidden), zeros where
         the row has no image, `has_image` says which). Decoders that attend to the image (act) use it.
-        With `images` (one per image, (num_images, 3, H, W) in [0, 1]), also `images` per occurrence."""
+        With `images` (one per image, (num_images, 3, H, W) in [0, 1]), also `images` per occurrence.
+        With the LLM's last `hidden` states, also the request's own words: `request_states` (occurrences,
+        REQUEST_WINDOW, llm_hidden), the tokens right before each trigger (oldest first), and `request_mask`
+        (True where a token is real text of that row: not padding, not image queries, not before the row)."""
+        context = {}
+        if hidden is not None:
+            context.update(self._request_window(input_ids, rows[:, 0], positions[:, 0], hidden, attention_mask))
         if vision_features is None:
-            return {}
+            return context
         index = self.occurrence_images(input_ids, rows[:, 0], positions[:, 0])
         features = vision_features[index.clamp(min=0)] * (index >= 0)[:, None, None]
-        context = {"vision_features": features, "has_image": index >= 0}
+        context.update(vision_features=features, has_image=index >= 0)
         if images is not None:
             context["images"] = images[index.clamp(min=0)] * (index >= 0)[:, None, None, None]
         return context
+
+    def _request_window(self, input_ids: torch.Tensor, rows: torch.Tensor, triggers: torch.Tensor,
+                        hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        # An open-vocabulary decoder must know *what* was asked ("the triangle", "red shapes"); the slots'
+        # states carry it only as far as a frozen LLM passes it on, so the words themselves go along too.
+        offsets = torch.arange(-REQUEST_WINDOW, 0, device=input_ids.device)
+        index = triggers[:, None] + offsets  # (occurrences, window)
+        valid = index >= 0
+        index = index.clamp(min=0)
+        if attention_mask is not None:
+            valid &= attention_mask[rows[:, None], index].bool()
+        if self.config.image_token_index is not None:
+            valid &= input_ids[rows[:, None], index] != self.config.image_token_index
+        return {"request_states": hidden[rows[:, None], index], "request_mask": valid}
 
     def head_occurrences(self, input_ids: torch.Tensor) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
         """`(head name, route trigger, rows, positions)` of every route present in `input_ids`; rows and
@@ -396,7 +419,8 @@ class MMBridgeModel(PreTrainedModel):
                                              "positions": positions[:, 0]}
                     if trigger not in head_targets:
                         continue
-                    context = self.head_context(input_ids, rows, positions, vision_features)
+                    context = self.head_context(input_ids, rows, positions, vision_features, hidden=hidden,
+                                                attention_mask=attention_mask)
                     for key, value in self.heads[name].loss(hidden[rows, positions], head_targets[trigger],
                                                             trigger, context).items():
                         if key in wanted:  # routes of one head reporting the same loss add up
@@ -429,7 +453,7 @@ class MMBridgeModel(PreTrainedModel):
                           output_hidden_states=True, return_dict=True).hidden_states[-1]
         found = []
         for name, trigger, rows, positions in self.head_occurrences(input_ids):
-            context = self.head_context(input_ids, rows, positions, vision_features, images)
+            context = self.head_context(input_ids, rows, positions, vision_features, images, hidden, attention_mask)
             decoded = self.heads[name].decode(hidden[rows, positions], trigger, context)
             for i in range(len(rows)):
                 found.append((int(rows[i, 0]), int(positions[i, 0]), name, trigger,

@@ -142,7 +142,7 @@ class ActHead(OutputHead):
             return {named[k]: v for k, v in draw.loss(hidden, targets, draw.config.trigger, context).items()}
         if route == "[EDIT]":
             return {"act_edit": self._edit_loss(hidden, targets, context)}
-        out = self.decoders(hidden, context.get("vision_features"))
+        out = self.decoders(hidden, *_decoder_inputs(context))
         device = out["boxes"].device
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
         if route == "[GRD]" and any(len(b) != 1 for b in boxes):
@@ -206,12 +206,12 @@ class ActHead(OutputHead):
         if route == "[EDIT]":
             return self._edit_decode(hidden, context)
         if route == "[POSE]":
-            out = self.pose_decoder(hidden, context.get("vision_features"))
+            out = self.pose_decoder(hidden, *_decoder_inputs(context))
             scores = out["logits"].sigmoid()
             return {"keypoints": out["keypoints"].clamp(0, 1), "keypoint_scores": out["visibility"].sigmoid(),
                     "boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores,
                     "keep": scores > self.config.score_threshold}
-        out = self.decoders(hidden, context.get("vision_features"))
+        out = self.decoders(hidden, *_decoder_inputs(context))
         scores = out["logits"].sigmoid()
         if route == "[GRD]":
             keep = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
@@ -256,7 +256,7 @@ class ActHead(OutputHead):
         return {"image": out, "has_image": has_image}
 
     def _pose_loss(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> dict[str, torch.Tensor]:
-        out = self.pose_decoder(hidden, context.get("vision_features"))
+        out = self.pose_decoder(hidden, *_decoder_inputs(context))
         device, k = out["keypoints"].device, self.config.num_keypoints
         people = [_pose_target(t, k, device) for t in targets]
         indices = [match_people(out["keypoints"][i], out["logits"][i], p["keypoints"], p["visible"], p["area"],
@@ -283,6 +283,11 @@ class ActHead(OutputHead):
         giou = torch.diag(generalized_box_iou(center_to_corners_format(boxes), matched["boxes"]))
         losses["act_giou"] = (1 - giou).sum() / num_people
         return self._with_proposal_losses(losses, out, [p["boxes"] for p in people])
+
+
+def _decoder_inputs(context: dict) -> tuple:
+    """What the perception decoders read from the model's head context: patches and the request's words."""
+    return context.get("vision_features"), context.get("request_states"), context.get("request_mask")
 
 
 def _pose_target(target: dict, num_keypoints: int, device) -> dict[str, torch.Tensor]:

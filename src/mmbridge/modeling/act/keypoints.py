@@ -71,10 +71,12 @@ class PoseDecoder(nn.Module):
         self.visibility_head = nn.Linear(hidden_size, num_keypoints)
         self.num_keypoints = num_keypoints
 
-    def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None,
+                request_states: torch.Tensor | None = None,
+                request_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """-> `boxes` (n, q, 4) cx cy w h, `logits` (n, q) person scores, `keypoints` (n, q, K, 2) x y in
-        [0, 1], `visibility` (n, q, K) logits."""
-        out = self.decoder(link_hidden, vision_features)
+        [0, 1], `visibility` (n, q, K) logits (inputs as `LinkConditionedDecoder`'s)."""
+        out = self.decoder(link_hidden, vision_features, request_states, request_mask)
         hidden = out["hidden"]
         keypoints = self.keypoint_head(hidden).sigmoid().view(*hidden.shape[:2], self.num_keypoints, 2)
         proposals = {k: v for k, v in out.items() if k.startswith("proposal_")}  # trained by the act head
