@@ -235,3 +235,42 @@ def test_decoder_queries_start_from_the_best_patch_proposals():
             layer.bias.zero_()
         boxes = decoder(torch.randn(1, 5, 8), torch.randn(1, 16, 12))["proposal_boxes"][0]
     assert torch.allclose(boxes[5], torch.tensor([0.375, 0.375, 0.5, 0.5]), atol=1e-4)  # row 1, col 1 of 4
+
+
+def test_heads_read_the_request_words_before_the_trigger():
+    """`head_context` hands the act decoder the LLM states of the tokens right before each trigger (no
+    padding, no image queries), and the decoder's scores depend on them: the words say what to find."""
+    from mmbridge.modeling.model import REQUEST_WINDOW
+
+    model, processor = with_act_head(seed=2)
+    scenes = [make_scene("train", i) for i in range(2)]
+    batch = processor([request(scenes[0], "[DET]", "Find every shape."),
+                       request(scenes[1], "[DET]", "Find every large red triangle in this picture, please.")],
+                      return_labels=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    (name, trigger, rows, positions), = [o for o in model.head_occurrences(ids) if o[1] == "[DET]"]
+    hidden = torch.randn(*ids.shape, model.config.text_config.hidden_size)
+    context = model.head_context(ids, rows, positions, None, hidden=hidden, attention_mask=mask)
+    states, valid = context["request_states"], context["request_mask"]
+    assert states.shape == (2, REQUEST_WINDOW, hidden.shape[-1]) and valid.shape == (2, REQUEST_WINDOW)
+    for k in range(2):
+        start = int(positions[k, 0]) - REQUEST_WINDOW
+        window = torch.arange(start, start + REQUEST_WINDOW)
+        inside = window >= 0
+        assert torch.equal(states[k][inside], hidden[int(rows[k, 0]), window[inside]])
+        row, at = int(rows[k, 0]), window.clamp(min=0)
+        expected = inside & mask[row, at].bool() & (ids[row, at] != model.config.image_token_index)
+        assert torch.equal(valid[k], expected)
+    assert valid[1].sum() > valid[0].sum()  # the longer request fills more of the window
+    # the decoder's scores follow the words
+    decoder = model.act.decoders.eval()
+    link, patches = torch.randn(1, 5, hidden.shape[-1]), torch.randn(1, 16, model.config.vision_config.hidden_size)
+    words = torch.randn(1, REQUEST_WINDOW, hidden.shape[-1])
+    with torch.no_grad():
+        a = decoder(link, patches, words, torch.ones(1, REQUEST_WINDOW, dtype=torch.bool))["proposal_logits"]
+        b = decoder(link, patches, -words, torch.ones(1, REQUEST_WINDOW, dtype=torch.bool))["proposal_logits"]
+        hidden_words = torch.zeros(1, REQUEST_WINDOW, dtype=torch.bool)
+        c = decoder(link, patches, words, hidden_words)["logits"]
+        d = decoder(link, patches, -words, hidden_words)["logits"]
+    assert not torch.allclose(a, b)
+    assert torch.allclose(c, d)  # masked-out words are not read
