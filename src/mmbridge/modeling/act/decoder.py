@@ -12,9 +12,11 @@ far too slowly for a 30-minute CPU budget (DETR needs hundreds of epochs to tie 
 patch, read together with the request, is a *proposal* — a score "part of something asked for" and a box
 relative to the patch — and the top-scoring `num_queries` proposals become the decoder's queries (their
 features plus a learned per-rank embedding), each refining its proposal's box (a delta in logit space).
-Scores are open-vocabulary detectors' (OWL-ViT, GLIP): a dot product between the patch's (or query's)
-embedding and the request's, plus an objectness term — "is this what was asked" is a match between the
-two, which an additive mix of request and patch followed by a linear score cannot express.
+Scores are open-vocabulary detectors' (GLIP's fusion, OWL-ViT's dot product): each patch (and each query)
+first attends to the request — slots and words — and its score is an objectness term plus the dot product
+of its embedding with the request *as it read it*. "Is this what was asked" is a match between the two,
+which an additive mix of a pooled request and the patch followed by a linear score cannot express; and a
+pooled request drowns the one word that matters among template tokens.
 The act head trains the proposals with the same matching losses as the final boxes. Each query predicts a
 box (cx, cy, w, h in [0, 1]), one logit "is this what was asked for", and a mask as the dot product of its
 embedding with per-patch embeddings (upsampled). Without an image, learned queries stand in.
@@ -46,10 +48,14 @@ class LinkConditionedDecoder(nn.Module):
         self.request_positions = nn.Parameter(torch.randn(1, request_window, hidden_size) * 0.02)
         self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
+        # GLIP-style fusion: each patch attends to the request (slots + words) before it proposes, so that
+        # the one word that matters ("triangle") reaches the patch that has it; a mean over the request
+        # window drowned it in template tokens (requests' pooled vectors at cosine 0.95, every request
+        # answered with the same, most salient object)
+        self.fusion = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
         self.proposal_norm = nn.LayerNorm(hidden_size)
         self.proposal_score = nn.Linear(hidden_size, 1)  # objectness
         self.proposal_match = nn.Linear(hidden_size, hidden_size)  # the patch's side of the request match
-        self.request_embed = nn.Linear(hidden_size, hidden_size)  # the request's side (from the link states)
         self.proposal_box = _mlp(hidden_size, 4)
         layer = nn.TransformerDecoderLayer(hidden_size, num_heads, 4 * hidden_size, dropout=0.0, batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, num_layers)
@@ -71,7 +77,7 @@ class LinkConditionedDecoder(nn.Module):
         a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top; with an
         image also every patch's proposal, `proposal_logits` (n, patches) and `proposal_boxes` (n, patches, 4)."""
         link = self.link_proj(link_hidden.to(self.link_proj.weight.dtype))
-        summary = link.mean(dim=1, keepdim=True)  # (n, 1, d): what is asked, from the slots and the words
+        summary = link.mean(dim=1, keepdim=True)  # (n, 1, d): the request pooled (the queries without an image)
         words, padding = link[:, :0], None
         if request_states is not None:
             window = request_states.shape[1]
@@ -84,7 +90,6 @@ class LinkConditionedDecoder(nn.Module):
             weights = mask.to(words.dtype)[..., None]
             summary = summary + (words * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
             padding = torch.cat([torch.zeros_like(mask[:, :link.shape[1]]), ~mask], dim=1)  # True: not attended
-        request = self.request_embed(summary[:, 0]) / math.sqrt(link.shape[-1])  # (n, d)
         patches = _patch_grid(vision_features)
         out = {"masks": None}
         if patches is None:
@@ -98,9 +103,12 @@ class LinkConditionedDecoder(nn.Module):
             memory = torch.cat([features, link, words], dim=1)
             if padding is not None:
                 padding = torch.cat([torch.zeros_like(padding[:, :1]).expand(-1, tokens), padding], dim=1)
-            proposals = self.proposal_norm(features + summary)  # each patch, read for this request
-            out["proposal_logits"] = (self.proposal_score(proposals).squeeze(-1)
-                                      + torch.einsum("npd,nd->np", self.proposal_match(proposals), request))
+            text_padding = None if padding is None else padding[:, tokens:]
+            asked, _ = self.fusion(features, memory[:, tokens:], memory[:, tokens:], key_padding_mask=text_padding,
+                                   need_weights=False)  # (n, patches, d): the request as each patch reads it
+            proposals = self.proposal_norm(features + asked)  # each patch, read for this request
+            match = (self.proposal_match(proposals) * asked).sum(-1) / math.sqrt(asked.shape[-1])
+            out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1) + match
             out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
             k = min(self.queries.shape[1], tokens)  # a grid smaller than the query count: every patch
             pick = out["proposal_logits"].topk(k, dim=1).indices[..., None]
@@ -108,9 +116,12 @@ class LinkConditionedDecoder(nn.Module):
             reference = out["proposal_boxes"].gather(1, pick.expand(-1, -1, 4)).detach()
         hidden = self.decoder(queries, memory, memory_key_padding_mask=padding)
         delta = self.box_head(hidden)
+        text = memory[:, -(link.shape[1] + words.shape[1]):]
+        asked, _ = self.fusion(hidden, text, text, key_padding_mask=None if padding is None else
+                               padding[:, -text.shape[1]:], need_weights=False)  # the request as each query reads it
         out.update(boxes=delta.sigmoid() if reference is None else (torch.logit(reference, eps=1e-4) + delta).sigmoid(),
                    logits=self.score_head(hidden).squeeze(-1)
-                   + torch.einsum("nqd,nd->nq", self.query_match(hidden), request), hidden=hidden)
+                   + (self.query_match(hidden) * asked).sum(-1) / math.sqrt(asked.shape[-1]), hidden=hidden)
         if patches is not None and self.mask_size is not None:
             pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
             masks = torch.einsum("nqd,npd->nqp", self.mask_embed(hidden), pixels).view(*hidden.shape[:2], side, side)
