@@ -90,21 +90,22 @@ class LinkConditionedDecoder(nn.Module):
             weights = mask.to(words.dtype)[..., None]
             summary = summary + (words * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
             padding = torch.cat([torch.zeros_like(mask[:, :link.shape[1]]), ~mask], dim=1)  # True: not attended
+        text = torch.cat([link, words], dim=1)  # the request: slots, then words (`padding` covers these)
         patches = _patch_grid(vision_features)
         out = {"masks": None}
+        memory, memory_padding = text, padding
         if patches is None:
             queries = self.queries.expand(link.shape[0], -1, -1) + summary
-            memory, reference = torch.cat([link, words], dim=1), None
+            reference = None
         else:
             n, tokens, _ = patches.shape
             side = math.isqrt(tokens)
             position = self.positions((n, 1, side, side), patches.device, link.dtype).flatten(2).transpose(1, 2)
             features = self.vision_proj(patches) + position
-            memory = torch.cat([features, link, words], dim=1)
+            memory = torch.cat([features, text], dim=1)
             if padding is not None:
-                padding = torch.cat([torch.zeros_like(padding[:, :1]).expand(-1, tokens), padding], dim=1)
-            text_padding = None if padding is None else padding[:, tokens:]
-            asked, _ = self.fusion(features, memory[:, tokens:], memory[:, tokens:], key_padding_mask=text_padding,
+                memory_padding = torch.cat([torch.zeros_like(padding[:, :1]).expand(-1, tokens), padding], dim=1)
+            asked, _ = self.fusion(features, text, text, key_padding_mask=padding,
                                    need_weights=False)  # (n, patches, d): the request as each patch reads it
             proposals = self.proposal_norm(features + asked)  # each patch, read for this request
             match = (self.proposal_match(proposals) * asked).sum(-1) / math.sqrt(asked.shape[-1])
@@ -114,11 +115,10 @@ class LinkConditionedDecoder(nn.Module):
             pick = out["proposal_logits"].topk(k, dim=1).indices[..., None]
             queries = proposals.gather(1, pick.expand(-1, -1, proposals.shape[-1])) + self.queries[:, :k]
             reference = out["proposal_boxes"].gather(1, pick.expand(-1, -1, 4)).detach()
-        hidden = self.decoder(queries, memory, memory_key_padding_mask=padding)
+        hidden = self.decoder(queries, memory, memory_key_padding_mask=memory_padding)
         delta = self.box_head(hidden)
-        text = memory[:, -(link.shape[1] + words.shape[1]):]
-        asked, _ = self.fusion(hidden, text, text, key_padding_mask=None if padding is None else
-                               padding[:, -text.shape[1]:], need_weights=False)  # the request as each query reads it
+        asked, _ = self.fusion(hidden, text, text, key_padding_mask=padding,
+                               need_weights=False)  # the request as each query reads it
         out.update(boxes=delta.sigmoid() if reference is None else (torch.logit(reference, eps=1e-4) + delta).sigmoid(),
                    logits=self.score_head(hidden).squeeze(-1)
                    + (self.query_match(hidden) * asked).sum(-1) / math.sqrt(asked.shape[-1]), hidden=hidden)

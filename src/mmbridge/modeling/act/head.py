@@ -147,10 +147,8 @@ class ActHead(OutputHead):
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
         if route == "[GRD]" and any(len(b) != 1 for b in boxes):
             raise ValueError("act: a [GRD] target holds exactly one box")
-        losses, indices, num_boxes = self._set_losses(out["logits"], out["boxes"], boxes)
+        losses, indices, (rows, queries), num_boxes = self._set_losses(out["logits"], out["boxes"], boxes)
         losses = self._with_proposal_losses(losses, out, boxes)
-        rows = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        queries = torch.cat([src for src, _ in indices])
         if out["masks"] is not None and all(t.get("masks") is not None for t in targets):
             if not len(rows):  # every request of the batch names nothing in its image: no mask to learn
                 zero = out["masks"].sum() * 0.0
@@ -167,7 +165,7 @@ class ActHead(OutputHead):
     def _set_losses(self, logits: torch.Tensor, pred_boxes: torch.Tensor, boxes: list[torch.Tensor]):
         """DETR's set losses of (n, q) logits and (n, q, 4) cx cy w h boxes against per-row corner boxes:
         Hungarian matching, sigmoid focal on "asked for", L1 and GIoU on the matched boxes.
-        -> (losses, matched (query, target) indices per row, number of target boxes)."""
+        -> (losses, matched (query, target) indices per row, their (rows, queries), number of target boxes)."""
         device = logits.device
         matching = [{"class_labels": torch.zeros(len(b), dtype=torch.long, device=device),
                      "boxes": corners_to_center(b)} for b in boxes]
@@ -184,7 +182,7 @@ class ActHead(OutputHead):
         losses["act_l1"] = F.l1_loss(predicted, target, reduction="sum") / num_boxes
         giou = torch.diag(generalized_box_iou(center_to_corners_format(predicted), center_to_corners_format(target)))
         losses["act_giou"] = (1 - giou).sum() / num_boxes
-        return losses, indices, num_boxes
+        return losses, indices, (rows, queries), num_boxes
 
     def _with_proposal_losses(self, losses: dict, out: dict, boxes: list[torch.Tensor]) -> dict:
         """The decoder's patch proposals (its queries' starting points) learn by the same set losses, added
