@@ -274,3 +274,57 @@ def test_heads_read_the_request_words_before_the_trigger():
         d = decoder(link, patches, -words, hidden_words)["logits"]
     assert not torch.allclose(a, b)
     assert torch.allclose(c, d)  # masked-out words are not read
+
+
+def tiny_text_tower(vocab_size: int, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=3)).eval()
+
+
+def test_a_frozen_text_tower_reads_the_request_words_in_front_without_added_tokens():
+    """`ActConfig.text_encoder`: the foundation's CLIP text tower reads the request's real words, moved to
+    the front as it saw captions; tokens added later (routes, queries) and image / padding tokens are not
+    given to it; it stays frozen and its weights travel with the model."""
+    model, processor = build_tiny()
+    tower = tiny_text_tower(len(processor.tokenizer))
+    settings = {k: v for k, v in tower.config.to_dict().items() if k not in ("transformers_version", "architectures")}
+    config = act_config(text_encoder=settings)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    model.act.text_encoder.load_state_dict(tower.state_dict())
+    assert model.config.trainable["act.text_encoder"] is False
+    assert not any(p.requires_grad for p in model.act.text_encoder.parameters())
+
+    vocab = tower.config.vocab_size
+    ids = torch.tensor([[5, 6, 3, 7, vocab + 1, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[False, True, False, True, True, True], [True] * 6])
+    states, keep = model.act._request_text({"request_ids": ids, "request_mask": mask})
+    assert keep.tolist() == [[True, True, True, False, False, False], [True] * 6]
+    expected = tower(input_ids=torch.tensor([[6, 7, 8]])).last_hidden_state  # the added token (vocab + 1) dropped
+    assert torch.allclose(states[0, :3], expected[0], atol=1e-5)
+
+    scenes = [make_scene("train", i) for i in range(2)]
+    batch = processor([request(scenes[0], "[DET]", "Find every shape."),
+                       request(scenes[1], "[SEG]", "Segment every shape.")], return_labels=True)
+    out = model(**batch)
+    assert "act_relevance" in out.losses and torch.isfinite(out.losses["act_relevance"])
+    out.loss.backward()
+    assert model.act.decoders.text_proj.weight.grad is not None
+    assert all(p.grad is None for p in model.act.text_encoder.parameters())
+
+
+def test_relevance_targets_are_the_patches_inside_the_asked_boxes():
+    from mmbridge.modeling.act.head import _relevance_loss
+
+    side = 4
+    boxes = [torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.zeros(0, 4)]  # the top-left quarter; nothing asked
+    right = torch.full((2, side * side), -8.0)
+    right[0].view(side, side)[:2, :2] = 8.0
+    wrong = -right
+    assert _relevance_loss(right, boxes) < 1e-3 < _relevance_loss(wrong, boxes)
+    # a request naming nothing in the image: every patch is a negative
+    assert _relevance_loss(torch.full((1, 16), -8.0), boxes[1:]) < 1e-3 < _relevance_loss(torch.zeros(1, 16), boxes[1:])

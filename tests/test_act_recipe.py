@@ -203,3 +203,38 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     assert "act" in exported.head_configs and exported.llm_lora
     again = Recipe(cfg, tmp_path, log=lambda _: None).run()
     assert again["stages"] == report["stages"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_the_recipe_adds_the_act_head_to_a_given_see_model_with_the_foundation_text_tower(tmp_path):
+    """`see_model=DIR` (or a shipped name): the act stages start from that model, not from this run's stage 3;
+    the foundation's CLIP text tower is copied into the head, frozen, and exported with the model."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mmbridge.modeling import MMBridgeModel
+    from mmbridge.pretrain.recipe import RECIPES_DIR, ActStage, Recipe, RecipeConfig, TrainerStage
+    from mmbridge.processing import MMBridgeProcessor
+    from mmbridge.train.fixtures import make_base_model
+
+    make_base_model(tmp_path / "see", init_std=0.02)
+    vocab = len(MMBridgeProcessor.from_pretrained(tmp_path / "see").tokenizer)
+    torch.manual_seed(0)
+    tower = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=3))
+    tower.save_pretrained(tmp_path / "foundation" / "text_encoder")
+    short = ["schedule.total_steps=1", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
+    stages = ["act_data", "act_stage1", "act_stage2", "export"]
+    cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
+                       see_model=str(tmp_path / "see"),
+                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2, head=TINY_ACT),
+                       act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
+                       act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
+    recipe = Recipe(cfg, tmp_path / "run", log=lambda _: None)
+    recipe.foundation = tmp_path / "foundation"  # as `foundation=DIR` resolves it (the test has no full one)
+    report = recipe.run()
+    assert report["stages"]["export"]["frozen_parts_identical"]
+    assert "act_relevance" in report["stages"]["act_stage1"]["final_losses"]
+    model = MMBridgeModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.head_configs["act"].text_encoder["hidden_size"] == 16
+    assert all(torch.equal(v, model.act.text_encoder.state_dict()[k]) for k, v in tower.state_dict().items())

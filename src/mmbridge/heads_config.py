@@ -148,7 +148,7 @@ class ActConfig(HeadConfig):
     """VisionLLM v2: routing tokens `[DET]`, `[SEG]`, … each followed by its task's super-link queries."""
 
     kind: ClassVar[str] = "act"
-    loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_mask", "act_dice",
+    loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_relevance", "act_mask", "act_dice",
                                              "act_keypoints", "act_oks", "act_visibility",
                                              "act_gen", "act_gen_caption", "act_edit")
     name: str = "act"
@@ -163,6 +163,9 @@ class ActConfig(HeadConfig):
     num_object_queries: int = 16  # boxes proposed per request (ShapesWorld scenes hold at most 4 objects)
     mask_size: int = 32  # masks are predicted at this resolution (of the whole image)
     score_threshold: float = 0.5  # detections kept at inference
+    # a frozen text tower's config (CLIP's: the foundation's, trained against the ViT) that also reads the
+    # request's words for the decoder — category text embeddings grounded in images; None: the LLM's alone
+    text_encoder: dict | None = None
     visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
     region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
     num_keypoints: int = 17  # [POSE]: keypoints per person (COCO's 17, as ShapesWorld's stick figures)
@@ -191,6 +194,7 @@ class ActConfig(HeadConfig):
         the editing UNet and its mapper), `region_encoder`. [GEN] has none: it uses the draw head's."""
         perception = any(t in ("det", "seg", "grd") for t in self.tasks)
         return {**({f"{self.name}.decoders": True} if perception else {}),
+                **({f"{self.name}.text_encoder": False} if perception and self.text_encoder else {}),
                 **({f"{self.name}.pose_decoder": True} if "pose" in self.tasks else {}),
                 **({f"{self.name}.editor": True} if "edit" in self.tasks else {}),
                 **({f"{self.name}.region_encoder": True} if self.visual_prompts else {})}

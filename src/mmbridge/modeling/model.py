@@ -283,8 +283,9 @@ class MMBridgeModel(PreTrainedModel):
         the row has no image, `has_image` says which). Decoders that attend to the image (act) use it.
         With `images` (one per image, (num_images, 3, H, W) in [0, 1]), also `images` per occurrence.
         With the LLM's last `hidden` states, also the request's own words: `request_states` (occurrences,
-        REQUEST_WINDOW, llm_hidden), the tokens right before each trigger (oldest first), and `request_mask`
-        (True where a token is real text of that row: not padding, not image queries, not before the row)."""
+        REQUEST_WINDOW, llm_hidden), the tokens right before each trigger (oldest first), their `request_ids`,
+        and `request_mask` (True where a token is real text of that row: not padding, not image queries, not
+        before the row)."""
         context = {}
         if hidden is not None:
             context.update(self._request_window(input_ids, rows[:, 0], positions[:, 0], hidden, attention_mask))
@@ -309,7 +310,8 @@ class MMBridgeModel(PreTrainedModel):
             valid &= attention_mask[rows[:, None], index].bool()
         if self.config.image_token_index is not None:
             valid &= input_ids[rows[:, None], index] != self.config.image_token_index
-        return {"request_states": hidden[rows[:, None], index], "request_mask": valid}
+        ids = input_ids[rows[:, None], index]
+        return {"request_states": hidden[rows[:, None], index], "request_mask": valid, "request_ids": ids}
 
     def head_occurrences(self, input_ids: torch.Tensor) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
         """`(head name, route trigger, rows, positions)` of every route present in `input_ids`; rows and

@@ -23,16 +23,37 @@ SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd"], "decoder_hidden_size": 128, "
                    "decoder_heads": 4, "num_object_queries": 8, "mask_size": 32}
 
 
-def add_act_head(model_dir: str | Path, out: str | Path, **act_settings) -> Path:
-    """`model_dir` + an act head (`ActConfig`; defaults sized for ShapesWorld, `SHAPES_ACT_HEAD`) -> `out`."""
+def add_act_head(model_dir: str | Path, out: str | Path, text_encoder: str | Path | None = None,
+                 **act_settings) -> Path:
+    """`model_dir` + an act head (`ActConfig`; defaults sized for ShapesWorld, `SHAPES_ACT_HEAD`) -> `out`.
+    `text_encoder`: a transformers text-model directory (the foundation's CLIP text tower) copied in, frozen,
+    to read the request's words for the decoder; its tokenizer must be the model's (checked)."""
+    from transformers import AutoModel
+
     from mmbridge.heads_config import ActConfig
     from mmbridge.modeling import MMBridgeModel
     from mmbridge.processing import MMBridgeProcessor
 
     model = MMBridgeModel.from_pretrained(model_dir)
     processor = MMBridgeProcessor.from_pretrained(model_dir)
+    tower = None
+    if text_encoder is not None:
+        tower = AutoModel.from_pretrained(text_encoder)
+        vocab = processor.tokenizer.get_vocab()
+        tokenizer_dir = Path(text_encoder).parent / "tokenizer"
+        if tokenizer_dir.is_dir():
+            from transformers import AutoTokenizer
+
+            if AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab().items() - vocab.items():
+                raise ValueError(f"act: the text tower {text_encoder} was trained with another tokenizer than "
+                                 f"{model_dir}'s; its words would be read as other words")
+        settings = {k: v for k, v in tower.config.to_dict().items()
+                    if k not in ("_name_or_path", "transformers_version", "architectures")}
+        act_settings = {**act_settings, "text_encoder": settings}
     config = ActConfig(**{**SHAPES_ACT_HEAD, **act_settings})
-    model.add_head(config, processor.tokenizer)
+    head = model.add_head(config, processor.tokenizer)
+    if tower is not None:
+        head.text_encoder.load_state_dict(tower.state_dict())
     processor.register_head(config)
     model.save_pretrained(out)
     processor.save_pretrained(out)

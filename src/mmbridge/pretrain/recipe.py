@@ -110,6 +110,7 @@ class ActStage:
     see_turns: int = 4  # see chats about the same scenes, mixed into act stage 2
     eval_scenes: int = 1000  # test split: OUT/act/eval/{coco,ground,region,route}_test.*
     head: dict = field(default_factory=dict)
+    text_encoder: bool = True  # the foundation's CLIP text tower reads the requests' words (when it has one)
 
 
 @dataclass
@@ -157,6 +158,10 @@ class RecipeConfig:
     #: (its tokenizer/, lm/, vision/, text_encoder/, generator/), `shipped` (the package's), or null
     #: (this run's own output directory, i.e. the recipe also runs the foundation stages).
     foundation: str | None = None
+    #: The trained model the head stages (draw, act) build on when this run does not train one: e.g.
+    #: `see_model=shipped` (the package's `shapes` model) with `stages=[act_data,act_stage1,act_stage2,export]`
+    #: adds the act head to it. None: this run's stage-3 (or draw) model.
+    see_model: str | None = None
     seed: int = 0
     threads: int = 2
     see_scenes: int = 40  # val scenes of the see table after stages 2 and 3 (pretrain/see.py); 0: none
@@ -488,7 +493,7 @@ class Recipe:
         base = self.out / "draw" / "base"
         if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
             torch.manual_seed(self.cfg.seed)
-            add_draw_head(self.out / "stage3" / "model", generator, base, **self.cfg.draw.head)
+            add_draw_head(self._trained_see_model(), generator, base, **self.cfg.draw.head)
         return self._trainer_stage(self.cfg.draw_stage1, base, self.out / "draw" / "stage1",
                                    [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage1.json'}"])
 
@@ -498,9 +503,19 @@ class Recipe:
                                    [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage2.json'}",
                                     f"data.datasets.1.path={self.out / 'data' / 'instruct.json'}"])
 
+    def _trained_see_model(self) -> Path:
+        """The see-model the heads start from: `see_model` (a directory or a shipped name) or stage 3's."""
+        if self.cfg.see_model is not None:
+            from mmbridge.models import resolve_model_path
+
+            return resolve_model_path(self.cfg.see_model)
+        return self.out / "stage3" / "model"
+
     def _see_model(self) -> Path:
-        """The model later heads build on: the draw model when this recipe draws, else the stage-3 see-model."""
-        return self.out / ("draw/stage2" if "draw_stage2" in self.cfg.stages else "stage3") / "model"
+        """The model later heads build on: the draw model when this recipe draws, else the see-model."""
+        if "draw_stage2" in self.cfg.stages:
+            return self.out / "draw" / "stage2" / "model"
+        return self._trained_see_model()
 
     # -- the act head (issue 15): data, then its two trainer stages on the see (or draw) model ---------
     def _act_data(self) -> dict:
@@ -517,7 +532,9 @@ class Recipe:
         base = self.out / "act" / "base"
         if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
             torch.manual_seed(self.cfg.seed)
-            add_act_head(self._see_model(), base, **self.cfg.act.head)
+            tower = self.foundation / "text_encoder"
+            add_act_head(self._see_model(), base, tower if self.cfg.act.text_encoder and tower.is_dir() else None,
+                         **self.cfg.act.head)
         return self._trainer_stage(self.cfg.act_stage1, base, self.out / "act" / "stage1",
                                    [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}"])
 
@@ -549,7 +566,8 @@ class Recipe:
                 head["pipeline_path"] = config.component_paths[f"{name}.generator"] = "generator"
         config.save_pretrained(final)
         model = MMBridgeModel.from_pretrained(final)
-        base = MMBridgeModel.from_pretrained(self.out / "base")
+        base = MMBridgeModel.from_pretrained(self.out / "base" if self.cfg.see_model is None
+                                             else self._trained_see_model())
         size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
         return {"model_dir": str(final), "bytes": size, "frozen_parts_identical": frozen_parts_identical(base, model)}
 

@@ -609,7 +609,7 @@ def frozen_parts_identical(before, after) -> bool:
     rows a head appends for its tokens are not either."""
     from mmbridge.modeling.model import is_llm_adapter
 
-    a = before.state_dict()
+    a = {k.replace(".base_layer.", "."): v for k, v in before.state_dict().items() if not is_llm_adapter(k)}
     b = {k.replace(".base_layer.", "."): v for k, v in after.state_dict().items() if not is_llm_adapter(k)}
     keys = [k for k in a if k.startswith(("vision.", "llm."))]
     # a head's added tokens ([IMG0], [DET], ...) append rows to the embeddings: the LLM's own rows must hold

@@ -38,7 +38,8 @@ def _mlp(hidden_size: int, out: int) -> nn.Sequential:
 
 class LinkConditionedDecoder(nn.Module):
     def __init__(self, llm_hidden_size: int, vision_hidden_size: int, hidden_size: int, num_layers: int,
-                 num_heads: int, num_queries: int, mask_size: int | None, request_window: int = 32):
+                 num_heads: int, num_queries: int, mask_size: int | None, request_window: int = 32,
+                 text_hidden_size: int | None = None):
         from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
 
         super().__init__()
@@ -46,6 +47,8 @@ class LinkConditionedDecoder(nn.Module):
         self.vision_proj = nn.Linear(vision_hidden_size, hidden_size)
         self.request_proj = nn.Linear(llm_hidden_size, hidden_size)
         self.request_positions = nn.Parameter(torch.randn(1, request_window, hidden_size) * 0.02)
+        if text_hidden_size is not None:  # the request's words as a frozen image-text tower reads them
+            self.text_proj = nn.Linear(text_hidden_size, hidden_size)
         self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
         # GLIP-style fusion: each patch attends to the request (slots + words) before it proposes, so that
@@ -69,10 +72,12 @@ class LinkConditionedDecoder(nn.Module):
 
     def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None,
                 request_states: torch.Tensor | None = None,
-                request_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                request_mask: torch.Tensor | None = None, text_states: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """(n, 1 + slots, llm_hidden), (n, tokens, vision_hidden) or None, and optionally the request's words
         (n, window, llm_hidden) with their (n, window) mask (True: a real token; the model's `head_context`
-        makes both) -> per query: `boxes` (n, q, 4)
+        makes both) and the same words read by the head's text tower, `text_states` (n, words, text_hidden)
+        with `text_mask` (n, words) -> per query: `boxes` (n, q, 4)
         cx cy w h, `logits` (n, q), `masks` (n, q, mask_size, mask_size) logits (None without an image or
         a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top; with an
         image also every patch's proposal, `proposal_logits` (n, patches) and `proposal_boxes` (n, patches, 4)."""
@@ -90,6 +95,11 @@ class LinkConditionedDecoder(nn.Module):
             weights = mask.to(words.dtype)[..., None]
             summary = summary + (words * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
             padding = torch.cat([torch.zeros_like(mask[:, :link.shape[1]]), ~mask], dim=1)  # True: not attended
+        if text_states is not None:
+            if padding is None:
+                padding = torch.zeros(link.shape[:2], dtype=torch.bool, device=link.device)
+            words = torch.cat([words, self.text_proj(text_states.to(link.dtype))], dim=1)
+            padding = torch.cat([padding, ~text_mask.bool()], dim=1)
         text = torch.cat([link, words], dim=1)  # the request: slots, then words (`padding` covers these)
         patches = _patch_grid(vision_features)
         out = {"masks": None}
@@ -109,6 +119,7 @@ class LinkConditionedDecoder(nn.Module):
                                    need_weights=False)  # (n, patches, d): the request as each patch reads it
             proposals = self.proposal_norm(features + asked)  # each patch, read for this request
             match = (self.proposal_match(proposals) * asked).sum(-1) / math.sqrt(asked.shape[-1])
+            out["relevance"] = match  # (n, patches): "this patch is part of something asked for" (a dense loss)
             out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1) + match
             out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
             k = min(self.queries.shape[1], tokens)  # a grid smaller than the query count: every patch
@@ -122,6 +133,8 @@ class LinkConditionedDecoder(nn.Module):
         out.update(boxes=delta.sigmoid() if reference is None else (torch.logit(reference, eps=1e-4) + delta).sigmoid(),
                    logits=self.score_head(hidden).squeeze(-1)
                    + (self.query_match(hidden) * asked).sum(-1) / math.sqrt(asked.shape[-1]), hidden=hidden)
+        if patches is not None:  # each query also keeps its patch's relevance: the densely trained selection
+            out["logits"] = out["logits"] + out["relevance"].gather(1, pick[..., 0])
         if patches is not None and self.mask_size is not None:
             pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
             masks = torch.einsum("nqd,npd->nqp", self.mask_embed(hidden), pixels).view(*hidden.shape[:2], side, side)
