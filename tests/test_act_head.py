@@ -20,6 +20,7 @@ from mmbridge.testing import build_tiny, overfit
 
 
 def act_config(**kw):
+    kw.setdefault("region_patch_features", True)  # every visual-prompt path, with the ViT's patches pooled
     return ActConfig(tasks=["det", "seg", "grd"], decoder_hidden_size=32, decoder_layers=2, decoder_heads=4,
                      num_object_queries=6, mask_size=16, **kw)
 
@@ -328,3 +329,24 @@ def test_relevance_targets_are_the_patches_inside_the_asked_boxes():
     assert _relevance_loss(right, boxes) < 1e-3 < _relevance_loss(wrong, boxes)
     # a request naming nothing in the image: every patch is a negative
     assert _relevance_loss(torch.full((1, 16), -8.0), boxes[1:]) < 1e-3 < _relevance_loss(torch.zeros(1, 16), boxes[1:])
+
+
+def test_the_region_encoder_pools_the_vit_patches_under_the_region_only():
+    """With `region_patch_features` the `<region>` embedding also reads the frozen ViT's patch features at
+    the region's points: patches under the region change it, patches elsewhere do not."""
+    from mmbridge.modeling.act.region import RegionEncoder
+
+    torch.manual_seed(0)
+    encoder = RegionEncoder(8, num_points=4, channels=16, vision_hidden_size=12).eval()
+    images, masks = torch.rand(1, 3, 32, 32), torch.zeros(1, 32, 32)
+    masks[0, :16, :16] = 1  # the top-left quarter: patches 0, 1, 4, 5 of a 4 x 4 grid
+    patches = torch.randn(1, 16, 12)
+    with torch.no_grad():
+        base = encoder(images, masks, patches)
+        elsewhere, under = patches.clone(), patches.clone()
+        elsewhere[0, [2, 3, 10, 15]] += torch.randn(4, 12)
+        under[0, 5] += torch.randn(12)
+        assert torch.allclose(encoder(images, masks, elsewhere), base, atol=1e-6)
+        assert not torch.allclose(encoder(images, masks, under), base, atol=1e-3)
+    with pytest.raises(ValueError, match="patch features"):
+        encoder(images, masks)

@@ -168,6 +168,9 @@ class ActConfig(HeadConfig):
     text_encoder: dict | None = None
     visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
     region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
+    # the region encoder also pools the frozen ViT's patch features (off by default: models saved before it
+    # existed load unchanged; the ShapesWorld recipe turns it on)
+    region_patch_features: bool = False
     num_keypoints: int = 17  # [POSE]: keypoints per person (COCO's 17, as ShapesWorld's stick figures)
     # [GEN] / [EDIT]: the draw head whose generator they use ([GEN]: its mapper and UNet as they are;
     # [EDIT]: its VAE and scheduler, and its UNet to initialise the editing UNet from)

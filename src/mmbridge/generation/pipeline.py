@@ -210,7 +210,8 @@ class MMBridgePipeline:
                                                      inputs.get("qformer_attention_mask"), vision_features)
         regions = None
         if inputs.get("region_masks") is not None:
-            regions = self.model.region_features(pixel_values, inputs["region_image_index"], inputs["region_masks"])
+            regions = self.model.region_features(pixel_values, inputs["region_image_index"], inputs["region_masks"],
+                                                 vision_features)
         return soft_prompts, vision_features, regions, self._pixels(pixel_values)
 
     def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -439,7 +440,8 @@ class ChatSession:
                 masks = processor.region_masks([part for _, part in regions]).to(self.pipeline.device)
                 index = torch.tensor([i for i, _ in regions], device=self.pipeline.device)
                 with torch.no_grad():
-                    self._region_features.append(self.pipeline.model.region_features(pixel_values, index, masks))
+                    self._region_features.append(self.pipeline.model.region_features(pixel_values, index, masks,
+                                                                                     vision_features))
         elif any(p["type"] == "region" for p in message["content"]):
             raise ValueError("in a chat session a region marks an image of the same message")
         # Images (and marked regions) are kept as embeddings only; the messages keep bare placeholders.

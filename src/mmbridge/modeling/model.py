@@ -204,11 +204,17 @@ class MMBridgeModel(PreTrainedModel):
         return next((h for h in self.heads.values() if h.config.region_token), None)
 
     def region_features(self, pixel_values: torch.Tensor, region_image_index: torch.Tensor,
-                        region_masks: torch.Tensor) -> torch.Tensor:
-        """Visual prompts -> one input embedding per region: (R, llm_hidden)."""
+                        region_masks: torch.Tensor, vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual prompts -> one input embedding per region: (R, llm_hidden). `vision_features` (per image):
+        the frozen ViT's, if already computed (the region encoder may pool them)."""
         head = self.region_head()
         if head is None:
             raise ValueError("the prompt marks a region, but this model has no head that reads visual prompts")
+        if getattr(head, "reads_patches", False):
+            if vision_features is None:
+                vision_features = self.vision(pixel_values)
+            return head.encode_regions(pixel_values[region_image_index], region_masks,
+                                       vision_features[region_image_index])
         return head.encode_regions(pixel_values[region_image_index], region_masks)
 
     def _scatter_regions(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
@@ -236,7 +242,9 @@ class MMBridgeModel(PreTrainedModel):
         marked region's embedding at its `<region>` (from `region_features`, or computed from the images
         with `region_image_index` / `region_masks` as the processor returns them)."""
         if region_features is None and region_masks is not None and len(region_masks):
-            region_features = self.region_features(pixel_values, region_image_index, region_masks)
+            if vision_features is None and image_features is None:
+                vision_features = self.vision(pixel_values)  # once: for the regions and the soft prompts
+            region_features = self.region_features(pixel_values, region_image_index, region_masks, vision_features)
         inputs_embeds = self._embed_images(input_ids, pixel_values, image_features, qformer_input_ids,
                                            qformer_attention_mask, vision_features)
         return self._scatter_regions(input_ids, inputs_embeds, region_features)

@@ -39,7 +39,7 @@ from transformers.loss.loss_for_object_detection import (
 )
 
 from mmbridge.heads_config import ActConfig, DrawConfig
-from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+from mmbridge.modeling.act.decoder import LinkConditionedDecoder, _patch_grid
 from mmbridge.modeling.act.editor import InstructionEditor
 from mmbridge.modeling.act.keypoints import PoseDecoder, keypoint_sigmas, match_people, oks
 from mmbridge.modeling.act.region import RegionEncoder
@@ -112,7 +112,8 @@ class ActHead(OutputHead):
             self.register_buffer("keypoint_sigmas", keypoint_sigmas(config.num_keypoints), persistent=False)
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
         if config.visual_prompts:
-            self.region_encoder = RegionEncoder(self.llm_hidden_size, config.region_points)
+            self.region_encoder = RegionEncoder(self.llm_hidden_size, config.region_points, vision_hidden_size=
+                                                vision_hidden if config.region_patch_features else None)
         self._draw = None  # the draw head ([GEN] / [EDIT]), a plain reference set in `bind`
         if any(t in GENERATION_ROUTES for t in config.routes):
             draw = model_config.head_configs.get(config.draw_head)
@@ -135,9 +136,17 @@ class ActHead(OutputHead):
                              "this head was not bound to it (build it inside an MMBridgeModel)")
         return self._draw
 
-    def encode_regions(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Visual prompts: (R, 3, H, W) images and (R, H, W) masks -> `<region>` embeddings (R, llm_hidden)."""
-        return self.region_encoder(pixel_values, masks)
+    @property
+    def reads_patches(self) -> bool:
+        """The region encoder pools the frozen ViT's patch features (`ActConfig.region_patch_features`)."""
+        return hasattr(self.region_encoder, "patch_project")
+
+    def encode_regions(self, pixel_values: torch.Tensor, masks: torch.Tensor,
+                       vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual prompts: (R, 3, H, W) images, (R, H, W) masks and, when the encoder reads them, each image's
+        ViT features (R, tokens, vision_hidden) -> `<region>` embeddings (R, llm_hidden)."""
+        patches = None if vision_features is None else _patch_grid(vision_features)
+        return self.region_encoder(pixel_values, masks, patches)
 
     def loss(self, hidden: torch.Tensor, targets: list[dict], route: str, context: dict) -> dict[str, torch.Tensor]:
         if len(targets) != hidden.shape[0]:

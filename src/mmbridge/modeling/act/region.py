@@ -4,7 +4,10 @@ fills a `<region>` placeholder in the LLM's input ("What color is <region>?").
 
 A small conv stem reads the image with the mask as a fourth channel; the feature map is pooled at
 points sampled inside the region with `grid_sample` (so a thin scribble and a large box alike give a
-fixed-size summary) and projected to the LLM's width.
+fixed-size summary) and projected to the LLM's width. With `vision_hidden_size`, the frozen ViT's patch
+features are pooled at the same points and added: they already name what is under each patch (colour,
+shape, size), which a fresh conv stem must learn from scratch — a first full-size run answered region
+questions from the stem alone at 64 %.
 """
 
 from __future__ import annotations
@@ -15,21 +18,34 @@ from torch import nn
 
 
 class RegionEncoder(nn.Module):
-    def __init__(self, llm_hidden_size: int, num_points: int = 16, channels: int = 64):
+    def __init__(self, llm_hidden_size: int, num_points: int = 16, channels: int = 64,
+                 vision_hidden_size: int | None = None):
         super().__init__()
+        if vision_hidden_size is not None:
+            self.patch_project = nn.Sequential(nn.LayerNorm(vision_hidden_size), nn.Linear(vision_hidden_size, channels))
         self.stem = nn.Sequential(nn.Conv2d(4, channels // 2, 3, stride=2, padding=1), nn.GELU(),
                                   nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1))
         self.project = nn.Linear(channels, llm_hidden_size)
         self.num_points = num_points
 
-    def forward(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """(R, 3, H, W) images, (R, H, W) region masks in {0, 1} -> (R, llm_hidden)."""
+    def forward(self, pixel_values: torch.Tensor, masks: torch.Tensor,
+                patches: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, 3, H, W) images, (R, H, W) region masks in {0, 1}, and (with `vision_hidden_size`) each image's
+        square grid of ViT patch features (R, side * side, vision_hidden) -> (R, llm_hidden)."""
         masks = masks.to(pixel_values.dtype)
         features = self.stem(torch.cat([pixel_values, masks[:, None]], dim=1))
-        grid = sample_points(masks, self.num_points)  # (R, P, 2) in [-1, 1]
-        pooled = F.grid_sample(features, grid[:, :, None], align_corners=False)  # (R, C, P, 1)
-        return self.project(pooled.squeeze(-1).mean(-1))
+        grid = sample_points(masks, self.num_points)[:, :, None]  # (R, P, 1, 2) in [-1, 1]
+        pooled = F.grid_sample(features, grid, align_corners=False).squeeze(-1).mean(-1)  # (R, C)
+        if hasattr(self, "patch_project"):
+            if patches is None:
+                raise ValueError("this region encoder reads the ViT's patch features: pass `patches`")
+            side = int(patches.shape[1] ** 0.5)
+            projected = self.patch_project(patches.to(pixel_values.dtype))  # (R, side * side, C)
+            projected = projected.transpose(1, 2).reshape(len(masks), -1, side, side)
+            # nearest: each point reads the patch it falls in, not a blend with the background next to it
+            pooled = pooled + F.grid_sample(projected, grid, mode="nearest", align_corners=False).squeeze(-1).mean(-1)
+        return self.project(pooled)
 
 
 def sample_points(masks: torch.Tensor, num_points: int) -> torch.Tensor:
