@@ -21,6 +21,7 @@ from mmbridge.testing import build_tiny, overfit
 
 def act_config(**kw):
     kw.setdefault("region_patch_features", True)  # every visual-prompt path, with the ViT's patches pooled
+    kw.setdefault("mask_pixel_decoder", True)  # and every decoding path with the pixel decoder's masks
     return ActConfig(tasks=["det", "seg", "grd"], decoder_hidden_size=32, decoder_layers=2, decoder_heads=4,
                      num_object_queries=6, mask_size=16, **kw)
 
@@ -266,13 +267,15 @@ def test_heads_read_the_request_words_before_the_trigger():
     # the decoder's scores follow the words
     decoder = model.act.decoders.eval()
     link, patches = torch.randn(1, 5, hidden.shape[-1]), torch.randn(1, 16, model.config.vision_config.hidden_size)
-    words = torch.randn(1, REQUEST_WINDOW, hidden.shape[-1])
+    words, image = torch.randn(1, REQUEST_WINDOW, hidden.shape[-1]), torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        a = decoder(link, patches, words, torch.ones(1, REQUEST_WINDOW, dtype=torch.bool))["proposal_logits"]
-        b = decoder(link, patches, -words, torch.ones(1, REQUEST_WINDOW, dtype=torch.bool))["proposal_logits"]
+        a = decoder(link, patches, words, torch.ones(1, REQUEST_WINDOW, dtype=torch.bool),
+                    images=image)["proposal_logits"]
+        b = decoder(link, patches, -words, torch.ones(1, REQUEST_WINDOW, dtype=torch.bool),
+                    images=image)["proposal_logits"]
         hidden_words = torch.zeros(1, REQUEST_WINDOW, dtype=torch.bool)
-        c = decoder(link, patches, words, hidden_words)["logits"]
-        d = decoder(link, patches, -words, hidden_words)["logits"]
+        c = decoder(link, patches, words, hidden_words, images=image)["logits"]
+        d = decoder(link, patches, -words, hidden_words, images=image)["logits"]
     assert not torch.allclose(a, b)
     assert torch.allclose(c, d)  # masked-out words are not read
 
@@ -350,3 +353,24 @@ def test_the_region_encoder_pools_the_vit_patches_under_the_region_only():
         assert not torch.allclose(encoder(images, masks, under), base, atol=1e-3)
     with pytest.raises(ValueError, match="patch features"):
         encoder(images, masks)
+
+
+def test_the_pixel_decoder_reads_normalised_and_plain_pixels_alike_and_masks_at_half_resolution():
+    """`mask_pixel_decoder`: masks at half the image's resolution from a conv stem fused with the patches; the
+    processor's normalised `pixel_values` (training) and [0, 1] images (decoding) give the same masks."""
+    from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+
+    torch.manual_seed(0)
+    decoder = LinkConditionedDecoder(8, 12, 16, 1, 2, num_queries=3, mask_size=16, pixel_decoder=True).eval()
+    images = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor([0.48, 0.46, 0.41])[:, None, None], torch.tensor([0.27, 0.26, 0.28])[:, None, None]
+    link, patches = torch.randn(2, 5, 8), torch.randn(2, 16, 12)
+    with torch.no_grad():
+        plain = decoder(link, patches, images=images)["masks"]
+        normalised = decoder(link, patches, images=(images - mean) / std)["masks"]
+        other = decoder(link, patches, images=images.flip(-1))["masks"]
+    assert plain.shape == (2, 3, 16, 16)
+    assert torch.allclose(plain, normalised, atol=1e-4)
+    assert not torch.allclose(plain, other, atol=1e-3)  # the pixels shape the masks
+    with pytest.raises(ValueError, match="pass `images`"):
+        decoder(link, patches)

@@ -163,6 +163,9 @@ class ActConfig(HeadConfig):
     num_object_queries: int = 16  # boxes proposed per request (ShapesWorld scenes hold at most 4 objects)
     mask_size: int = 32  # masks are predicted at this resolution (of the whole image)
     score_threshold: float = 0.5  # detections kept at inference
+    # masks from a pixel decoder (a conv stem over the image fused with the patches) at half the image's
+    # resolution, not from the patch grid alone (off by default: models saved before it load unchanged)
+    mask_pixel_decoder: bool = False
     # a frozen text tower's config (CLIP's: the foundation's, trained against the ViT) that also reads the
     # request's words for the decoder — category text embeddings grounded in images; None: the LLM's alone
     text_encoder: dict | None = None

@@ -284,12 +284,13 @@ class MMBridgeModel(PreTrainedModel):
 
     def head_context(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                      vision_features: torch.Tensor | None, images: torch.Tensor | None = None,
-                     hidden: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     hidden: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """What a head may read besides its slots' hidden states: the frozen vision encoder's features of
         each occurrence's image (`vision_features`: (occurrences, patches, vision_hidden), zeros where
         the row has no image, `has_image` says which). Decoders that attend to the image (act) use it.
-        With `images` (one per image, (num_images, 3, H, W) in [0, 1]), also `images` per occurrence.
+        With `images` (one per image, (num_images, 3, H, W) in [0, 1]), also `images` per occurrence; with
+        `pixel_values` (the processor's, normalised), `pixel_values` per occurrence.
         With the LLM's last `hidden` states, also the request's own words: `request_states` (occurrences,
         REQUEST_WINDOW, llm_hidden), the tokens right before each trigger (oldest first), their `request_ids`,
         and `request_mask` (True where a token is real text of that row: not padding, not image queries, not
@@ -304,6 +305,8 @@ class MMBridgeModel(PreTrainedModel):
         context.update(vision_features=features, has_image=index >= 0)
         if images is not None:
             context["images"] = images[index.clamp(min=0)] * (index >= 0)[:, None, None, None]
+        if pixel_values is not None and len(pixel_values):
+            context["pixel_values"] = pixel_values[index.clamp(min=0)] * (index >= 0)[:, None, None, None]
         return context
 
     def _request_window(self, input_ids: torch.Tensor, rows: torch.Tensor, triggers: torch.Tensor,
@@ -430,7 +433,7 @@ class MMBridgeModel(PreTrainedModel):
                     if trigger not in head_targets:
                         continue
                     context = self.head_context(input_ids, rows, positions, vision_features, hidden=hidden,
-                                                attention_mask=attention_mask)
+                                                attention_mask=attention_mask, pixel_values=pixel_values)
                     for key, value in self.heads[name].loss(hidden[rows, positions], head_targets[trigger],
                                                             trigger, context).items():
                         if key in wanted:  # routes of one head reporting the same loss add up

@@ -20,7 +20,8 @@ import random
 from pathlib import Path
 
 SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd"], "decoder_hidden_size": 128, "decoder_layers": 2,
-                   "decoder_heads": 4, "num_object_queries": 8, "mask_size": 32, "region_patch_features": True}
+                   "decoder_heads": 4, "num_object_queries": 8, "mask_size": 32, "region_patch_features": True,
+                   "mask_pixel_decoder": True}
 
 
 def add_act_head(model_dir: str | Path, out: str | Path, text_encoder: str | Path | None = None,

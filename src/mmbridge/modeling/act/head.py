@@ -104,7 +104,8 @@ class ActHead(OutputHead):
             self.decoders = LinkConditionedDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
                 config.decoder_heads, config.num_object_queries, config.mask_size,
-                text_hidden_size=None if self.text_encoder is None else self.text_encoder.config.hidden_size)
+                text_hidden_size=None if self.text_encoder is None else self.text_encoder.config.hidden_size,
+                pixel_decoder=config.mask_pixel_decoder)
         if "[POSE]" in config.routes:
             self.pose_decoder = PoseDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
@@ -159,7 +160,8 @@ class ActHead(OutputHead):
             return {named[k]: v for k, v in draw.loss(hidden, targets, draw.config.trigger, context).items()}
         if route == "[EDIT]":
             return {"act_edit": self._edit_loss(hidden, targets, context)}
-        out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context))
+        out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context),
+                            images=_pixels(context))
         device = out["boxes"].device
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
         if route == "[GRD]" and any(len(b) != 1 for b in boxes):
@@ -228,7 +230,8 @@ class ActHead(OutputHead):
             return {"keypoints": out["keypoints"].clamp(0, 1), "keypoint_scores": out["visibility"].sigmoid(),
                     "boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores,
                     "keep": scores > self.config.score_threshold}
-        out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context))
+        out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context),
+                            images=_pixels(context))
         scores = out["logits"].sigmoid()
         if route == "[GRD]":
             keep = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
@@ -341,6 +344,13 @@ def _relevance_loss(relevance: torch.Tensor, boxes: list[torch.Tensor]) -> torch
             target[i] = inside.any(0).to(relevance.dtype)
     # RetinaNet's normalisation: by the number of positives, so a few asked-for patches are not drowned
     return sigmoid_focal_loss(relevance[..., None], target[..., None], target.sum().clamp(min=1)) * patches
+
+
+def _pixels(context: dict) -> torch.Tensor | None:
+    """Each occurrence's image for the pixel decoder: the processor's `pixel_values` (training) or the images
+    in [0, 1] (decoding); the decoder standardises either."""
+    pixels = context.get("pixel_values")
+    return context.get("images") if pixels is None else pixels
 
 
 def _pose_target(target: dict, num_keypoints: int, device) -> dict[str, torch.Tensor]:

@@ -22,7 +22,8 @@ class RegionEncoder(nn.Module):
                  vision_hidden_size: int | None = None):
         super().__init__()
         if vision_hidden_size is not None:
-            self.patch_project = nn.Sequential(nn.LayerNorm(vision_hidden_size), nn.Linear(vision_hidden_size, channels))
+            self.patch_project = nn.Sequential(nn.LayerNorm(vision_hidden_size),
+                                               nn.Linear(vision_hidden_size, channels))
         self.stem = nn.Sequential(nn.Conv2d(4, channels // 2, 3, stride=2, padding=1), nn.GELU(),
                                   nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1))
