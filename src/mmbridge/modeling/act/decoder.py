@@ -49,6 +49,13 @@ class LinkConditionedDecoder(nn.Module):
         self.request_positions = nn.Parameter(torch.randn(1, request_window, hidden_size) * 0.02)
         if text_hidden_size is not None:  # the request's words as a frozen image-text tower reads them
             self.text_proj = nn.Linear(text_hidden_size, hidden_size)
+            # selection (OWL-ViT / GLIP): each patch reads the tower's words alone and scores "asked for" as a
+            # dot product; trained densely (`relevance`). In the shared fusion the same words sat among ~40 LLM
+            # states and template tokens, and a first run scored every object alike whatever was asked
+            self.select_text = nn.Linear(text_hidden_size, hidden_size)
+            self.select_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+            self.select_patch = nn.Linear(hidden_size, hidden_size)
+            self.select_bias = nn.Linear(hidden_size, 1)
         self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
         # GLIP-style fusion: each patch attends to the request (slots + words) before it proposes, so that
@@ -122,8 +129,11 @@ class LinkConditionedDecoder(nn.Module):
                                    need_weights=False)  # (n, patches, d): the request as each patch reads it
             proposals = self.proposal_norm(features + asked)  # each patch, read for this request
             match = (self.proposal_match(proposals) * asked).sum(-1) / math.sqrt(asked.shape[-1])
-            out["relevance"] = match  # (n, patches): "this patch is part of something asked for" (a dense loss)
+            # (n, patches): "this patch is part of something asked for" (trained densely: `relevance`)
+            out["relevance"] = match if text_states is None else self._select(features, text_states, text_mask)
             out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1) + match
+            if text_states is not None:
+                out["proposal_logits"] = out["proposal_logits"] + out["relevance"]
             out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
             k = min(self.queries.shape[1], tokens)  # a grid smaller than the query count: every patch
             pick = out["proposal_logits"].topk(k, dim=1).indices[..., None]
@@ -149,6 +159,13 @@ class LinkConditionedDecoder(nn.Module):
             out["masks"] = F.interpolate(masks, size=(self.mask_size, self.mask_size), mode="bilinear",
                                          align_corners=False)
         return out
+
+    def _select(self, features: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        words = self.select_text(text_states.to(features.dtype))
+        asked, _ = self.select_attention(features, words, words, key_padding_mask=~text_mask.bool(),
+                                         need_weights=False)
+        return ((self.select_patch(features) * asked).sum(-1) / math.sqrt(asked.shape[-1])
+                + self.select_bias(features).squeeze(-1))
 
 
 class PixelDecoder(nn.Module):
