@@ -132,8 +132,9 @@ class LinkConditionedDecoder(nn.Module):
             # (n, patches): "this patch is part of something asked for" (trained densely: `relevance`)
             out["relevance"] = match if text_states is None else self._select(features, text_states, text_mask)
             out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1) + match
-            if text_states is not None:
-                out["proposal_logits"] = out["proposal_logits"] + out["relevance"]
+            if text_states is not None:  # detached: only the dense loss trains it (the set losses call every
+                # patch but one per object a negative, which would teach it the opposite)
+                out["proposal_logits"] = out["proposal_logits"] + out["relevance"].detach()
             out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
             k = min(self.queries.shape[1], tokens)  # a grid smaller than the query count: every patch
             pick = out["proposal_logits"].topk(k, dim=1).indices[..., None]
@@ -147,7 +148,8 @@ class LinkConditionedDecoder(nn.Module):
                    logits=self.score_head(hidden).squeeze(-1)
                    + (self.query_match(hidden) * asked).sum(-1) / math.sqrt(asked.shape[-1]), hidden=hidden)
         if patches is not None:  # each query also keeps its patch's relevance: the densely trained selection
-            out["logits"] = out["logits"] + out["relevance"].gather(1, pick[..., 0])
+            relevance = out["relevance"] if text_states is None else out["relevance"].detach()
+            out["logits"] = out["logits"] + relevance.gather(1, pick[..., 0])
         if patches is not None and self.mask_size is not None:
             pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
             pixels = pixels.transpose(1, 2).reshape(n, -1, side, side)
