@@ -23,7 +23,8 @@ def _expected_trainable(model) -> int:
     """What the policy says: trainable components in full, plus peft adapters inside frozen ones."""
     total = 0
     for name, param in model.named_parameters():
-        component = name.split(".", 1)[0]
+        # a head's components are named "act.decoders", "act.text_encoder", ...: the longest that holds the name
+        component = max((c for c in model.config.trainable if name.startswith(c + ".")), key=len)
         if model.config.trainable[component] or "trainable_tokens_delta" in name or ".lora_" in name:
             total += param.numel()
     return total
