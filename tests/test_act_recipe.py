@@ -238,3 +238,11 @@ def test_the_recipe_adds_the_act_head_to_a_given_see_model_with_the_foundation_t
     model = MMBridgeModel.from_pretrained(tmp_path / "run" / "model")
     assert model.config.head_configs["act"].text_encoder["hidden_size"] == 16
     assert all(torch.equal(v, model.act.text_encoder.state_dict()[k]) for k, v in tower.state_dict().items())
+    # a model that already has an act head (the shipped one, since 2026-12-03) is refused with the reason
+    from mmbridge.train.config import ConfigError
+
+    cfg.see_model = str(tmp_path / "run" / "model")
+    again = Recipe(cfg, tmp_path / "run2", log=lambda _: None)
+    again.foundation = tmp_path / "foundation"
+    with pytest.raises(ConfigError, match="already has an act head"):
+        again.run()

@@ -159,8 +159,8 @@ class RecipeConfig:
     #: (this run's own output directory, i.e. the recipe also runs the foundation stages).
     foundation: str | None = None
     #: The trained model the head stages (draw, act) build on when this run does not train one: e.g.
-    #: `see_model=shipped` (the package's `shapes` model) with `stages=[act_data,act_stage1,act_stage2,export]`
-    #: adds the act head to it. None: this run's stage-3 (or draw) model.
+    #: `see_model=DIR` (or a shipped model's name) with `stages=[act_data,act_stage1,act_stage2,export]` adds
+    #: the act head to it (it must not have one). None: this run's stage-3 (or draw) model.
     see_model: str | None = None
     seed: int = 0
     threads: int = 2
@@ -531,9 +531,15 @@ class Recipe:
 
         base = self.out / "act" / "base"
         if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
+            from mmbridge.config import MMBridgeConfig
+
+            see_model = self._see_model()
+            if self.cfg.act.head.get("name", "act") in MMBridgeConfig.from_pretrained(see_model).head_configs:
+                raise ConfigError(f"{see_model} already has an act head; the act stages start from a see-model "
+                                  "without one (the bridges' stage-3 model, or `see_model=DIR` naming one)")
             torch.manual_seed(self.cfg.seed)
             tower = self.foundation / "text_encoder"
-            add_act_head(self._see_model(), base, tower if self.cfg.act.text_encoder and tower.is_dir() else None,
+            add_act_head(see_model, base, tower if self.cfg.act.text_encoder and tower.is_dir() else None,
                          **self.cfg.act.head)
         return self._trainer_stage(self.cfg.act_stage1, base, self.out / "act" / "stage1",
                                    [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}"])
