@@ -194,10 +194,16 @@ class PixelDecoder(nn.Module):
         return coarse + self.fuse(fine + self.coarse(coarse))
 
 
-def _anchors(side: int, like: torch.Tensor) -> torch.Tensor:
-    """Each patch's anchor box in logit space: its centre, two patches wide (the proposals' starting point)."""
+def patch_centres(side: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x, y) centres of a side x side patch grid as fractions of the image, each (side, side)."""
     centres = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) / side
     cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    return cx, cy
+
+
+def _anchors(side: int, like: torch.Tensor) -> torch.Tensor:
+    """Each patch's anchor box in logit space: its centre, two patches wide (the proposals' starting point)."""
+    cx, cy = patch_centres(side, like)
     size = torch.full_like(cx, min(2.0 / side, 0.5))
     return torch.logit(torch.stack([cx, cy, size, size], dim=-1).view(1, side * side, 4), eps=1e-4)
 

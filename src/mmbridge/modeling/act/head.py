@@ -39,7 +39,7 @@ from transformers.loss.loss_for_object_detection import (
 )
 
 from mmbridge.heads_config import ActConfig, DrawConfig
-from mmbridge.modeling.act.decoder import LinkConditionedDecoder, _patch_grid
+from mmbridge.modeling.act.decoder import LinkConditionedDecoder, _patch_grid, patch_centres
 from mmbridge.modeling.act.editor import InstructionEditor
 from mmbridge.modeling.act.keypoints import PoseDecoder, keypoint_sigmas, match_people, oks
 from mmbridge.modeling.act.region import RegionEncoder
@@ -331,11 +331,7 @@ def _relevance_loss(relevance: torch.Tensor, boxes: list[torch.Tensor]) -> torch
     negative (binary cross-entropy, per patch). The set losses tell one matched patch per object from the rest,
     so "a red circle's patch when red circles were asked" was learnt from one patch an object; a
     first full-size run found everything (class-agnostic AP50 0.98) but picked the asked class poorly."""
-    patches = relevance.shape[1]
-    side = int(patches ** 0.5)
-    centres = (torch.arange(side, device=relevance.device, dtype=relevance.dtype) + 0.5) / side
-    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
-    cx, cy = cx.reshape(1, -1), cy.reshape(1, -1)
+    cx, cy = (c.reshape(1, -1) for c in patch_centres(int(relevance.shape[1] ** 0.5), relevance))
     target = torch.zeros_like(relevance)
     for i, b in enumerate(boxes):
         if len(b):
