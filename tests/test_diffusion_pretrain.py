@@ -161,3 +161,31 @@ def test_a_snapshot_of_a_run_is_the_generator_it_would_save(tmp_path, text_tower
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     scale = json.loads((snap / "vae" / "config.json").read_text())["scaling_factor"]
     assert scale == vae.config.scaling_factor
+
+
+def test_bf16_autocast_trains_fp32_weights_on_fp32_targets(tmp_path, text_tower, monkeypatch):
+    """`mixed_precision="bf16"` runs the forward passes under autocast, but the weights the optimizer updates,
+    the noise target and the loss stay fp32; an unknown mode is refused by name."""
+    from diffusers import UNet2DConditionModel
+
+    encoder, tokenizer = text_tower
+    cfg = tiny_cfg(mixed_precision="bf16")
+    batches = shapes_batches(cfg)
+    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], tmp_path / "work", log=lambda d: None)
+    dtypes = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, *args, **kwargs):
+        out = forward(self, sample, *args, **kwargs)
+        dtypes.append((sample.dtype, out.sample.dtype))
+        return out
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    logs = []
+    unet = train_unet(cfg, vae, encoder, tokenizer, batches, tmp_path / "work", log=logs.append)
+    assert dtypes and all(noisy == torch.float32 and out == torch.bfloat16 for noisy, out in dtypes)
+    assert all(p.dtype == torch.float32 for p in [*unet.parameters(), *vae.parameters()])
+    assert torch.isfinite(torch.tensor(logs[-1]["ldm"]))
+    with pytest.raises(ValueError, match="mixed_precision 'fp8'"):
+        train_vae(tiny_cfg(mixed_precision="fp8"), lambda step, n: batches(step, n)[0], tmp_path / "x",
+                  log=lambda d: None)
