@@ -19,6 +19,7 @@ module: a measurement to run before changing the decoder.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import time
 
@@ -107,7 +108,33 @@ class WordAttentionScorer(nn.Module):
         return (self.match(p) * read).sum(-1) / p.shape[-1] ** 0.5 + self.objectness(p).squeeze(-1)
 
 
-def selection_probe(model, processor, tower, requests: int, val: int, steps: int, seed: int = 0) -> dict:
+class ConjunctionScorer(nn.Module):
+    """Each word of the request is a test a patch passes or fails — sigmoid(patch . word + bias) — and a
+    learned gate per word says whether the word constrains what is asked ("red", "circles": yes; "find",
+    "the": no). The score is objectness + the gated sum of log-probabilities: a logical AND over the named
+    attributes, where a dot product with the request read as one vector is an OR ("red circles" scoring a
+    red square and a blue circle half each)."""
+
+    def __init__(self, vision_size: int, words: nn.Module, word_size: int, hidden: int = 128):
+        super().__init__()
+        self.patch = nn.Linear(vision_size, hidden)
+        self.words, self.word_proj = words, nn.Linear(word_size, hidden)
+        self.word_bias, self.gate = nn.Linear(word_size, 1), nn.Linear(word_size, 1)
+        self.objectness = nn.Linear(hidden, 1)
+
+    def forward(self, patches, words, mask):
+        p, states = self.patch(patches), self.words(words)
+        tests = torch.einsum("npd,nwd->npw", p, self.word_proj(states)) / p.shape[-1] ** 0.5
+        tests = tests + self.word_bias(states).transpose(1, 2)
+        gate = self.gate(states).squeeze(-1).sigmoid() * mask  # (n, words)
+        return self.objectness(p).squeeze(-1) + (F.logsigmoid(tests) * gate[:, None]).sum(-1)
+
+
+SCORERS = {"attention": WordAttentionScorer, "conjunction": ConjunctionScorer}
+
+
+def selection_probe(model, processor, tower, requests: int, val: int, steps: int, scorers=tuple(SCORERS),
+                    seed: int = 0) -> dict:
     rng = random.Random(seed)
     rows = []
     for split, n in (("train", requests), ("val", val)):
@@ -140,12 +167,13 @@ def selection_probe(model, processor, tower, requests: int, val: int, steps: int
         ids[i, :len(r[3])], states[i, :len(r[3])], mask[i, :len(r[3])] = r[3], r[4], True
     train = torch.tensor([r[0] == "train" for r in rows])
     kinds = [r[1] for r in rows]
-    variants = {"text-tower states": (nn.Identity(), tower.config.hidden_size, states),
-                "learned token embeddings": (nn.Embedding(tower.config.vocab_size, 128), 128, ids)}
+    variants = {"text-tower states": (lambda: nn.Identity(), tower.config.hidden_size, states),
+                "learned token embeddings": (lambda: nn.Embedding(tower.config.vocab_size, 128), 128, ids)}
     out = {}
-    for name, (words, size, inputs) in variants.items():
+    for (name, (words, size, inputs)), scorer_name in itertools.product(variants.items(), scorers):
         torch.manual_seed(seed)
-        scorer = WordAttentionScorer(patches.shape[-1], words, size)
+        scorer = SCORERS[scorer_name](patches.shape[-1], words(), size)
+        name = f"{scorer_name} on {name}"
         optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-3)
         index = train.nonzero().flatten()
         for _ in range(steps):
@@ -173,14 +201,18 @@ def main() -> None:
     parser.add_argument("--model", default="shapes", help="a see-model (directory or shipped name)")
     parser.add_argument("--requests", type=int, default=2000, help="training requests of the selection probe")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--scorers", nargs="+", choices=sorted(SCORERS), default=sorted(SCORERS),
+                        help="the selection scorers to compare")
+    parser.add_argument("--skip-attributes", action="store_true", help="only the selection probe")
     args = parser.parse_args()
     torch.manual_seed(0)
     path = resolve_model_path(args.model)
     model, processor = MMBridgeModel.from_pretrained(path).eval(), MMBridgeProcessor.from_pretrained(path)
     tower = AutoModel.from_pretrained(SHIPPED_FOUNDATION / "text_encoder").eval()
     start = time.time()
-    print({"attributes": attribute_probe(model, processor, 1200, 300)})
-    print({"selection": selection_probe(model, processor, tower, args.requests, 600, args.steps)})
+    if not args.skip_attributes:
+        print({"attributes": attribute_probe(model, processor, 1200, 300)})
+    print({"selection": selection_probe(model, processor, tower, args.requests, 600, args.steps, args.scorers)})
     print(f"{time.time() - start:.0f} s")
 
 

@@ -19,9 +19,13 @@ TINY_DRAW = {"mapper_hidden_size": 32, "mapper_layers": (1, 1), "mapper_heads": 
 
 
 def test_draw_data_is_llava_with_images_in_answers(tmp_path):
-    counts = write_draw_data(tmp_path, num_scenes=3, num_stories=2)
-    assert counts == {"stage1_records": 3, "stage2_records": 6}  # per story: told, told a turn at a time, an edit
+    counts = write_draw_data(tmp_path, num_scenes=3, num_stories=2, see_turns=2)
+    # per story: told, told a turn at a time, an edit; a see chat per stage-1 scene (stage 2 mixes them in)
+    assert counts == {"stage1_records": 3, "stage2_records": 6, "see_chats": 3}
     stage1 = json.loads((tmp_path / "draw_stage1.json").read_text())
+    see = json.loads((tmp_path / "see.json").read_text())
+    assert see[0]["image"] == stage1[0]["image"][0] and len(see[0]["conversations"]) >= 4
+    assert "<image>" in see[0]["conversations"][0]["value"]
     assert stage1[0]["conversations"][1]["value"] == "<image>"
     assert (tmp_path / stage1[0]["image"][0]).is_file()
     story, turns = json.loads((tmp_path / "draw_stage2.json").read_text())[:2]
@@ -59,35 +63,54 @@ def test_draw_stages_train_through_the_trainer_and_the_model_draws(tmp_path):
     assert out.finish_reason in ("stop", "length")  # decoding runs with the head's hook in place
 
 
-def test_the_recipe_runs_the_draw_stages_when_listed_and_exports_a_self_contained_model(tmp_path):
-    """`mmbridge train shapes ... stages=[..., draw_data, draw_stage1, draw_stage2, export]`: on a stage-3 model
-    and the foundation's generator the draw head is added, trained in two trainer stages, and exported with
-    the generator inside (the model dir moves and still draws); a second run skips every stage."""
+def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_exports_one_model(tmp_path):
+    """`mmbridge train shapes ... see_model=DIR 'stages=[draw_data, draw_stage1, draw_stage2, act_data, act_stage1,
+    act_stage2, export]'` (how the shipped model is made from a see-model and the foundation's generator): the
+    draw head is added and trained in two trainer stages (stage 2 mixing in draw_data's own see chats: this run
+    has no stage-3 data), the act head goes on the draw model, and the export carries the generator inside (the
+    model dir moves and still draws); a second run skips every stage."""
     import shutil
 
     from mmbridge.config import MMBridgeConfig
     from mmbridge.generation import MMBridgePipeline
-    from mmbridge.pretrain.recipe import RECIPES_DIR, RUN_ORDER, DrawStage, Recipe, RecipeConfig, TrainerStage
+    from mmbridge.pretrain.recipe import (
+        RECIPES_DIR,
+        RUN_ORDER,
+        ActStage,
+        DrawStage,
+        Recipe,
+        RecipeConfig,
+        TrainerStage,
+    )
 
     assert "draw_stage1" not in RecipeConfig(name="x").stages  # opt-in: the see recipe is unchanged
-    make_base_model(tmp_path / "run" / "base", init_std=0.02)
-    make_base_model(tmp_path / "run" / "stage3" / "model", init_std=0.02)
+    make_base_model(tmp_path / "see", init_std=0.02)
     build_tiny_sd(tmp_path / "foundation" / "generator")
-    write_stage_data(tmp_path / "run" / "data", num_scenes=3, qa_per_scene=2)  # the see chats stage 2 mixes in
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
-    stages = ["draw_data", "draw_stage1", "draw_stage2", "export"]
+    stages = ["draw_data", "draw_stage1", "draw_stage2", "act_data", "act_stage1", "act_stage2", "export"]
+    tiny_act = {"decoder_hidden_size": 16, "decoder_layers": 1, "decoder_heads": 2, "num_object_queries": 4,
+                "mask_size": 8}
     cfg = RecipeConfig(name="draw-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
-                       draw=DrawStage(train_scenes=6, stories=2, head=TINY_DRAW),
+                       see_model=str(tmp_path / "see"),
+                       draw=DrawStage(train_scenes=6, stories=2, see_turns=2, head=TINY_DRAW),
                        draw_stage1=TrainerStage("shapes_draw_stage1.yaml", short),
-                       draw_stage2=TrainerStage("shapes_draw_stage2.yaml", short))
+                       draw_stage2=TrainerStage("shapes_draw_stage2.yaml", short),
+                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2, head=tiny_act, text_encoder=False),
+                       act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
+                       act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
     assert [s for s in RUN_ORDER if s in stages] == stages
     recipe = Recipe(cfg, tmp_path / "run", log=lambda _: None)
     recipe.foundation = tmp_path / "foundation"  # as `foundation=DIR` resolves it
     report = recipe.run()
     assert report["stages"]["draw_stage1"]["steps"] == 2 and report["stages"]["draw_stage2"]["steps"] == 2
+    assert report["stages"]["act_stage2"]["steps"] == 2
     assert report["stages"]["export"]["frozen_parts_identical"]
     exported = MMBridgeConfig.from_pretrained(tmp_path / "run" / "model")
     assert exported.component_paths["draw.generator"] == "generator" and exported.llm_lora
+    assert {"draw", "act"} <= set(exported.head_configs)
+    again = Recipe(cfg, tmp_path / "run", log=lambda _: None)
+    again.foundation = tmp_path / "foundation"
+    assert again.run()["stages"] == report["stages"]
     shutil.move(tmp_path / "run" / "model", tmp_path / "moved")
     shutil.rmtree(tmp_path / "foundation")  # the export needs no generator outside its own directory
     pipe = MMBridgePipeline.from_pretrained(tmp_path / "moved")

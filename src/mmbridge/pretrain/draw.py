@@ -35,16 +35,19 @@ def _lower_first(text: str) -> str:
     return text[0].lower() + text[1:].rstrip(".")
 
 
-def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: str = "train", seed: int = 0) -> dict:
-    """`out/draw_stage1.json` (caption -> image) and `out/draw_stage2.json` (stories, edit dialogues),
-    images under `out/images/`."""
+def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, see_turns: int = 4, split: str = "train",
+                    seed: int = 0) -> dict:
+    """`out/draw_stage1.json` (caption -> image), `out/draw_stage2.json` (stories, edit dialogues) and
+    `out/see.json` (see chats of `see_turns` questions about stage 1's scenes, which stage 2 mixes in so
+    that the LoRA it trains keeps answering about images), images under `out/images/`."""
     import random
 
-    from mmbridge.data.formats.llava import write_llava
+    from mmbridge.data.formats.llava import to_llava, write_llava
     from mmbridge.data.shapes.annotations import short_caption
     from mmbridge.data.shapes.edits import edit_pair, make_story
     from mmbridge.data.shapes.world import make_scene, render, rng_for
     from mmbridge.pretrain.diffusion import generator_caption
+    from mmbridge.pretrain.shapes import qa_turns
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -54,13 +57,18 @@ def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: s
         image.save(out / "images" / name)
         return f"images/{name}"
 
-    stage1 = []
-    requests = rng_for(seed, stream=16)
+    stage1, see = [], []
+    requests, questions = rng_for(seed, stream=16), random.Random(seed + 17)
     for i in range(num_scenes):
         scene = make_scene(split, i, seed)  # as the generator was trained: requests (relations) and captions
         prompt = rng.choice(DRAW_PROMPTS).format(_lower_first(generator_caption(scene, requests))) + "."
-        stage1.append({"id": f"draw-{i}", "image": [save(render(scene), f"draw-{i}.png")],
+        image = save(render(scene), f"draw-{i}.png")
+        stage1.append({"id": f"draw-{i}", "image": [image],
                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"}]})
+        if see_turns:
+            messages = [m for q, a in qa_turns(scene, questions, see_turns)
+                        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+            see.append(to_llava(f"see-{i}", image, messages))
     stage2 = []
     for i in range(num_stories):
         steps = make_story(split, i, seed)
@@ -82,4 +90,6 @@ def write_draw_data(out: str | Path, num_scenes: int, num_stories: int, split: s
                                          {"from": "gpt", "value": "<image>"}]})
     write_llava(stage1, str(out / "draw_stage1.json"))
     write_llava(stage2, str(out / "draw_stage2.json"))
-    return {"stage1_records": len(stage1), "stage2_records": len(stage2)}
+    if see_turns:
+        write_llava(see, str(out / "see.json"))
+    return {"stage1_records": len(stage1), "stage2_records": len(stage2), "see_chats": len(see)}

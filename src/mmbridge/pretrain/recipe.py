@@ -119,6 +119,7 @@ class DrawStage:
     `num_slots: 3` — 4 vokens — for the seed's voken-count ablation)."""
     train_scenes: int = 20000  # stage 1: caption -> image
     stories: int = 4000  # stage 2: as many stories and edit dialogues
+    see_turns: int = 4  # see chats about stage 1's scenes, mixed into stage 2
     head: dict = field(default_factory=dict)
 
 
@@ -481,7 +482,7 @@ class Recipe:
         from mmbridge.pretrain.draw import write_draw_data
 
         return write_draw_data(self.out / "draw" / "data", self.cfg.draw.train_scenes, self.cfg.draw.stories,
-                               seed=self.cfg.seed)
+                               self.cfg.draw.see_turns, seed=self.cfg.seed)
 
     def _draw_stage1(self) -> dict:
         from mmbridge.pretrain.draw import add_draw_head
@@ -501,7 +502,7 @@ class Recipe:
         return self._trainer_stage(self.cfg.draw_stage2, self.out / "draw" / "stage1" / "model",
                                    self.out / "draw" / "stage2",
                                    [f"data.datasets.0.path={self.out / 'draw' / 'data' / 'draw_stage2.json'}",
-                                    f"data.datasets.1.path={self.out / 'data' / 'instruct.json'}"])
+                                    f"data.datasets.1.path={self.out / 'draw' / 'data' / 'see.json'}"])
 
     def _trained_see_model(self) -> Path:
         """The see-model the heads start from: `see_model` (a directory or a shipped name) or stage 3's."""
