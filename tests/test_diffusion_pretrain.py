@@ -189,3 +189,36 @@ def test_bf16_autocast_trains_fp32_weights_on_fp32_targets(tmp_path, text_tower,
     with pytest.raises(ValueError, match="mixed_precision 'fp8'"):
         train_vae(tiny_cfg(mixed_precision="fp8"), lambda step, n: batches(step, n)[0], tmp_path / "x",
                   log=lambda d: None)
+
+
+def test_a_stored_generator_is_half_the_bytes_and_loads_back_in_fp32(tmp_path, text_tower):
+    """`store_generator` (how the package ships one): UNet and VAE in fp16, the text encoder untouched; the
+    draw head and diffusers load fp32 weights equal to the fp16-rounded originals and sample."""
+    from diffusers import StableDiffusionPipeline
+
+    from mmbridge.modeling.draw.diffusion import DiffusionGenerator
+    from mmbridge.pretrain.diffusion import store_generator
+
+    encoder, tokenizer = text_tower
+    cfg = tiny_cfg()
+    batches = shapes_batches(cfg)
+    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], tmp_path / "work", log=lambda d: None)
+    unet = train_unet(cfg, vae, encoder, tokenizer, batches, tmp_path / "work", log=lambda d: None)
+    full = save_generator(tmp_path / "full", vae, unet, encoder, tokenizer, cfg)
+    stored = store_generator(full, tmp_path / "stored")
+
+    def size(part):
+        return (stored / part / "diffusion_pytorch_model.safetensors").stat().st_size
+
+    assert size("unet") < 0.6 * (full / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert load_file(str(stored / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"].dtype \
+        == torch.float16
+    assert (stored / "text_encoder" / "model.safetensors").read_bytes() == \
+        (full / "text_encoder" / "model.safetensors").read_bytes()
+    assert (stored / "mmbridge_generator.json").is_file()
+    generator = DiffusionGenerator.from_pretrained(stored)
+    assert generator.unet.dtype == torch.float32
+    assert torch.equal(generator.unet.conv_in.weight, unet.conv_in.weight.half().float())
+    image = StableDiffusionPipeline.from_pretrained(stored)("a small red circle", num_inference_steps=2,
+                                                            height=32, width=32).images[0]
+    assert image.size == (32, 32)

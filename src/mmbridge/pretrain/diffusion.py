@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -210,6 +211,22 @@ def save_generator(out: str | Path, vae, unet, text_encoder, tokenizer, cfg: Gen
                                        requires_safety_checker=False)
     pipeline.save_pretrained(out)
     (out / "mmbridge_generator.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return out
+
+
+def store_generator(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A generator dir with its trained parts (UNet, VAE) stored in `dtype` — half the bytes for the package —
+    and its text encoder, tokenizer and scheduler as they are (the text encoder stays the foundation's, bit for
+    bit). diffusers loads the weights back in fp32 unless told otherwise."""
+    from diffusers import StableDiffusionPipeline
+
+    src, out = Path(src), Path(out)
+    pipeline = StableDiffusionPipeline.from_pretrained(src)
+    pipeline.unet.to(dtype)
+    pipeline.vae.to(dtype)
+    pipeline.save_pretrained(out)
+    if (src / "mmbridge_generator.json").is_file():
+        shutil.copy2(src / "mmbridge_generator.json", out / "mmbridge_generator.json")
     return out
 
 
