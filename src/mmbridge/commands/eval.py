@@ -49,9 +49,10 @@ def register(subparsers) -> None:
     parser.add_argument("--stories", type=int, default=100,
                         help="story: how many test-split stories to draw step by step (default 100)")
     parser.add_argument("--generator", metavar="DIR", default=None,
-                        help="draw: score this frozen generator alone (a StableDiffusionPipeline dir) prompted with "
-                             "the requests' caption text — the upper bound of a draw head on it; --model then only "
-                             "gives the vision encoder of the Fréchet distance")
+                        help="draw: score this frozen generator alone (a StableDiffusionPipeline dir, or `shipped`: "
+                             "the shipped foundation's) prompted with the requests' caption text — the upper bound "
+                             "of a draw head on it; --model then only gives the vision encoder of the Fréchet "
+                             "distance")
     parser.add_argument("--blind", action="store_true",
                         help="vqa: ask the question without the image (the question-only baseline)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -191,6 +192,10 @@ def _draw(args) -> int:
     pipeline = None if args.generator and args.no_fid else load_pipeline(args.model)
     out = args.out or "draw-eval"
     progress = not args.no_progress
+    if args.generator == "shipped":
+        from mmbridge.pretrain.recipe import SHIPPED_FOUNDATION
+
+        args.generator = str(SHIPPED_FOUNDATION / "generator")
     if args.generator:
         if not os.path.isfile(os.path.join(args.generator, "model_index.json")):
             raise CLIError(f"--generator {args.generator!r} is not a diffusers pipeline directory "
