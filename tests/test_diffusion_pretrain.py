@@ -161,6 +161,7 @@ def test_a_snapshot_of_a_run_is_the_generator_it_would_save(tmp_path, text_tower
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     scale = json.loads((snap / "vae" / "config.json").read_text())["scaling_factor"]
     assert scale == vae.config.scaling_factor
+    assert json.loads((snap / "mmbridge_generator.json").read_text())["snapshot_steps"] == {"vae": 6, "unet": 6}
 
 
 def test_bf16_autocast_trains_fp32_weights_on_fp32_targets(tmp_path, text_tower, monkeypatch):

@@ -260,7 +260,13 @@ def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfi
         model.load_state_dict(load_file(str(weights)))
         model.eval()
     set_latent_scale(vae, lambda step, n: shapes_batches(cfg)(step, n)[0], cfg)
-    return save_generator(out, vae, unet, text_encoder, tokenizer, cfg)
+    out = save_generator(out, vae, unet, text_encoder, tokenizer, cfg)
+    # the steps the checkpoints hold: a snapshot taken (or a run stopped) before `unet_steps` says so
+    record = json.loads((out / "mmbridge_generator.json").read_text())
+    record["snapshot_steps"] = {part: torch.load(run_dir / "generator-work" / part / "state.pt")["step"]
+                                for part in ("vae", "unet")}
+    (out / "mmbridge_generator.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
 
 
 def shapes_batches(cfg: GeneratorConfig, split: str = "train"
