@@ -106,6 +106,10 @@ def test_generator_dir_loads_in_diffusers_and_in_the_draw_head(tmp_path, text_to
     out = save_generator(tmp_path / "generator", vae, unet, encoder, tokenizer, cfg)
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
+    # diffusers conditions the UNet exactly as it was trained: padding masked (`caption_embeds`)
+    prompt_embeds, _ = pipe.encode_prompt("a large red circle", "cpu", 1, False)
+    trained = caption_embeds(encoder, tokenizer, ["a large red circle"], cfg.max_caption_tokens)
+    assert torch.equal(prompt_embeds, trained)
     image = pipe("a large red circle", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
     generator = DiffusionGenerator.from_pretrained(out)

@@ -205,6 +205,10 @@ def save_generator(out: str | Path, vae, unet, text_encoder, tokenizer, cfg: Gen
 
     out = Path(out)
     tokenizer.model_max_length = cfg.max_caption_tokens
+    # The UNet was trained on captions encoded with their padding masked (`caption_embeds`); diffusers'
+    # pipeline passes the mask only when the text encoder's config says so. Without it the ~50 padding
+    # states differ from training and the UNet ignores the request (measured: count right 0 % vs 81 %).
+    text_encoder.config.use_attention_mask = True
     scheduler = DDIMScheduler.from_config(noise_scheduler(cfg).config)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
