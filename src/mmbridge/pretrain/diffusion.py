@@ -267,7 +267,8 @@ def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfi
     out = save_generator(out, vae, unet, text_encoder, tokenizer, cfg)
     # the steps the checkpoints hold: a snapshot taken (or a run stopped) before `unet_steps` says so
     record = json.loads((out / "mmbridge_generator.json").read_text())
-    record["snapshot_steps"] = {part: torch.load(run_dir / "generator-work" / part / "state.pt")["step"]
+    work = run_dir / "generator-work"
+    record["snapshot_steps"] = {part: torch.load(work / part / "state.pt", weights_only=True)["step"]
                                 for part in ("vae", "unet")}
     (out / "mmbridge_generator.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
