@@ -84,3 +84,18 @@ def test_trainer_stage_with_lora_then_a_stage_that_freezes_it(tmp_path):
     final = MMBridgeModel.from_pretrained(tmp_path / "run2" / "model")
     for name, p in lora_params(exported).items():
         assert torch.equal(lora_params(final)[name], p), f"{name} lost or changed"
+
+
+def test_lora_and_added_token_rows_load_together_without_peft_warnings(tmp_path):
+    """Both adapters are there on purpose; peft's 'multiple adapters' warning filled the training logs."""
+    import warnings
+
+    model, processor = build_tiny(seed=0)
+    model.add_llm_lora(LORA)
+    model.llm.add_special_tokens(["[TOOL]"], processor.tokenizer, model.config)
+    model.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = MMBridgeModel.from_pretrained(tmp_path / "m")
+    assert not [w for w in caught if "peft_config" in str(w.message)]
+    assert set(loaded.llm.model.peft_config) == {"lora", "added_tokens"}

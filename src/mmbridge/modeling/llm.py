@@ -143,7 +143,7 @@ class LanguageModel(nn.Module):
             peft_config = LoraConfig(**lora)
         except TypeError as error:
             raise ValueError(f"invalid LoRA settings {lora}: {error}") from None
-        inject_adapter_in_model(peft_config, self.model, adapter_name=LORA_ADAPTER_NAME)
+        _inject(peft_config, self.model, LORA_ADAPTER_NAME)
 
     def _token_matrices(self) -> list[torch.Tensor]:
         matrices = [self.model.get_input_embeddings().weight]
@@ -162,7 +162,17 @@ class LanguageModel(nn.Module):
 
     def _make_rows_trainable(self, token_ids: list[int]) -> None:
         peft_config = TrainableTokensConfig(token_indices=token_ids, target_modules=self._target_module_names())
-        inject_adapter_in_model(peft_config, self.model, adapter_name=ADAPTER_NAME)
+        _inject(peft_config, self.model, ADAPTER_NAME)
+
+
+def _inject(peft_config, model: nn.Module, name: str) -> None:
+    """peft's `inject_adapter_in_model`, without its warning that a second adapter joins the first: an LLM
+    here carries two on purpose (LoRA, and the trainable rows of the added tokens), each under its own name."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(peft_config, model, adapter_name=name)
 
 
 def merge_adapters_(module: nn.Module) -> int:
