@@ -187,3 +187,20 @@ def test_segment_scores_ground_truth_masks_ap_one(eval_dir):
     summary, _ = evaluate_detection(oracle, str(eval_dir / "coco_test.json"), SEGMENT_PROMPT, progress=False)
     assert not summary["class_agnostic"]
     assert summary["segm_ap"] == pytest.approx(1.0) and summary["bbox_ap"] == pytest.approx(1.0)
+
+
+def test_f1_by_threshold_counts_what_a_server_keeping_scores_above_t_returns():
+    from mmbridge.evaluate import f1_by_threshold
+
+    dataset = {"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+                               {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 10]}]}
+
+    def det(score, x, y, category=1):
+        return {"image_id": 1, "category_id": category, "score": score, "bbox": [x, y, 10, 10]}
+
+    detections = [det(0.9, 0, 0), det(0.6, 50, 50), det(0.4, 1, 0), det(0.3, 20, 20, category=2), det(0.2, 20, 20)]
+    f1 = f1_by_threshold(dataset, detections, thresholds=(0.1, 0.25, 0.35, 0.5, 0.7, 0.95))
+    # kept / right: 0.1 -> 5 / 2 (the duplicate and the other category miss), 0.25 -> 4 / 1, 0.35 -> 3 / 1,
+    # 0.5 -> 2 / 1, 0.7 -> 1 / 1, 0.95 -> nothing kept
+    assert f1 == {0.1: round(4 / 7, 4), 0.25: round(2 / 6, 4), 0.35: round(2 / 5, 4), 0.5: 0.5, 0.7: round(2 / 3, 4),
+                  0.95: 0.0}

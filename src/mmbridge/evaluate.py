@@ -174,6 +174,8 @@ def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT,
                 detections.append(det)
     summary = {"requests": len(jobs), "images": len(records), "requests_without_detections": empty,
                "detections": len(detections), "class_agnostic": not per_category}
+    summary["f1_by_threshold"] = f1_by_threshold(dataset, detections)
+    summary["best_f1_threshold"] = max(summary["f1_by_threshold"], key=summary["f1_by_threshold"].get)
     for iou_type in ("bbox", "segm"):
         usable = [d for d in detections if iou_type == "bbox" or "segmentation" in d]
         if usable:
@@ -182,6 +184,44 @@ def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT,
         else:
             summary[f"{iou_type}_ap"] = summary[f"{iou_type}_ap50"] = 0.0
     return summary, detections
+
+
+#: Score thresholds `f1_by_threshold` tries (a head's serving `score_threshold` is chosen among them).
+F1_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 19))
+
+
+def f1_by_threshold(dataset: dict, detections: Sequence[dict], thresholds: Sequence[float] = F1_THRESHOLDS,
+                    iou: float = 0.5) -> dict[float, float]:
+    """F1 of the detections scoring >= t, per threshold t: what a user who keeps only those sees. AP integrates
+    over scores and cannot choose the cut a server applies; this does (the best F1 on val scenes is the head's
+    `score_threshold`). A detection is right when it takes a same-category ground-truth box at IoU >= `iou`,
+    greedily by score, each box once (COCOeval's matching, without its crowd and area rules)."""
+    from mmbridge.evaluate_act import box_iou
+
+    truth = defaultdict(list)
+    for ann in dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        truth[ann["image_id"], ann["category_id"]].append((x, y, x + w, y + h))
+    ranked = defaultdict(list)
+    for det in sorted(detections, key=lambda d: -d["score"]):
+        x, y, w, h = det["bbox"]
+        ranked[det["image_id"], det["category_id"]].append((det["score"], (x, y, x + w, y + h)))
+    result = {}
+    for t in thresholds:
+        right = kept = 0
+        for key, dets in ranked.items():
+            free = list(truth.get(key, []))
+            for score, box in dets:
+                if score < t:
+                    break
+                kept += 1
+                ious = [box_iou(box, g) for g in free]
+                if ious and max(ious) >= iou:
+                    free.pop(ious.index(max(ious)))
+                    right += 1
+        total = sum(len(v) for v in truth.values())
+        result[t] = round(2 * right / (kept + total), 4) if kept + total else 0.0
+    return result
 
 
 # -- drawing (issue 14, item 6) ------------------------------------------------------------------
