@@ -94,7 +94,7 @@ class DrawConfig(HeadConfig):
     """MiniGPT-5: vokens `[IMG0]`…`[IMG7]` -> feature mapper -> conditioning of a frozen diffusion UNet.
 
     The frozen image generator (VAE, UNet, scheduler, text encoder) is referenced by `pipeline_path`, a
-    diffusers `StableDiffusionPipeline` directory; it loads through diffusers (the `mmbridge[draw]` extra)."""
+    diffusers `StableDiffusionPipeline` directory; it loads through diffusers."""
 
     kind: ClassVar[str] = "draw"
     loss_names: ClassVar[tuple[str, ...]] = ("draw_ldm", "draw_caption")

@@ -66,7 +66,7 @@ def build_tiny(seed: int = 0, template: str = "minigpt4", num_query_tokens: int 
 def build_tiny_sd(directory, image_size: int = 16, condition_dim: int = 16, max_length: int = 8, seed: int = 0):
     """A tiny random Stable-Diffusion-layout directory (`StableDiffusionPipeline.save_pretrained`:
     unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) — the draw head's frozen
-    generator in tests. Needs diffusers (the `draw` extra)."""
+    generator in tests. Needs diffusers."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

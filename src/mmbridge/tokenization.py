@@ -58,6 +58,29 @@ def word_token_decoder() -> decoders.Decoder:
     return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Replace(Regex(SPACED_WORD_PUNCT), "")])
 
 
+#: A word at the very end of a text. `word_token_normalizer` leaves it alone (a trained LM's answers end
+#: that way before "</s>"), so "a red circle" ends in the pieces `ci r c le`, not the word's token.
+TEXT_FINAL_WORD = r"(?<=\w)\z"
+
+
+def with_final_word_token(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A copy of `tokenizer` whose last word, too, becomes its word token ("a red circle" -> ... `circleĠ`,
+    as in "a red circle." and mid-sentence) — CLIP's BPE ends every word in `</w>`, the last one included.
+
+    For a text encoder that conditions a generator on prompts users type without a final period: with the
+    plain tokenizer the last word — in "a small red circle", the shape — arrives as pieces the text tower
+    never saw in training (its captions end in "background."), and the generator could not read it."""
+    import copy
+    import json
+
+    new = copy.deepcopy(tokenizer)
+    backend = new.backend_tokenizer
+    if json.dumps(TEXT_FINAL_WORD)[1:-1] not in backend.to_str():  # once: the rule as the JSON spells it
+        final = normalizers.Replace(Regex(TEXT_FINAL_WORD), " ")
+        backend.normalizer = final if backend.normalizer is None else normalizers.Sequence([backend.normalizer, final])
+    return new
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any input text is encodable) with the special tokens mmbridge expects, one token
     per word wherever the word appears (`word_token_normalizer`). A saved tokenizer keeps the rules it

@@ -2,8 +2,8 @@
 diffusers model / scheduler class. Frozen parts referenced by `config.component_paths` (a vision
 encoder, an LLM, and for the draw head a VAE, a UNet and a scheduler) all come in through here.
 
-diffusers is an optional extra (`pip install mmbridge[draw]`), imported only when a diffusers kind is
-asked for, so see-only installs never need it.
+diffusers (a dependency) is imported only when a diffusers kind is asked for: a see-only model never pays
+for its import.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _library(name: str):
         try:
             import diffusers
         except ImportError:
-            raise ImportError("this component is a diffusers model: install the draw extra "
-                              "(pip install 'mmbridge[draw]')") from None
+            raise ImportError("this component is a diffusers model and diffusers is not installed "
+                              "(a dependency of mmbridge: reinstall it, or pip install diffusers)") from None
         return diffusers
     import transformers
 

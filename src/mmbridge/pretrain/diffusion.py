@@ -165,6 +165,9 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
     """`batches(step, n)` -> (images in [-1, 1], captions). VAE and text encoder stay frozen."""
     from diffusers.training_utils import compute_snr
 
+    from mmbridge.tokenization import with_final_word_token
+
+    tokenizer = with_final_word_token(tokenizer)  # the prompt's last word (often its shape) as a word token
     torch.manual_seed(cfg.seed + 1)
     unet = build_unet(cfg, text_encoder.config.hidden_size)
     scheduler = noise_scheduler(cfg)
@@ -203,7 +206,10 @@ def save_generator(out: str | Path, vae, unet, text_encoder, tokenizer, cfg: Gen
     """The frozen generator as a standard `StableDiffusionPipeline` directory (DDIM for sampling)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from mmbridge.tokenization import with_final_word_token
+
     out = Path(out)
+    tokenizer = with_final_word_token(tokenizer)  # as the UNet was trained (`train_unet`)
     tokenizer.model_max_length = cfg.max_caption_tokens
     # The UNet was trained on captions encoded with their padding masked (`caption_embeds`); diffusers'
     # pipeline passes the mask only when the text encoder's config says so. Without it the ~50 padding
