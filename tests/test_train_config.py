@@ -45,6 +45,15 @@ def test_loads_resolves_paths_and_types(stage_file, tmp_path):
     assert cfg.data.datasets[0].shards == [str((tmp_path / "shards" / "a-{0..0}.tar").resolve())]
 
 
+def test_an_override_one_past_a_lists_end_appends_to_it(stage_file, tmp_path):
+    """How a recipe adds a dataset to a stage's mix (`data.datasets.N={...}`, N = the number it has)."""
+    cfg = load_stage_config(stage_file(), ['data.datasets.1={"name": "more", "type": "webdataset", '
+                                           '"shards": "shards/a-0.tar", "weight": 3}'])
+    assert [(d.name, d.weight) for d in cfg.data.datasets] == [("caps", 115), ("more", 3)]
+    with pytest.raises(ConfigError, match="not an index of a list of 1"):
+        load_stage_config(stage_file(), ['data.datasets.2={"name": "gap", "type": "webdataset"}'])
+
+
 @pytest.mark.parametrize("changes, overrides, message", [
     ({"train": ["qformer", "vison"]}, [], "unknown component(s) ['vison']"),
     ({"data__datasets__0__shards": "shards/missing-{0..1}.tar"}, [], "missing data path"),

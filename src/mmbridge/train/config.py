@@ -216,7 +216,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             else:
                 node = node.setdefault(part, {})
         last = parts[-1]
-        if isinstance(node, list):
+        if isinstance(node, list) and last == str(len(node)):  # one past the end: appended (a dataset to the mix)
+            node.append(value)
+        elif isinstance(node, list):
             node[_index(node, last, dotted)] = value
         elif isinstance(node, dict):
             node[last] = value
