@@ -5,6 +5,7 @@ with LoRA (stage 2), and draws afterwards."""
 import json
 
 import pytest
+import yaml
 
 from mmbridge.pretrain.draw import add_draw_head, write_draw_data
 from mmbridge.pretrain.shapes import write_stage_data
@@ -104,6 +105,10 @@ def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_e
     report = recipe.run()
     assert report["stages"]["draw_stage1"]["steps"] == 2 and report["stages"]["draw_stage2"]["steps"] == 2
     assert report["stages"]["act_stage2"]["steps"] == 2
+    # act stage 2 trains the LoRA: the draw requests stay in its mix, or the model forgets to draw
+    act2 = yaml.safe_load((tmp_path / "run" / "act" / "stage2" / "config.yaml").read_text())
+    assert [d["name"] for d in act2["data"]["datasets"]] == ["act", "see", "draw"]
+    assert act2["losses"]["draw_ldm"] == 1.0 and act2["data"]["datasets"][2]["path"].endswith("draw_stage1.json")
     assert report["stages"]["export"]["frozen_parts_identical"]
     exported = MMBridgeConfig.from_pretrained(tmp_path / "run" / "model")
     assert exported.component_paths["draw.generator"] == "generator" and exported.llm_lora

@@ -18,7 +18,21 @@ from mmbridge.serve.testing import DRAW_PROMPT, tiny_draw_model_dir  # noqa: E40
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return tiny_draw_model_dir(tmp_path_factory.mktemp("draw"))
+    """A tiny model that draws, with LoRA adapters on its frozen LLM (as the shipped model has)."""
+    from mmbridge.processing import MMBridgeProcessor
+
+    directory = tmp_path_factory.mktemp("draw")
+    drawn = tiny_draw_model_dir(directory)
+    model = MMBridgeModel.from_pretrained(drawn)
+    model.add_llm_lora({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B" in name:
+                param.normal_(std=0.01)
+    model.save_pretrained(directory / "model-lora")
+    MMBridgeProcessor.from_pretrained(drawn).save_pretrained(directory / "model-lora")
+    return directory / "model-lora"
 
 
 def test_shipped_copy_is_fp16_references_the_generator_and_draws_like_the_original(trained, tmp_path):
@@ -33,12 +47,18 @@ def test_shipped_copy_is_fp16_references_the_generator_and_draws_like_the_origin
     assert config["component_paths"] == {"draw.generator": generator} == {"draw.generator": config["heads"]["draw"]
                                                                           ["pipeline_path"]}
     stored = load_file(str(out / "trainable.safetensors"))
-    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
-    assert 0 < summary["max_rounding_error"] < 1e-2
+    # trained parts (Q-Former, projection, mapper, LoRA, new token rows) in fp16; the frozen parts as they were
+    frozen = [k for k in stored
+              if k.startswith(("vision.", "llm.")) and ".lora_" not in k and "trainable_tokens" not in k]
+    assert frozen and all(stored[k].dtype == torch.float32 for k in frozen)
+    assert {stored[k].dtype for k in stored if k not in frozen and stored[k].is_floating_point()} == {torch.float16}
+    assert any(".lora_" in k for k in stored) and 0 < summary["max_rounding_error"] < 1e-2
 
     original, shipped = MMBridgeModel.from_pretrained(trained), MMBridgeModel.from_pretrained(out)
     assert shipped.heads["draw"].generator is not None  # found through the relative path
-    for key, value in original.state_dict().items():  # the same model up to fp16 rounding
+    for key, value in original.state_dict().items():  # the same model: frozen parts exactly, the rest up to fp16
+        if key in frozen:
+            assert torch.equal(shipped.state_dict()[key], value), key
         assert torch.allclose(shipped.state_dict()[key], value, atol=1e-2, rtol=1e-3), key
 
     conversation = [[{"role": "user", "content": [{"type": "text", "text": DRAW_PROMPT}]}]]

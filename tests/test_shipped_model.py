@@ -10,6 +10,7 @@ import pytest
 
 from mmbridge.cli import main
 from mmbridge.models import resolve_model_path, sample_images_dir
+from mmbridge.pretrain.recipe import SHIPPED_FOUNDATION
 
 # Measured on the shipped artifact with `mmbridge eval` (docs/recipe.md); the tests allow some slack.
 MIN_VQA_ACCURACY_30_SCENES = 0.85  # measured 0.897 (271 questions; 0.902 on 1,000 scenes)
@@ -30,7 +31,12 @@ def test_shipped_model_loads_by_name_within_budget():
     path = resolve_model_path("shapes")
     assert sum(f.stat().st_size for f in path.iterdir()) <= 32 * 2**20
     config = MMBridgeConfig.from_pretrained(path)
-    assert config.qformer_instruction and config.llm_lora and not config.component_paths
+    assert config.qformer_instruction and config.llm_lora
+    # its one frozen part outside its own dir: the draw generator, the shipped foundation's (not a copy)
+    assert config.component_paths == {"draw.generator": "../../foundation/shapes/generator"}
+    assert (path / config.component_paths["draw.generator"]).resolve() == SHIPPED_FOUNDATION / "generator"
+    draw = config.head_configs["draw"]  # the draw head (MiniGPT-5): [IMG0]..[IMG7] -> mapper -> the generator
+    assert draw.routes == {"[IMG0]": [f"[IMG{i}]" for i in range(1, 8)]}
     assert "/" not in json.dumps([config.vision_config._name_or_path, config.text_config._name_or_path])
     act = config.head_configs["act"]  # the act head (VisionLLM v2): detect, segment, ground, visual prompts
     assert set(act.routes) == {"[DET]", "[SEG]", "[GRD]"} and act.visual_prompts and act.text_encoder
@@ -59,4 +65,9 @@ def test_demo_prints_mostly_right_answers(capsys, tmp_path):
     assert asked >= 12 and right >= MIN_DEMO_RIGHT
     act_right, act_asked = map(int, re.search(r"(\d+) of (\d+) act answers right", out).groups())
     assert act_asked == 12 and act_right >= MIN_DEMO_ACT_RIGHT
+    # it draws: each request answered with an image saved under --out, read back and marked right or wrong
+    # (how often right is measured on 100s of prompts: docs/recipe.md, "Draw")
+    _, draw_asked = map(int, re.search(r"(\d+) of (\d+) drawings right", out).groups())
+    assert draw_asked == 2 and len(re.findall(r"image: \S+\.png +\[(?:right|wrong): read", out)) == 2
+    assert len(list(tmp_path.glob("*.png"))) == 2 and (tmp_path / "chat.md").is_file()
     assert "multi-turn chat" in out and "Traceback" not in out
