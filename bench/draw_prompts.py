@@ -13,21 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mmbridge.data.shapes.faithfulness import request_for
-from mmbridge.data.shapes.world import rng_for, sample_scene, scene_seed
-
-
-def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
-    rng = rng_for(seed, stream=14)
-    out = []
-    for i in range(n):
-        scene = sample_scene(scene_seed("test", i, seed), num_objects=int(rng.integers(lo, hi + 1)))
-        request = request_for(scene, rng)
-        record = {"prompt": f"Draw {request.text}.", "objects": [" ".join(t) for t in request.objects]}
-        if request.relation:
-            record["relation"] = {"a": 0, "rel": request.relation.rel, "b": 1}
-        out.append(record)
-    return out
+from mmbridge.data.shapes.faithfulness import draw_prompt_records
 
 
 def main() -> None:
@@ -39,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     lo, _, hi = args.objects.partition("-")
     with open(args.out, "w") as f:
-        for record in prompts(args.n, int(lo), int(hi or lo), args.seed):
+        for record in draw_prompt_records(args.n, int(lo), int(hi or lo), args.seed):
             f.write(json.dumps(record) + "\n")
 
 

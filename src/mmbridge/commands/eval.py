@@ -2,9 +2,11 @@
 `mmbridge eval detect --model DIR --coco FILE.json [--prompt "Find every {category}."]` (COCOeval AP), and
 `mmbridge eval draw --model DIR --prompts FILE [--out DIR] [--guidance-scale S]` (draw faithfulness; `--generator
 SD_DIR`: the generator alone), `mmbridge eval story --model DIR [--stories N]` (stories drawn turn by turn), and
-`mmbridge eval edit --model DIR --edits edits/edits_SPLIT.jsonl [--out DIR]` (instruction-edit accuracy).
+`mmbridge eval edit --model DIR --edits edits/edits_SPLIT.jsonl [--out DIR]` (instruction-edit accuracy), and
+`mmbridge eval all --model DIR [--data DIR] [--scenes N] [--out DIR]` (every task the model can do, one table).
 
-Prints one JSON object (the metric, `n`, per-type numbers); `--out` writes one prediction per line.
+Prints one JSON object (the metric, `n`, per-type numbers); `--out` writes one prediction per line. `eval all`
+prints a markdown table and writes it with every task's JSON summary under `--out`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import json
 import sys
 
 from mmbridge.commands.eval_act import ACT_TASKS  # segment, ground, region, route: commands/eval_act.py
+from mmbridge.evaluate_all import TASKS as ALL_TASKS  # eval all's rows (light module: no torch at import)
 
-TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "story", "pose", "edit")
+TASKS = ("vqa", "caption", "retrieval", "detect", "draw", "story", "pose", "edit", "all")
 
 
 def register(subparsers) -> None:
@@ -32,7 +35,14 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", default=None,
                         help='detect: the request; "{category}" asks per category (default: "Find every {category}.")')
     parser.add_argument("--out", default=None, metavar="PREDS.jsonl",
-                        help="write per-item predictions here (draw: the folder for the images and draw.jsonl)")
+                        help="write per-item predictions here (draw: the folder for the images and draw.jsonl; "
+                             "all: the folder for the table, the summaries and the images; default eval-all)")
+    parser.add_argument("--data", default="eval-data", metavar="DIR",
+                        help="all: the eval files' folder, written there first if it lacks them (default eval-data)")
+    parser.add_argument("--scenes", type=int, default=1000,
+                        help="all: test-split scenes to write the eval files from (default 1000)")
+    parser.add_argument("--tasks", default=None,
+                        help="all: comma-separated subset of " + ",".join(ALL_TASKS))
     parser.add_argument("--prompts", metavar="FILE",
                         help='draw: JSON lines {"prompt", "objects"?, "relation"?} or plain prompt lines')
     parser.add_argument("--edits", metavar="FILE.jsonl",
@@ -82,6 +92,8 @@ def handle(args) -> int:
         return _pose(args)
     if args.task == "edit":
         return _edit(args)
+    if args.task == "all":
+        return _all(args)
     if not args.questions:
         raise CLIError(f"eval {args.task} needs --questions FILE.jsonl")
     kind = "vqa" if args.task == "vqa" else "caption"
@@ -299,4 +311,42 @@ def _edit(args) -> int:
     json.dump({"task": "edit", "model": args.model, **summary, **({"out": args.out} if args.out else {})},
               sys.stdout)
     sys.stdout.write("\n")
+    return 0
+
+
+def _all(args) -> int:
+    """`mmbridge eval all --model DIR [--data DIR] [--scenes N] [--tasks a,b] [--limit N] [--out DIR]`."""
+    import os
+
+    from mmbridge.cli import CLIError
+    from mmbridge.commands.chat import load_pipeline
+    from mmbridge.evaluate_all import evaluate_all, markdown_table, write_eval_data
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(ALL_TASKS)
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or not tasks:
+        raise CLIError(f"--tasks: unknown {unknown or 'empty list'}; choose from {','.join(ALL_TASKS)}")
+    if args.scenes < 1:
+        raise CLIError(f"--scenes must be >= 1, got {args.scenes}")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    out = args.out or "eval-all"
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out} exists and is not a directory")
+
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
+    log(f"eval data: {write_eval_data(args.data, args.scenes, progress=not args.no_progress)}")
+    pipeline = load_pipeline(args.model)
+    results = evaluate_all(pipeline, args.data, out, tasks, args.limit, args.batch_size,
+                           progress=not args.no_progress, log=log)
+    table = markdown_table(results)
+    header = (f"`mmbridge eval all --model {args.model}`: {args.scenes} test scenes"
+              + (f", at most {args.limit} items per task" if args.limit else ""))
+    with open(os.path.join(out, "all.md"), "w") as f:
+        f.write(f"{header}\n\n{table}\n")
+    with open(os.path.join(out, "all.json"), "w") as f:
+        json.dump({"model": args.model, "scenes": args.scenes, "limit": args.limit, "tasks": results}, f, indent=1)
+    print(f"{header}\n\n{table}\n\nsummaries: {os.path.join(out, 'all.json')}")
     return 0

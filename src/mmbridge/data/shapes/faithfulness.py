@@ -63,6 +63,24 @@ def request_for(scene: Scene, rng, relation_rate: float = 1.0) -> Request:
     return Request(objects, relation)
 
 
+def draw_prompt_records(n: int, min_objects: int = 1, max_objects: int = 2, seed: int = 0) -> list[dict]:
+    """`n` draw requests from test-split scenes of `min_objects`–`max_objects` objects (a relation when two):
+    `{"prompt": "Draw a large red circle above a small blue square.", "objects": [...], "relation"?: {...}}`,
+    the lines `mmbridge eval draw --prompts` reads and the faithfulness score compares against."""
+    from .world import rng_for, sample_scene, scene_seed
+
+    rng = rng_for(seed, stream=14)
+    out = []
+    for i in range(n):
+        scene = sample_scene(scene_seed("test", i, seed), num_objects=int(rng.integers(min_objects, max_objects + 1)))
+        request = request_for(scene, rng)
+        record = {"prompt": f"Draw {request.text}.", "objects": [" ".join(t) for t in request.objects]}
+        if request.relation:
+            record["relation"] = {"a": 0, "rel": request.relation.rel, "b": 1}
+        out.append(record)
+    return out
+
+
 def _triple(obj) -> Triple:
     if isinstance(obj, str):
         words = obj.lower().split()
