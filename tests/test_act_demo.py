@@ -121,3 +121,44 @@ def test_chat_saves_an_overlay_of_what_was_found(tmp_path):
     assert json.loads(saved[0].read_text())["route"] == "[DET]"
     assert "![turn001-1-overlay.png](turn001-1-overlay.png)" in (tmp_path / "chat.md").read_text()
     assert OutputWriter(tmp_path / "no-image").write("Find every shape.", result)[0].suffix == ".json"
+
+
+class PosePipeline:
+    """Answers the demo's pose request with each bundled figure's true keypoints, moved by `shift` pixels."""
+
+    def __init__(self, model, shift: float = 0.0):
+        from mmbridge.models import sample_images_dir
+
+        self.model, self.shift, self.truth = model, shift, {}
+        for figure in json.loads((sample_images_dir() / "poses.json").read_text()):
+            image = Image.open(sample_images_dir() / figure["image"]).convert("RGB")
+            self.truth[np.asarray(image).tobytes()] = figure
+
+    def generate(self, conversations, images, **kwargs):
+        results = []
+        for image in images:
+            figure = self.truth[np.asarray(image).tobytes()]
+            flat = figure["keypoints"]
+            person = [[(flat[i] + self.shift) / 64, (flat[i + 1] + self.shift) / 64, 1.0]
+                      for i in range(0, len(flat), 3)]
+            part = KeypointsPart("[POSE]", [person], [0.9], [[v / 64 for v in figure["box"]]],
+                                 skeleton=[[0, 1]])
+            results.append(GenerationResult([TextPart(""), part], "stop", 1, 1))
+        return results
+
+
+def test_demo_scores_poses_against_the_bundled_figures_by_oks(tmp_path, capsys):
+    model, processor = build_tiny(seed=0)
+    config = ActConfig(tasks=["pose"], decoder_hidden_size=16, decoder_layers=1, decoder_heads=2,
+                       num_object_queries=4, visual_prompts=False)
+    model.add_head(config, processor.tokenizer)
+    args = types.SimpleNamespace(out=str(tmp_path / "demo"), max_new_tokens=8)
+    demo._pose(PosePipeline(model), args)
+    printed = capsys.readouterr().out
+    assert "2 of 2 poses right (OKS >= 0.5)." in printed and printed.count("[right: OKS 1.00]") == 2
+    assert len(list((tmp_path / "demo" / "pose").glob("*-overlay.png"))) == 2
+    demo._pose(PosePipeline(model, shift=6.0), args)  # every joint 8.5 px off: far for COCO's sigmas
+    assert "0 of 2 poses right" in capsys.readouterr().out
+    # a model without the route: no pose section
+    demo._pose(PosePipeline(build_tiny(seed=0)[0]), args)
+    assert capsys.readouterr().out == ""

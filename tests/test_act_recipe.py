@@ -115,6 +115,44 @@ def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
     assert all(np.isfinite(v.item()) for v in out.losses.values())
 
 
+def test_pose_data_and_eval_files(tmp_path):
+    """`[POSE]` requests on the pose set's stick figures (keypoints as fractions, every one visible), in training
+    phrasings for pose.json and held-out ones in the route file, with a COCO keypoints file to score them."""
+    from mmbridge.data.shapes.pose import KEYPOINTS
+    from mmbridge.heads_config import ActConfig
+    from mmbridge.testing import build_tiny
+    from mmbridge.train.data import LlavaJsonDataset
+
+    counts = write_act_data(tmp_path / "train", num_scenes=2, see_turns=0, pose_figures=3)
+    assert counts["pose_chats"] == 3
+    records = json.loads((tmp_path / "train" / "pose.json").read_text())
+    for record in records:
+        assert [t["value"] for t in record["conversations"]][1] == "[POSE]"
+        assert record["conversations"][0]["value"].split("\n", 1)[1] in PHRASINGS["pose"]["train"]
+        (people,) = record["targets"]["[POSE]"]
+        (person,) = people["keypoints"]
+        assert len(person) == len(KEYPOINTS) and all(0 < x < 1 and 0 < y < 1 and v == 2 for x, y, v in person)
+        assert (tmp_path / "train" / record["image"]).is_file()
+    model, processor = build_tiny()
+    config = ActConfig(tasks=["det", "pose"], **TINY_ACT)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    dataset = LlavaJsonDataset(str(tmp_path / "train" / "pose.json"))
+    out = model(**processor([dataset[i] for i in range(len(dataset))], return_labels=True))
+    assert {"act_keypoints", "act_oks"} <= set(out.losses) and all(np.isfinite(v.item()) for v in out.losses.values())
+
+    summary = write_act_eval(tmp_path / "eval", num_scenes=2, pose_figures=2)
+    assert summary["pose_figures"] == 2 and summary["files"]["pose"] == "coco_pose_test.json"
+    coco = json.loads((tmp_path / "eval" / "coco_pose_test.json").read_text())
+    assert len(coco["images"]) == 2 and all(a["num_keypoints"] == len(KEYPOINTS) for a in coco["annotations"])
+    assert all((tmp_path / "eval" / image["file_name"]).is_file() for image in coco["images"])
+    routes = [json.loads(line) for line in (tmp_path / "eval" / "route_test.jsonl").read_text().splitlines()]
+    poses = [r for r in routes if r["task"] == "pose"]
+    assert len(poses) == 2 and all(r["route"] == "[POSE]" and r["request"] in PHRASINGS["pose"]["heldout"]
+                                   for r in poses)
+    assert not set(PHRASINGS["pose"]["train"]) & set(PHRASINGS["pose"]["heldout"])
+
+
 def test_a_request_with_more_region_tags_than_regions_is_a_sample_error():
     from mmbridge.train.data import SampleError, llava_to_messages
 
@@ -182,6 +220,8 @@ def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_pa
 def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tmp_path):
     """`mmbridge train shapes ... stages=[..., act_data, act_stage1, act_stage2, export]`: on a stage-3 model
     the act head is added, trained in two trainer stages, and exported; a second run skips them all."""
+    import torch
+
     from mmbridge.config import MMBridgeConfig
     from mmbridge.pretrain.recipe import RECIPES_DIR, RUN_ORDER, ActStage, Recipe, RecipeConfig, TrainerStage
     from mmbridge.train.fixtures import make_base_model
@@ -192,7 +232,8 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
     stages = ["act_data", "act_stage1", "act_stage2", "export"]
     cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
-                       act=ActStage(train_scenes=6, see_turns=2, eval_scenes=3, head=TINY_ACT),
+                       act=ActStage(train_scenes=6, see_turns=2, eval_scenes=3, head=TINY_ACT, pose_figures=4,
+                                    eval_pose_figures=2),
                        act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
                        act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
     assert [s for s in RUN_ORDER if s in stages] == stages
@@ -201,6 +242,14 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     assert report["stages"]["act_data"]["eval"]["files"]["route"] == "route_test.jsonl"
     exported = MMBridgeConfig.from_pretrained(tmp_path / "model")
     assert "act" in exported.head_configs and exported.llm_lora
+    # the default head finds poses too: stick figures in both stages' mix, the keypoint decoder trained
+    assert "[POSE]" in exported.head_configs["act"].routes and report["stages"]["act_data"]["train"]["pose_chats"] == 4
+    assert report["stages"]["act_data"]["eval"]["files"]["pose"] == "coco_pose_test.json"
+    from mmbridge.modeling import MMBridgeModel
+
+    before, after = (MMBridgeModel.from_pretrained(d).act.pose_decoder.state_dict()
+                     for d in (tmp_path / "act" / "base", tmp_path / "model"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
     again = Recipe(cfg, tmp_path, log=lambda _: None).run()
     assert again["stages"] == report["stages"]
 
@@ -227,7 +276,8 @@ def test_the_recipe_adds_the_act_head_to_a_given_see_model_with_the_foundation_t
     stages = ["act_data", "act_stage1", "act_stage2", "export"]
     cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
                        see_model=str(tmp_path / "see"),
-                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2, head=TINY_ACT),
+                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2,
+                                    head={**TINY_ACT, "tasks": ["det", "seg", "grd"]}),
                        act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
                        act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
     recipe = Recipe(cfg, tmp_path / "run", log=lambda _: None)

@@ -519,7 +519,7 @@ def evaluate_story(pipeline, num_stories: int, out_dir, split: str = "test", see
     return summary, records
 
 
-POSE_PROMPT = "Find the pose of every figure."
+POSE_PROMPT = "Find the pose of every figure."  # = data.shapes.act.CANONICAL["pose"], a training phrasing
 
 
 def pose_results(part, image_id: int, width: int, height: int, category_id: int = 1) -> list[dict]:

@@ -333,7 +333,7 @@ def trained_model_rows(name: str, options: list[str], repeats: int, new_tokens: 
 
     path = resolve_model_path(name)
     processor = MMBridgeProcessor.from_pretrained(path)
-    images = [np.array(Image.open(p).convert("RGB")) for p in sorted(sample_images_dir().glob("*.png"))[:4]]
+    images = [np.array(Image.open(p).convert("RGB")) for p in sorted(sample_images_dir().glob("test-*.png"))[:4]]
     if len(images) < 4:
         rng = np.random.default_rng(0)
         images += [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4 - len(images))]

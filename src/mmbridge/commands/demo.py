@@ -1,7 +1,8 @@
 """`mmbridge demo`: the shipped ShapesWorld model on bundled sample scenes — captions, answers, a chat;
 for a model with a draw head, a few drawings saved beside a markdown page and checked by the world reader;
 for a model with an act head, detections, masks and a grounded box on each sample, saved as overlay PNGs
-and scored against the scene's true boxes."""
+and scored against the scene's true boxes, and (with a `[POSE]` route) the keypoints of the bundled stick
+figures, scored by OKS against their true keypoints."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _samples():
     index = folder / "samples.json"
     if index.is_file():
         return [(folder / s["image"], s) for s in json.loads(index.read_text())]
-    return [(path, None) for path in sorted(folder.glob("*.png"))]
+    return [(path, None) for path in sorted(folder.glob("test-*.png"))]
 
 
 def run(args) -> int:
@@ -72,6 +73,7 @@ def run(args) -> int:
         print(f"  you:   {turn}\n  model: {answer.text}")
     _draw(pipeline, args)
     _act(pipeline, args, samples)
+    _pose(pipeline, args)
     return 0
 
 
@@ -179,3 +181,55 @@ def _matched(boxes, truth, iou) -> int:
             free.remove(best)
             hits += 1
     return hits
+
+
+POSE_REQUEST = "Find the pose of every figure."
+
+
+def _pose(pipeline, args) -> None:
+    """The bundled stick figures (`samples/poses.json`), for a model with a `[POSE]` route: the best-scored
+    person's keypoints against the figure's true ones by OKS (COCO's formula and sigmas; right at >= 0.5, AP50's
+    threshold), the overlay PNG saved under `--out/pose`."""
+    from pathlib import Path
+
+    import torch
+
+    from mmbridge.commands.outputs import OutputWriter
+    from mmbridge.modeling.act.keypoints import keypoint_sigmas, oks
+    from mmbridge.models import sample_images_dir
+    from mmbridge.processing import load_image
+
+    if not any("[POSE]" in h.routes for h in pipeline.model.config.head_configs.values() if h.kind == "act"):
+        return
+    index = sample_images_dir() / "poses.json"
+    figures = json.loads(index.read_text()) if index.is_file() else []
+    if not figures:
+        return
+    out = Path(args.out) / "pose"
+    print()
+    print(f"== poses (overlays and chat.md under {out})")
+    writer, right = OutputWriter(out), 0
+    images = [load_image(str(sample_images_dir() / f["image"])) for f in figures]
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": POSE_REQUEST}]}]
+                     for _ in figures]
+    results = pipeline.generate(conversations, images=images, max_new_tokens=args.max_new_tokens, do_sample=False)
+    for figure, image, result in zip(figures, images, results):
+        saved = writer.write(POSE_REQUEST, result, image)
+        found = [p for p in result.parts if p.type == "keypoints" and p.keypoints]
+        w, h = image.size
+        truth = torch.tensor(figure["keypoints"], dtype=torch.float32).view(1, -1, 3)
+        x0, y0, x1, y1 = figure["box"]
+        similarity = 0.0
+        if found:
+            predicted = torch.tensor([[k[:2] for k in found[0].keypoints[0]]], dtype=torch.float32)
+            scale = torch.tensor([w, h], dtype=torch.float32)
+            similarity = oks(predicted * scale, truth[..., :2], (truth[..., 2] > 0).float(),
+                             torch.tensor([(x1 - x0) * (y1 - y0)], dtype=torch.float32),
+                             keypoint_sigmas(truth.shape[1]))[0, 0].item()
+        ok = similarity >= 0.5
+        right += ok
+        overlay = next((str(p) for p in saved if p.name.endswith("-overlay.png")), "no overlay: nothing found")
+        verdict = f"OKS {similarity:.2f}" if found else "no keypoints"
+        print(f"-- {figure['image']}  (truth: {figure['caption']})\n  you:   {POSE_REQUEST}\n"
+              f"  model: {result.text or '[POSE]'}   [{'right' if ok else 'wrong'}: {verdict}]  {overlay}")
+    print(f"{right} of {len(figures)} poses right (OKS >= 0.5).")

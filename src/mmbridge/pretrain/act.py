@@ -1,11 +1,12 @@
 """The ShapesWorld act recipe's pieces: a see-model gains VisionLLM v2's act head, and its training data.
 
-* `add_act_head`: a trained see-model -> the same model with routing tokens `[DET]` / `[SEG]` / `[GRD]`,
-  their super-link queries, `<region>`, a fresh DETR decoder and region encoder (the LLM stays frozen).
+* `add_act_head`: a trained see-model -> the same model with routing tokens `[DET]` / `[SEG]` / `[GRD]` /
+  `[POSE]`, their super-link queries, `<region>`, fresh DETR and keypoint decoders and a region encoder (the
+  LLM stays frozen).
 * `write_act_data`: instruction data for every act task in many phrasings (`data/shapes/act.py`), as
   LLaVA JSON the trainer reads — the routing token in the answer, its decoder's target in `"targets"`,
   visual prompts in `"regions"` — and see chats about the same scenes to mix in (so that see quality
-  does not drop while the LoRA trains on act requests).
+  does not drop while the LoRA trains on act requests), and `[POSE]` requests on the pose set's stick figures.
 * `write_act_eval`: the eval files of `mmbridge eval detect|segment|ground|region|route`, on a split the
   training never sees: COCO instances, referring expressions, region questions, and requests in the
   held-out phrasings (the routing accuracy).
@@ -19,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd"], "decoder_hidden_size": 128, "decoder_layers": 2,
+SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd", "pose"], "decoder_hidden_size": 128, "decoder_layers": 2,
                    "decoder_heads": 4, "num_object_queries": 8, "mask_size": 32, "region_patch_features": True,
                    "mask_pixel_decoder": True}
 
@@ -81,10 +82,11 @@ def act_record(key: str, image: str, requests: list[dict]) -> dict:
 
 
 def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3, see_turns: int = 4,
-                   split: str = "train", seed: int = 0, first_scene: int = 0) -> dict:
+                   split: str = "train", seed: int = 0, first_scene: int = 0, pose_figures: int = 0) -> dict:
     """`out/act.json` (act requests, 1 to `requests_per_scene` per chat, training phrasings) and
     `out/see.json` (see chats of `see_turns` questions about the same scenes), images under `out/images/`.
-    Scenes `first_scene` … `first_scene + num_scenes - 1` of `split`."""
+    Scenes `first_scene` … `first_scene + num_scenes - 1` of `split`. With `pose_figures`, `out/pose.json`:
+    one `[POSE]` request per stick figure of the pose set (figures 0 … `pose_figures` - 1 of `split`)."""
     from mmbridge.data.formats.llava import to_llava, write_llava
     from mmbridge.data.shapes.act import scene_requests
     from mmbridge.data.shapes.world import make_scene, png_bytes, render
@@ -110,11 +112,31 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
     write_llava(act, str(out / "act.json"))
     if see_turns:
         write_llava(see, str(out / "see.json"))
+    poses = _pose_records(out, pose_figures, split, seed, "train")
+    if poses:
+        write_llava([act_record(f"pose-{key}", image, [req]) for key, image, req, _ in poses], str(out / "pose.json"))
     return {"scenes": num_scenes, "act_chats": len(act), "act_requests": sum(tasks.values()), "tasks": tasks,
-            "see_chats": len(see)}
+            "see_chats": len(see), "pose_chats": len(poses)}
 
 
-def write_act_eval(out: str | Path, num_scenes: int, split: str = "test", seed: int = 0) -> dict:
+def _pose_records(out: Path, num: int, split: str, seed: int, phrasings: str) -> list[tuple]:
+    """(key, image path, `[POSE]` request, figure) for figures 0 … `num` - 1 of the pose set's `split`, their
+    images written under `out/images/` (the seeds of `mmbridge data shapes --format wave2`'s pose set)."""
+    from mmbridge.data.shapes.act import pose_request
+    from mmbridge.data.shapes.pose import sample_pose
+    from mmbridge.data.shapes.world import png_bytes, scene_seed
+
+    rng, records = random.Random(seed + 17), []
+    for i in range(num):
+        figure = sample_pose(scene_seed(split, i, seed))
+        key = f"{split}-{i:06d}"
+        image = f"images/pose-{key}.png"
+        (out / image).write_bytes(png_bytes(figure.render()))
+        records.append((key, image, pose_request(figure, rng, phrasings), figure))
+    return records
+
+
+def write_act_eval(out: str | Path, num_scenes: int, split: str = "test", seed: int = 0, pose_figures: int = 0) -> dict:
     """Eval files for the act tasks on `num_scenes` scenes of `split` (image paths relative to `out`):
 
     * `coco_{split}.json`: COCO instances (boxes + RLE masks; the five shapes are the categories, colour and
@@ -124,7 +146,10 @@ def write_act_eval(out: str | Path, num_scenes: int, split: str = "test", seed: 
     * `region_{split}.jsonl`: `{"image", "question" with <region>, "region", "answer", "type"}`, one per
       object — `mmbridge eval region`;
     * `route_{split}.jsonl`: `{"image", "request", "route" (null: a text answer), "task", "region"?}` in the
-      held-out phrasings only — `mmbridge eval route`."""
+      held-out phrasings only — `mmbridge eval route`;
+    * with `pose_figures`: `coco_pose_{split}.json` (COCO keypoints of that many stick figures of the pose set,
+      as `mmbridge data shapes --format wave2` writes them) — `mmbridge eval pose` — and one held-out `[POSE]`
+      request per figure in the route file."""
     from mmbridge.data.build import SHAPE_CATEGORIES
     from mmbridge.data.formats.coco import CocoBuilder, encode_mask
     from mmbridge.data.shapes.act import (
@@ -165,9 +190,22 @@ def write_act_eval(out: str | Path, num_scenes: int, split: str = "test", seed: 
                                "task": task, **({"region": req["region"]} if req["region"] is not None else {})})
     coco.save(str(out / f"coco_{split}.json"))
     files = {"coco": f"coco_{split}.json"}
+    poses = _pose_records(out, pose_figures, split, seed, "heldout")
+    if poses:
+        from mmbridge.data.build import PERSON_CATEGORY
+
+        pose_coco = CocoBuilder(PERSON_CATEGORY, {"description": f"ShapesWorld stick figures {split} (act eval)"})
+        for key, image, req, figure in poses:
+            image_id = pose_coco.add_image(image, IMAGE_SIZE, IMAGE_SIZE, key=key, caption=figure.caption())
+            pose_coco.add_annotation(image_id, "person", figure.box, keypoints=figure.coco_keypoints(),
+                                     color=figure.color)
+            routes.append({"id": f"pose-{key}", "image": image, "request": req["request"], "route": "[POSE]",
+                           "task": "pose"})
+        pose_coco.save(str(out / f"coco_pose_{split}.json"))
+        files["pose"] = f"coco_pose_{split}.json"
     for name, rows in (("ground", ground), ("region", regions), ("route", routes)):
         with open(out / f"{name}_{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
         files[name] = f"{name}_{split}.jsonl"
     return {"scenes": num_scenes, "files": files, "objects": len(coco.annotations), "ground": len(ground),
-            "region": len(regions), "route": len(routes)}
+            "region": len(regions), "route": len(routes), "pose_figures": len(poses)}

@@ -109,6 +109,8 @@ class ActStage:
     requests_per_scene: int = 3
     see_turns: int = 4  # see chats about the same scenes, mixed into act stage 2
     eval_scenes: int = 1000  # test split: OUT/act/eval/{coco,ground,region,route}_test.*
+    pose_figures: int = 4000  # stick figures for [POSE] (pose.json; none when the head's tasks lack "pose")
+    eval_pose_figures: int = 250  # test split: OUT/act/eval/coco_pose_test.json
     head: dict = field(default_factory=dict)
     text_encoder: bool = True  # the foundation's CLIP text tower reads the requests' words (when it has one)
 
@@ -523,9 +525,28 @@ class Recipe:
         from mmbridge.pretrain.act import write_act_data, write_act_eval
 
         act, out = self.cfg.act, self.out / "act"
+        poses = self._act_poses()
         return {"train": write_act_data(out / "data", act.train_scenes, act.requests_per_scene, act.see_turns,
-                                        seed=self.cfg.seed),
-                "eval": write_act_eval(out / "eval", act.eval_scenes, seed=self.cfg.seed)}
+                                        seed=self.cfg.seed, pose_figures=act.pose_figures if poses else 0),
+                "eval": write_act_eval(out / "eval", act.eval_scenes, seed=self.cfg.seed,
+                                       pose_figures=act.eval_pose_figures if poses else 0)}
+
+    def _act_poses(self) -> bool:
+        """Whether the act head finds poses: `[POSE]` among its tasks and stick figures to train it on."""
+        from mmbridge.pretrain.act import SHAPES_ACT_HEAD
+
+        return "pose" in self.cfg.act.head.get("tasks", SHAPES_ACT_HEAD["tasks"]) and self.cfg.act.pose_figures > 0
+
+    def _pose_overrides(self, stage: TrainerStage, weight: int, appended: int = 0) -> list[str]:
+        """The stick figures' `[POSE]` requests appended to a stage's mix (at `weight`; after the `appended`
+        datasets other overrides add) and the keypoint decoder to what it trains."""
+        if not self._act_poses():
+            return []
+        spec = yaml.safe_load((Path(self.cfg.base_dir) / stage.config).read_text())  # its lists' lengths only
+        pose = {"name": "pose", "type": "llava_json", "weight": weight,
+                "path": str(self.out / "act" / "data" / "pose.json")}
+        return [f"data.datasets.{len(spec['data']['datasets']) + appended}={json.dumps(pose)}",
+                f"train.{len(spec['train'])}=act.pose_decoder"]
 
     def _act_stage1(self) -> dict:
         from mmbridge.pretrain.act import add_act_head
@@ -543,7 +564,8 @@ class Recipe:
             add_act_head(see_model, base, tower if self.cfg.act.text_encoder and tower.is_dir() else None,
                          **self.cfg.act.head)
         return self._trainer_stage(self.cfg.act_stage1, base, self.out / "act" / "stage1",
-                                   [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}"])
+                                   [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}",
+                                    *self._pose_overrides(self.cfg.act_stage1, weight=1)])
 
     def _act_stage2(self) -> dict:
         """Act stage 2 trains the LLM's LoRA: on a model that draws, the draw requests (`draw_stage1.json`) join
@@ -551,10 +573,12 @@ class Recipe:
         "Draw …" with `[IMG0]` (measured: 12 of 100 requests drawn after an act stage 2 without them)."""
         data = self.out / "act" / "data"
         overrides = [f"data.datasets.0.path={data / 'act.json'}", f"data.datasets.1.path={data / 'see.json'}"]
-        if "draw_stage2" in self.cfg.stages:
+        draws = "draw_stage2" in self.cfg.stages
+        if draws:
             draw = {"name": "draw", "type": "llava_json", "weight": 1,
                     "path": str(self.out / "draw" / "data" / "draw_stage1.json")}
             overrides += [f"data.datasets.2={json.dumps(draw)}", "losses.draw_ldm=1.0"]
+        overrides += self._pose_overrides(self.cfg.act_stage2, weight=1, appended=int(draws))
         return self._trainer_stage(self.cfg.act_stage2, self.out / "act" / "stage1" / "model",
                                    self.out / "act" / "stage2", overrides)
 

@@ -4,12 +4,14 @@ Every request is a dict `{"task", "request", "route", "answer", "target", "regio
 
 * `task`: `det` (boxes of every object a category names), `seg` (the same with masks), `grd` (the one
   object a referring expression names), `region_vqa` ("What color is <region>?"), `region_det` ("Find all
-  objects of the same shape as <region>": routes to `[DET]`), `unknown` (a class the world lacks);
+  objects of the same shape as <region>": routes to `[DET]`), `unknown` (a class the world lacks), `pose`
+  (the 17 keypoints of a stick figure: `pose_request`, on the pose set's images, not on a scene);
 * `request`: the user's words; `<region>` where a visual prompt fills in;
-* `route`: the routing token the answer writes (`[DET]`, `[SEG]`, `[GRD]`), or None for a text answer;
+* `route`: the routing token the answer writes (`[DET]`, `[SEG]`, `[GRD]`, `[POSE]`), or None for a text answer;
 * `answer`: the assistant's text: the routing token alone, or a word / a sentence;
 * `target`: what the route's decoder must return: boxes `[x0, y0, x1, y1]` as fractions of the image and,
-  for `[SEG]` / `[GRD]`, masks as COCO RLE (`{"size", "counts"}`);
+  for `[SEG]` / `[GRD]`, masks as COCO RLE (`{"size", "counts"}`); for `[POSE]` `{"keypoints": [per person
+  17 × [x, y, visibility]], "boxes"}`, fractions too;
 * `region`: the visual prompt (`box` / `point` / `scribble` / `mask`, fractions of the image), or None.
 
 Categories are open vocabulary: the request names them ("red shapes", "large circles", "every object"),
@@ -30,9 +32,10 @@ import random
 import numpy as np
 
 from .annotations import RELATIONS, referring_expressions
+from .pose import KEYPOINTS
 from .world import COLORS, IMAGE_SIZE, SHAPES, Scene, ShapeObject, coverage_map, relation
 
-ROUTES = {"det": "[DET]", "seg": "[SEG]", "grd": "[GRD]", "region_det": "[DET]"}
+ROUTES = {"det": "[DET]", "seg": "[SEG]", "grd": "[GRD]", "region_det": "[DET]", "pose": "[POSE]"}
 SIZES = ("small", "large")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
           "cross": "crosses"}
@@ -67,6 +70,14 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
         "heldout": ("What is the {attr} of <region>?", "Name the {attr} of <region>.",
                     "Can you tell me which {attr} <region> is?"),
     },
+    "pose": {  # on an image of the pose set (one stick figure)
+        "train": ("Find the pose of every figure.", "Find the pose of the figure.", "Estimate the pose of the "
+                  "stick figure.", "Detect the keypoints of the figure.", "Where are the joints of the figure?",
+                  "Show me the skeleton of the stick figure.", "Mark the body keypoints.",
+                  "What pose is the person in? Find the keypoints."),
+        "heldout": ("Can you estimate the figure's pose?", "Give me the keypoints of the person.",
+                    "Trace the skeleton of this figure.", "Locate every joint of the stick figure."),
+    },
     "region_det": {  # {attr}: shape / color
         "train": ("Find all objects of the same {attr} as <region>.", "Detect every object with the {attr} of "
                   "<region>.", "Where are the objects that share the {attr} of <region>?"),
@@ -84,6 +95,7 @@ UNKNOWN = {
 THING_PLURAL = {"cross": "crosses", "bicycle": "bicycles"}
 #: The canonical request of each task (what `mmbridge eval` asks; a training phrasing).
 CANONICAL = {"det": "Find every {one}.", "seg": "Segment every {one}.", "grd": "Find {expr}.",
+             "pose": "Find the pose of every figure.",
              "color": "What color is <region>?", "shape": "What shape is <region>?",
              "size": "What size is <region>?"}
 TASK_WEIGHTS = {"det": 3, "seg": 3, "grd": 3, "region_vqa": 2, "region_det": 1, "unknown": 1}
@@ -234,6 +246,14 @@ def make_request(scene: Scene, task: str, rng: random.Random, split: str = "trai
         return {**base, "request": text, "route": None, "answer": unknown_answer(kind), "target": None,
                 "category": many}
     raise ValueError(f"unknown act task {task!r}; tasks: {list(TASK_WEIGHTS)}")
+
+
+def pose_request(figure, rng: random.Random, split: str = "train") -> dict:
+    """A `[POSE]` request about a stick figure of the pose set (`data.shapes.pose.PoseScene`) in a random
+    phrasing of `split`: every keypoint is labelled and visible (v = 2), as in the pose set's COCO file."""
+    keypoints = [[x / IMAGE_SIZE, y / IMAGE_SIZE, 2] for x, y in (figure.keypoints[name] for name in KEYPOINTS)]
+    return {"task": "pose", "region": None, "request": rng.choice(PHRASINGS["pose"][split]), "route": "[POSE]",
+            "answer": "[POSE]", "target": {"keypoints": [keypoints], "boxes": [[v / IMAGE_SIZE for v in figure.box]]}}
 
 
 def scene_requests(scene: Scene, rng: random.Random, num: int, split: str = "train",
