@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory):
 
 def test_eval_data_has_every_tasks_files_and_is_reused(data_dir):
     for name in ("vqa_test.jsonl", "caption_test.jsonl", "act/coco_test.json", "act/ground_test.jsonl",
-                 "act/region_test.jsonl", "act/route_test.jsonl", "pose/coco_pose_test.json",
+                 "act/region_test.jsonl", "act/route_test.jsonl", "act/coco_pose_test.json",
                  "edits/edits_test.jsonl", "prompts_12.jsonl", "prompts_34.jsonl"):
         assert (data_dir / name).is_file(), name
     prompts = [json.loads(line) for line in (data_dir / "prompts_34.jsonl").read_text().splitlines()]

@@ -36,19 +36,20 @@ DATA_MANIFEST = "eval_all_data.json"
 
 
 def write_eval_data(out: str | os.PathLike, scenes: int = 1000, seed: int = 0, progress: bool = True) -> Path:
-    """The eval files of every task for `scenes` test-split scenes (a quarter as many pose figures and edit
-    pairs). Nothing is rewritten when `out` already holds them for the same `scenes` and `seed`."""
+    """The eval files of every task for `scenes` test-split scenes (a quarter as many stick figures and edit
+    pairs; the figures' held-out `[POSE]` requests join the route file). Nothing is rewritten when `out` already
+    holds them for the same `scenes` and `seed`."""
     from mmbridge.data.build import generate
     from mmbridge.data.shapes.faithfulness import draw_prompt_records
     from mmbridge.pretrain.act import write_act_eval
 
     out = Path(out)
-    manifest = {"scenes": scenes, "seed": seed, "split": "test"}
+    manifest = {"scenes": scenes, "seed": seed, "split": "test", "version": 2}  # 2: pose requests in route
     if (out / DATA_MANIFEST).is_file() and json.loads((out / DATA_MANIFEST).read_text()) == manifest:
         return out
     out.mkdir(parents=True, exist_ok=True)
     generate(str(out), scenes, seed, "test", ["eval", "wave2"], wave2_num=max(1, scenes // 4), progress=progress)
-    write_act_eval(out / "act", scenes, split="test", seed=seed)
+    write_act_eval(out / "act", scenes, split="test", seed=seed, pose_figures=max(1, scenes // 4))
     for name, (lo, hi) in (("prompts_12.jsonl", (1, 2)), ("prompts_34.jsonl", (3, 4))):
         with open(out / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in draw_prompt_records(scenes, lo, hi, seed))
@@ -106,7 +107,7 @@ def _run(task: str, pipeline, data: Path, out: Path, limit: int | None, batch_si
         return ev.evaluate_retrieval(pipeline.model, pipeline.processor, records, max(batch_size, 64),
                                      progress=progress)[0]
     if task in ("detect", "segment", "pose"):
-        coco = data / "pose" / "coco_pose_test.json" if task == "pose" else data / "act" / "coco_test.json"
+        coco = data / "act" / ("coco_pose_test.json" if task == "pose" else "coco_test.json")
         if task == "segment" and not _has_route(pipeline, "[SEG]"):
             raise ValueError("this model has no act head with a [SEG] route: it cannot segment")
         evaluate, prompt = ((ev.evaluate_pose, ev.POSE_PROMPT) if task == "pose" else
