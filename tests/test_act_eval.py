@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mmbridge.cli import main
+from mmbridge.data.shapes.act_eval import write_act_eval
 from mmbridge.data.shapes.world import IMAGE_SIZE, make_scene
 from mmbridge.generation import DetectionsPart, GenerationResult, TextPart
 from mmbridge.heads_config import ActConfig
-from mmbridge.pretrain.act import write_act_eval
 from mmbridge.testing import build_tiny
 
 NUM_SCENES = 4

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from mmbridge.data.shapes.act import PHRASINGS, UNKNOWN, make_request, rle, scene_requests
+from mmbridge.data.shapes.act_eval import write_act_eval
 from mmbridge.data.shapes.world import make_scene
-from mmbridge.pretrain.act import add_act_head, write_act_data, write_act_eval
+from mmbridge.pretrain.act import add_act_head, write_act_data
 from mmbridge.recipes import __file__ as recipes_init
 
 TINY_ACT = {"decoder_hidden_size": 16, "decoder_layers": 1, "decoder_heads": 2, "num_object_queries": 4,

@@ -30,6 +30,7 @@ FORBIDDEN_ARROWS: list[tuple[str, tuple[str, ...]]] = [
     ("mmbridge.eval", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     ("mmbridge.evaluate", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     ("mmbridge.evaluate_act", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
+    ("mmbridge.evaluate_all", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     ("mmbridge.testing", ("mmbridge.pretrain", "mmbridge.train", "mmbridge.recipes")),
     # pretrain and recipes build on train, so train importing them would be a loop.
     ("mmbridge.train", ("mmbridge.recipes", "mmbridge.pretrain", "mmbridge.commands", "mmbridge.cli")),

@@ -6,7 +6,7 @@
 * routing — whether the answer starts the right route (`[DET]`, `[SEG]`, `[GRD]`, or none: a text answer)
   for requests in phrasings the training never used.
 
-Each reads a JSON-lines file (`pretrain.act.write_act_eval` writes them; formats in docs/recipe.md, "Act")
+Each reads a JSON-lines file (`data.shapes.act_eval.write_act_eval` writes them; formats in docs/recipe.md, "Act")
 with images relative to the file, and returns `(summary, predictions)`.
 """
 

@@ -40,8 +40,8 @@ def write_eval_data(out: str | os.PathLike, scenes: int = 1000, seed: int = 0, p
     pairs; the figures' held-out `[POSE]` requests join the route file). Nothing is rewritten when `out` already
     holds them for the same `scenes` and `seed`."""
     from mmbridge.data.build import generate
+    from mmbridge.data.shapes.act_eval import write_act_eval
     from mmbridge.data.shapes.faithfulness import draw_prompt_records
-    from mmbridge.pretrain.act import write_act_eval
 
     out = Path(out)
     manifest = {"scenes": scenes, "seed": seed, "split": "test", "version": 2}  # 2: pose requests in route

@@ -6,7 +6,7 @@
     mmbridge eval route   --model M --questions route_test.jsonl   right route for held-out phrasings
 
 Each prints one JSON object; `--out` writes the predictions (JSON lines; segment: the COCO results).
-`pretrain.act.write_act_eval` writes the files (docs/recipe.md, "Act").
+`data.shapes.act_eval.write_act_eval` writes the files (docs/recipe.md, "Act").
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def handle_act(args) -> int:
 
     if not args.questions or not os.path.isfile(args.questions):
         raise CLIError(f"eval {args.task} needs --questions FILE.jsonl ({args.task}_SPLIT.jsonl of "
-                       f"pretrain.act.write_act_eval); got {args.questions}")
+                       f"data.shapes.act_eval.write_act_eval); got {args.questions}")
     records, skipped = read_act_jsonl(args.questions, REQUIRED[args.task])
     records = records[:args.limit] if args.limit is not None else records
     if not records:

@@ -103,8 +103,9 @@ class DataStage:
 
 @dataclass
 class ActStage:
-    """The act stages' data (pretrain.act.write_act_data / write_act_eval) and head (`ActConfig` settings over
-    pretrain.act.SHAPES_ACT_HEAD, e.g. `shared_queries: true`, `queries_per_task: 8` for the ablations)."""
+    """The act stages' data (pretrain.act.write_act_data / data.shapes.act_eval.write_act_eval) and head
+    (`ActConfig` settings over pretrain.act.SHAPES_ACT_HEAD, e.g. `shared_queries: true`, `queries_per_task: 8`
+    for the ablations)."""
     train_scenes: int = 20000
     requests_per_scene: int = 3
     see_turns: int = 4  # see chats about the same scenes, mixed into act stage 2
@@ -522,7 +523,8 @@ class Recipe:
 
     # -- the act head (issue 15): data, then its two trainer stages on the see (or draw) model ---------
     def _act_data(self) -> dict:
-        from mmbridge.pretrain.act import write_act_data, write_act_eval
+        from mmbridge.data.shapes.act_eval import write_act_eval
+        from mmbridge.pretrain.act import write_act_data
 
         act, out = self.cfg.act, self.out / "act"
         poses = self._act_poses()
