@@ -374,3 +374,35 @@ def test_the_pixel_decoder_reads_normalised_and_plain_pixels_alike_and_masks_at_
     assert not torch.allclose(plain, other, atol=1e-3)  # the pixels shape the masks
     with pytest.raises(ValueError, match="pass `images`"):
         decoder(link, patches)
+
+
+def test_a_perception_route_without_an_image_answers_in_words():
+    """"Find every circle." with no picture: whatever route the model writes, the part says it needs an image
+    (boxes decoded from an all-zero image would be noise); with the image, the detections."""
+    from PIL import Image
+
+    from mmbridge.generation import KeypointsPart, TextPart
+    from mmbridge.generation.parts import NO_IMAGE_TO_LOOK_AT, build_part
+
+    model, processor = build_tiny(seed=0)
+    config = ActConfig(tasks=["det", "pose"], decoder_hidden_size=16, decoder_layers=1, decoder_heads=2,
+                       num_object_queries=4, visual_prompts=False)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+    for route in ("[DET]", "[POSE]"):
+        answer = {"role": "assistant", "content": [{"type": "head", "head": route, "target": None}]}
+        plain = processor([[{"role": "user", "content": "Find every circle."}, answer]])
+        [(_, _, name, found, tensors)] = model.decode_heads(plain["input_ids"])
+        assert found == route and not bool(tensors["has_image"])
+        part = build_part("act", name, found, tensors)
+        assert isinstance(part, TextPart) and part.text == NO_IMAGE_TO_LOOK_AT
+        seen = processor([[{"role": "user", "content": [{"type": "image", "image": image},
+                                                        {"type": "text", "text": "Find every circle."}]}, answer]])
+        vision = model.vision(seen["pixel_values"])
+        [(_, _, name, found, tensors)] = model.decode_heads(
+            seen["input_ids"], image_features=model.get_image_features(None, vision_features=vision),
+            vision_features=vision)
+        assert bool(tensors["has_image"])
+        expected = DetectionsPart if route == "[DET]" else KeypointsPart
+        assert isinstance(build_part("act", name, found, tensors), expected)

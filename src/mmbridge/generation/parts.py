@@ -174,6 +174,8 @@ def keypoint_skeleton(num_keypoints: int) -> list[list[int]]:
 
 #: what the act head's `[EDIT]` answers when the request holds no image to edit
 NO_IMAGE_TO_EDIT = "I need an image to edit: send the picture together with the instruction."
+#: what a perception route (`[DET]`, `[SEG]`, `[GRD]`, `[POSE]`) answers when the conversation holds no image
+NO_IMAGE_TO_LOOK_AT = "I need an image to look at: send the picture together with the request."
 
 
 def _act_part(head: str, route: str, tensors: dict[str, torch.Tensor]):
@@ -183,6 +185,8 @@ def _act_part(head: str, route: str, tensors: dict[str, torch.Tensor]):
         part = _image_part(head, route, tensors)
         part.route = route
         return part
+    if "has_image" in tensors and not bool(tensors["has_image"]):
+        return TextPart(NO_IMAGE_TO_LOOK_AT)
     if route != "[POSE]":
         return _detections_part(head, route, tensors)
     keep = tensors["keep"].bool()

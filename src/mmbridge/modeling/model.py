@@ -298,7 +298,8 @@ class MMBridgeModel(PreTrainedModel):
         context = {}
         if hidden is not None:
             context.update(self._request_window(input_ids, rows[:, 0], positions[:, 0], hidden, attention_mask))
-        if vision_features is None:
+        if vision_features is None:  # no image anywhere in the batch
+            context["has_image"] = torch.zeros(len(rows), dtype=torch.bool, device=input_ids.device)
             return context
         index = self.occurrence_images(input_ids, rows[:, 0], positions[:, 0])
         features = vision_features[index.clamp(min=0)] * (index >= 0)[:, None, None]

@@ -229,7 +229,7 @@ class ActHead(OutputHead):
             scores = out["logits"].sigmoid()
             return {"keypoints": out["keypoints"].clamp(0, 1), "keypoint_scores": out["visibility"].sigmoid(),
                     "boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores,
-                    "keep": scores > self.config.score_threshold}
+                    "keep": scores > self.config.score_threshold, **_has_image(context, hidden)}
         out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context),
                             images=_pixels(context))
         scores = out["logits"].sigmoid()
@@ -237,7 +237,8 @@ class ActHead(OutputHead):
             keep = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
         else:
             keep = scores > self.config.score_threshold
-        decoded = {"boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores, "keep": keep}
+        decoded = {"boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores, "keep": keep,
+                   **_has_image(context, hidden)}
         if out["masks"] is not None and route != "[DET]":
             decoded["masks"] = out["masks"].sigmoid() > 0.5
         return decoded
@@ -319,6 +320,14 @@ class ActHead(OutputHead):
         giou = torch.diag(generalized_box_iou(center_to_corners_format(boxes), matched["boxes"]))
         losses["act_giou"] = (1 - giou).sum() / num_people
         return self._with_proposal_losses(losses, out, [p["boxes"] for p in people])
+
+
+def _has_image(context: dict, hidden: torch.Tensor) -> dict:
+    """Which rows had an image to look at (the model's context says; a decode without it assumes all did): a
+    perception route of a row without one is answered in words, not with boxes found in zeros."""
+    has_image = context.get("has_image")
+    return {"has_image": torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            if has_image is None else has_image}
 
 
 def _decoder_inputs(context: dict) -> tuple:
