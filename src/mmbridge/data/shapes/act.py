@@ -141,7 +141,7 @@ CANONICAL = {"det": "Find every {one}.", "seg": "Segment every {one}.", "grd": "
              "pose": "Find the pose of every figure.",
              "color": "What color is <region>?", "shape": "What shape is <region>?",
              "size": "What size is <region>?"}
-TASK_WEIGHTS = {"det": 3, "seg": 3, "grd": 3, "region_vqa": 2, "region_det": 1, "unknown": 2}
+TASK_WEIGHTS = {"det": 3, "seg": 3, "grd": 3, "region_vqa": 2, "region_det": 1, "unknown": 1}
 
 
 def plural(word: str) -> str:
