@@ -29,10 +29,6 @@ def test_phrasings_held_out_are_never_trained():
         assert not set(UNKNOWN["train"][kind]) & set(UNKNOWN["heldout"][kind])
         # no held-out word inside a training one either ("crescent" in "crescent moon" would be seen)
         assert not any(h in t for h in UNKNOWN["heldout"][kind] for t in UNKNOWN["train"][kind])
-    # det and seg are taught by many frames around many verb phrases, none of them a held-out template's verb
-    assert len(PHRASINGS["det"]["train"]) > 100 and len(PHRASINGS["seg"]["train"]) > 100
-    for verb in ("spot", "put boxes around", "looking for", "cut out", "produce a segmentation", "mask all"):
-        assert not any(verb in t.lower() for task in ("det", "seg") for t in PHRASINGS[task]["train"]), verb
     rng = random.Random(0)
     requests = [r for i in range(60) for r in scene_requests(make_scene("train", i), rng, 3)]
     texts = {r["request"] for r in requests}

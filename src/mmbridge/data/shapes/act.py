@@ -85,57 +85,14 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
                     "Spot all objects matching the {attr} of <region>."),
     },
 }
-# More training phrasings for det and seg: a politeness frame around one of many verb phrases, so that the
-# LoRA routes by the task's words rather than by one sentence (measured on the hand-written sets alone: 20 % of
-# held-out det phrasings routed right, 47 % of seg). The held-out templates stay unseen (`_composed` drops any
-# frame x phrase equal to one); their distinctive verbs ("spot", "put boxes around", "looking for", "cut out",
-# "produce a segmentation", "mask all") are not used here.
-FRAMES = ("{}.", "Please {}.", "Could you {}?", "{}, please.", "I want you to {}.", "Now {}.", "Help me {}.",
-          "Would you {}?", "Go ahead and {}.")
-VERB_PHRASES = {
-    "det": ("find all {many}", "find every {one}", "detect all the {many}", "locate every {one}",
-            "locate the {many}", "show me where the {many} are", "draw a box around each {one}",
-            "give me the bounding boxes of the {many}", "box every {one}", "mark all {many} with boxes",
-            "point out every {one}", "find where the {many} are", "detect each {one} in the picture",
-            "return boxes for the {many}", "tell me where every {one} is", "search the image for {many}"),
-    "seg": ("segment all {many}", "segment each {one}", "give me a mask of every {one}", "outline all {many}",
-            "find the pixels of every {one}", "separate the {many} from the background",
-            "trace the outline of each {one}", "return masks for the {many}", "make a mask for every {one}",
-            "segment the {many} in the picture", "paint a mask over each {one}",
-            "give me the pixel masks of the {many}", "do instance segmentation of the {many}"),
-}
-
-
-def _composed(task: str) -> tuple[str, ...]:
-    heldout = set(PHRASINGS[task]["heldout"])
-    out = []
-    for frame in FRAMES:
-        for phrase in VERB_PHRASES[task]:
-            text = frame.replace("{}", phrase)
-            text = text[0].upper() + text[1:]
-            if text not in heldout and text not in PHRASINGS[task]["train"]:
-                out.append(text)
-    return tuple(out)
-
-
-for _task in VERB_PHRASES:
-    PHRASINGS[_task]["train"] = PHRASINGS[_task]["train"] + _composed(_task)
-# A class the world lacks: shapes, colours and things it never has (docs/world.md lists what it has). Many
-# training words, so that what the LoRA learns is "not one of the world's words" rather than a list to refuse
-# (measured on the first list of 12: 6 % of the held-out words refused); the held-out words are never trained.
+# A class the world lacks: shapes, colours and things it never has (docs/world.md lists what it has).
 UNKNOWN = {
-    "train": {"shape": ("hexagon", "star", "pentagon", "heart", "oval", "ring", "spiral", "cube", "sphere",
-                        "cylinder", "cone", "pyramid", "trapezoid", "zigzag", "letter", "cloud",
-                        "semicircle", "septagon", "wave"),
-              "color": ("pink", "brown", "black", "beige", "violet", "teal", "maroon", "gold", "silver", "navy",
-                        "turquoise", "lime", "olive", "indigo"),
-              "thing": ("car", "dog", "tree", "house", "chair", "boat", "bird", "apple", "phone", "cup", "book",
-                        "clock", "horse", "plane", "fish", "shoe", "key", "lamp", "table", "banana", "bottle",
-                        "guitar", "window", "kite")},
+    "train": {"shape": ("hexagon", "star", "pentagon", "heart", "oval"), "color": ("pink", "brown", "black"),
+              "thing": ("car", "dog", "tree", "house")},
     "heldout": {"shape": ("octagon", "crescent", "arrow"), "color": ("gray", "magenta"),
                 "thing": ("cat", "bicycle", "flower")},
 }
-THING_PLURAL = {"cross": "crosses", "bicycle": "bicycles", "fish": "fish"}
+THING_PLURAL = {"cross": "crosses", "bicycle": "bicycles"}
 #: The canonical request of each task (what `mmbridge eval` asks; a training phrasing).
 CANONICAL = {"det": "Find every {one}.", "seg": "Segment every {one}.", "grd": "Find {expr}.",
              "pose": "Find the pose of every figure.",
