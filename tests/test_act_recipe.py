@@ -279,8 +279,7 @@ def test_the_recipe_adds_the_act_head_to_a_given_see_model_with_the_foundation_t
     stages = ["act_data", "act_stage1", "act_stage2", "export"]
     cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
                        see_model=str(tmp_path / "see"),
-                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2,
-                                    head={**TINY_ACT, "tasks": ["det", "seg", "grd"]}),
+                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2, head=TINY_ACT, pose_figures=0),
                        act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
                        act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
     recipe = Recipe(cfg, tmp_path / "run", log=lambda _: None)
@@ -290,6 +289,7 @@ def test_the_recipe_adds_the_act_head_to_a_given_see_model_with_the_foundation_t
     assert "act_relevance" in report["stages"]["act_stage1"]["final_losses"]
     model = MMBridgeModel.from_pretrained(tmp_path / "run" / "model")
     assert model.config.head_configs["act"].text_encoder["hidden_size"] == 16
+    assert "[POSE]" not in model.config.head_configs["act"].routes  # no stick figures to train it: no route
     assert all(torch.equal(v, model.act.text_encoder.state_dict()[k]) for k, v in tower.state_dict().items())
     # a model that already has an act head (the shipped one, since 2026-12-03) is refused with the reason
     from mmbridge.train.config import ConfigError

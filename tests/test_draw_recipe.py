@@ -96,7 +96,8 @@ def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_e
                        draw=DrawStage(train_scenes=6, stories=2, see_turns=2, head=TINY_DRAW),
                        draw_stage1=TrainerStage("shapes_draw_stage1.yaml", short),
                        draw_stage2=TrainerStage("shapes_draw_stage2.yaml", short),
-                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2, head=tiny_act, text_encoder=False),
+                       act=ActStage(train_scenes=4, see_turns=1, eval_scenes=2, head=tiny_act, text_encoder=False,
+                                    pose_figures=2, eval_pose_figures=1),
                        act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
                        act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
     assert [s for s in RUN_ORDER if s in stages] == stages
@@ -107,7 +108,7 @@ def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_e
     assert report["stages"]["act_stage2"]["steps"] == 2
     # act stage 2 trains the LoRA: the draw requests stay in its mix, or the model forgets to draw
     act2 = yaml.safe_load((tmp_path / "run" / "act" / "stage2" / "config.yaml").read_text())
-    assert [d["name"] for d in act2["data"]["datasets"]] == ["act", "see", "draw"]
+    assert [d["name"] for d in act2["data"]["datasets"]] == ["act", "see", "draw", "pose"]  # figures after draw
     assert act2["losses"]["draw_ldm"] == 1.0 and act2["data"]["datasets"][2]["path"].endswith("draw_stage1.json")
     assert report["stages"]["export"]["frozen_parts_identical"]
     exported = MMBridgeConfig.from_pretrained(tmp_path / "run" / "model")

@@ -565,8 +565,13 @@ class Recipe:
                                   "without one (the bridges' stage-3 model, or `see_model=DIR` naming one)")
             torch.manual_seed(self.cfg.seed)
             tower = self.foundation / "text_encoder"
+            settings = dict(self.cfg.act.head)
+            if "tasks" not in settings and self.cfg.act.pose_figures <= 0:  # no figures: no untrained [POSE]
+                from mmbridge.pretrain.act import SHAPES_ACT_HEAD
+
+                settings["tasks"] = [t for t in SHAPES_ACT_HEAD["tasks"] if t != "pose"]
             add_act_head(see_model, base, tower if self.cfg.act.text_encoder and tower.is_dir() else None,
-                         **self.cfg.act.head)
+                         **settings)
         return self._trainer_stage(self.cfg.act_stage1, base, self.out / "act" / "stage1",
                                    [f"data.datasets.0.path={self.out / 'act' / 'data' / 'act.json'}",
                                     *self._pose_overrides(self.cfg.act_stage1, weight=0.15)])
