@@ -505,8 +505,18 @@ class ChatSession:
         if self._cache is not None:
             self._cached_ids = target + result.token_ids
             _crop_to(self._cache, len(self._cached_ids))
-        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": result.raw_text}]})
+        self.messages.append({"role": "assistant", "content": [{"type": "text",
+                                                                "text": self._written(result, options)}]})
         return result
+
+    def _written(self, result: GenerationResult, options: SamplingOptions) -> str:
+        """The answer as the model wrote it, heads' routing and slot tokens included, for the history: with the
+        answer's plain text (`raw_text`, special tokens skipped) the next turn would read "[DET]…" as nothing —
+        a conversation the model never saw — and its cache would no longer match the history."""
+        tokenizer = self.pipeline.processor.tokenizer
+        structural = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        text = tokenizer.decode([t for t in result.token_ids if t not in structural], skip_special_tokens=False)
+        return _cut_at_stop(text, options.stop_strings(self.pipeline.processor))[0]
 
     def _reusable_cache(self, target: list[int]) -> tuple[DynamicCache, int]:
         if not (self.reuse_cache and self._cache is not None):
