@@ -130,11 +130,55 @@ class ConjunctionScorer(nn.Module):
         return self.objectness(p).squeeze(-1) + (F.logsigmoid(tests) * gate[:, None]).sum(-1)
 
 
-SCORERS = {"attention": WordAttentionScorer, "conjunction": ConjunctionScorer}
+class FactoredScorer(nn.Module):
+    """Attribute-factored selection: each patch classifies its object's attributes (colour, shape, size; trained
+    densely on the patches inside exactly one object), one learned query per attribute reads the request's
+    words and says which values it allows (or "any"), and the score is objectness + the sum over attributes of
+    log P(the patch's value is allowed): an AND over attributes, each an OR over the values a request allows."""
+
+    GROUPS = (len(COLORS), len(SHAPES), 2)
+
+    def __init__(self, vision_size: int, words: nn.Module, word_size: int, hidden: int = 128):
+        super().__init__()
+        self.patch = nn.Sequential(nn.Linear(vision_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.attributes = nn.Linear(hidden, sum(self.GROUPS))
+        self.words, self.word_proj = words, nn.Linear(word_size, hidden)
+        self.group_queries = nn.Parameter(torch.randn(1, len(self.GROUPS), hidden) * 0.02)
+        self.attention = nn.MultiheadAttention(hidden, 4, batch_first=True)
+        self.allowed = nn.ModuleList(nn.Linear(hidden, k + 1) for k in self.GROUPS)
+        self.objectness = nn.Linear(hidden, 1)
+        self.attribute_logits = None
+
+    def forward(self, patches, words, mask):
+        p = self.patch(patches)
+        w = self.word_proj(self.words(words))
+        read, _ = self.attention(self.group_queries.expand(len(p), -1, -1), w, w, key_padding_mask=~mask)
+        self.attribute_logits = self.attributes(p)
+        score = self.objectness(p).squeeze(-1)
+        for g, logits in enumerate(self.attribute_logits.split(self.GROUPS, dim=-1)):
+            allowed = self.allowed[g](read[:, g]).softmax(-1)  # (n, values + any)
+            fits = allowed[:, None, -1] + (logits.softmax(-1) * allowed[:, None, :-1]).sum(-1)
+            score = score + fits.clamp(min=1e-6).log()
+        return score
+
+
+class FactoredPlusAttentionScorer(FactoredScorer):
+    """The factored score plus the attention scorer's (relations: "left of the blue square" is no attribute)."""
+
+    def __init__(self, vision_size: int, words: nn.Module, word_size: int, hidden: int = 128):
+        super().__init__(vision_size, words, word_size, hidden)
+        self.attention_scorer = WordAttentionScorer(vision_size, nn.Identity(), word_size, hidden)
+
+    def forward(self, patches, words, mask):
+        return super().forward(patches, words, mask) + self.attention_scorer(patches, self.words(words), mask)
+
+
+SCORERS = {"attention": WordAttentionScorer, "conjunction": ConjunctionScorer, "factored": FactoredScorer,
+           "factored+attention": FactoredPlusAttentionScorer}
 
 
 def selection_probe(model, processor, tower, requests: int, val: int, steps: int, scorers=tuple(SCORERS),
-                    seed: int = 0) -> dict:
+                    seed: int = 0, words=("tower", "learned"), attribute_loss: bool = True) -> dict:
     rng = random.Random(seed)
     rows = []
     for split, n in (("train", requests), ("val", val)):
@@ -156,10 +200,21 @@ def selection_probe(model, processor, tower, requests: int, val: int, steps: int
             for x0, y0, x1, y1 in request["target"]["boxes"]:
                 inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
                 target = torch.maximum(target, inside.float().flatten())
-            rows.append((split, request_kind(task, request), features, torch.tensor(ids), states, target))
+            labels = torch.full((side * side, 3), -1)
+            masks = [torch.as_tensor(coverage_map(o)) > 0.5 for o in scene.objects]
+            cell = 64 // side
+            for p in range(side * side):
+                y, x = (p // side) * cell + cell // 2, (p % side) * cell + cell // 2
+                inside = [k for k, m in enumerate(masks) if m[y, x]]
+                if len(inside) == 1:
+                    o = scene.objects[inside[0]]
+                    labels[p] = torch.tensor([list(COLORS).index(o.color), list(SHAPES).index(o.shape),
+                                              int(o.size == "large")])
+            rows.append((split, request_kind(task, request), features, torch.tensor(ids), states, target, labels))
     width = max(len(r[3]) for r in rows)
     patches = torch.stack([r[2] for r in rows])
     targets = torch.stack([r[5] for r in rows])
+    labels = torch.stack([r[6] for r in rows])
     ids = torch.full((len(rows), width), tower.config.pad_token_id)
     states = torch.zeros(len(rows), width, tower.config.hidden_size)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -169,6 +224,7 @@ def selection_probe(model, processor, tower, requests: int, val: int, steps: int
     kinds = [r[1] for r in rows]
     variants = {"text-tower states": (lambda: nn.Identity(), tower.config.hidden_size, states),
                 "learned token embeddings": (lambda: nn.Embedding(tower.config.vocab_size, 128), 128, ids)}
+    variants = {k: v for k, v in variants.items() if k.split()[0].replace("text-", "") in words}
     out = {}
     for (name, (words, size, inputs)), scorer_name in itertools.product(variants.items(), scorers):
         torch.manual_seed(seed)
@@ -180,6 +236,10 @@ def selection_probe(model, processor, tower, requests: int, val: int, steps: int
             batch = index[torch.randint(len(index), (32,))]
             loss = F.binary_cross_entropy_with_logits(scorer(patches[batch], inputs[batch], mask[batch]),
                                                       targets[batch])
+            if attribute_loss and getattr(scorer, "attribute_logits", None) is not None:  # the dense attribute loss
+                for g, logits in enumerate(scorer.attribute_logits.split(scorer.GROUPS, dim=-1)):
+                    loss = loss + F.cross_entropy(logits.flatten(0, 1), labels[batch][..., g].flatten(),
+                                                  ignore_index=-1)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -204,6 +264,10 @@ def main() -> None:
     parser.add_argument("--scorers", nargs="+", choices=sorted(SCORERS), default=sorted(SCORERS),
                         help="the selection scorers to compare")
     parser.add_argument("--skip-attributes", action="store_true", help="only the selection probe")
+    parser.add_argument("--words", nargs="+", choices=("tower", "learned"), default=("tower", "learned"),
+                        help="how the scorers read the request: the text tower's states, learned token embeddings")
+    parser.add_argument("--no-attribute-loss", action="store_true",
+                        help="train the factored scorer's patch attributes by the selection loss alone")
     args = parser.parse_args()
     torch.manual_seed(0)
     path = resolve_model_path(args.model)
@@ -212,7 +276,8 @@ def main() -> None:
     start = time.time()
     if not args.skip_attributes:
         print({"attributes": attribute_probe(model, processor, 1200, 300)})
-    print({"selection": selection_probe(model, processor, tower, args.requests, 600, args.steps, args.scorers)})
+    print({"selection": selection_probe(model, processor, tower, args.requests, 600, args.steps, args.scorers,
+                                                words=args.words, attribute_loss=not args.no_attribute_loss)})
     print(f"{time.time() - start:.0f} s")
 
 

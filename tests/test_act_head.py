@@ -69,6 +69,39 @@ def test_losses_per_route_add_up_by_name():
     assert all(p.grad is None for p in model.vision.parameters())  # the ViT stays frozen
 
 
+def test_attribute_selection_learns_from_the_scenes_objects(tmp_path):
+    """With `selection_attributes`, the decoder also classifies each patch's object (the targets' `objects`: every
+    object of the scene, from the act data) and the selection reads the request's token ids; the head records
+    its vocabulary so that the saved model loads with the same rows."""
+    import random
+
+    from mmbridge.data.shapes.act import ATTRIBUTES, make_request
+    from mmbridge.modeling import MMBridgeModel
+
+    model, processor = with_act_head(selection_attributes={k: list(v) for k, v in ATTRIBUTES.items()})
+    config = model.config.head_configs["act"]
+    assert config.selection_vocab_size == model.act.decoders.attribute_selection.words.num_embeddings
+    rng = random.Random(0)
+    conversations = []
+    for i, task in enumerate(("det", "seg", "grd")):
+        scene = make_scene("train", i)
+        made = make_request(scene, task, rng)
+        assert made["target"]["objects"]["color"] == [o.color for o in scene.objects]
+        conversations.append([{"role": "user", "content": [{"type": "image", "image": render(scene)},
+                                                           {"type": "text", "text": made["request"]}]},
+                              {"role": "assistant", "content": [{"type": "head", "head": made["route"],
+                                                                 "target": made["target"]}]}])
+    out = model(**processor(conversations, return_labels=True))
+    assert out.losses["act_attributes"] > 0 and torch.isfinite(out.losses["act_attributes"])
+    out.loss.backward()
+    selection = model.act.decoders.attribute_selection
+    assert selection.attributes.weight.grad.abs().sum() > 0 and selection.words.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = MMBridgeModel.from_pretrained(tmp_path)
+    assert loaded.config.head_configs["act"].selection_attributes["size"] == ["small", "large"]
+    torch.testing.assert_close(loaded.act.decoders.attribute_selection.words.weight, selection.words.weight)
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A tiny act model trained 300 steps on four scenes, each asked both ways ([DET] and [SEG]): the route

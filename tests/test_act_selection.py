@@ -7,7 +7,7 @@ learns this no better: 100 % both; the real selection's errors are elsewhere —
 import torch
 import torch.nn.functional as F
 
-from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+from mmbridge.modeling.act.decoder import AttributeSelection, LinkConditionedDecoder
 
 COLOURS, SHAPES, FILLERS = 3, 3, 2
 WORDS = COLOURS + SHAPES + FILLERS
@@ -50,3 +50,45 @@ def test_selection_learns_to_pick_the_object_with_every_named_attribute():
         scores = decoder._select(features, texts, torch.ones(200, 4, dtype=torch.bool))
     hit = targets[torch.arange(200), scores.argmax(1)].mean().item()
     assert hit >= 0.95, hit
+
+
+def test_attribute_selection_reads_which_values_a_request_allows():
+    """The attribute-factored branch: patches classify their object's colour and shape (dense labels), one query
+    per attribute reads the request's token ids; the asked object must beat both one-attribute distractors, and
+    a request naming only a colour must find the objects of that colour, whatever their shape."""
+    torch.manual_seed(0)
+    selection = AttributeSelection(16, 16, 2, (COLOURS, SHAPES), vocab_size=WORDS)
+    optimizer = torch.optim.Adam(selection.parameters(), lr=1e-2)
+    data = torch.Generator().manual_seed(0)
+
+    def batch(generator, n, colour_only=False):
+        features, _, targets = synthetic_batch(generator, n)
+        ids = torch.zeros(n, 4, dtype=torch.long)
+        labels = torch.full((n, features.shape[1], 2), -1)
+        attribute = torch.randn(COLOURS + SHAPES, 16, generator=torch.Generator().manual_seed(2))
+        for i in range(n):  # recover each scene's objects from its features (synthetic_batch's layout)
+            for p in range(features.shape[1]):
+                scores = attribute @ features[i, p]
+                if scores.max() > 3:
+                    labels[i, p] = torch.tensor([scores[:COLOURS].argmax(), scores[COLOURS:].argmax()])
+            c, s = labels[i][targets[i].bool()][0].tolist()
+            ids[i] = torch.tensor([COLOURS + SHAPES, c, COLOURS + SHAPES + 1, COLOURS + s])
+            if colour_only:
+                ids[i, 3] = COLOURS + SHAPES + 1
+                targets[i] = (labels[i, :, 0] == c).float()
+        return features, ids, targets, labels
+
+    for step in range(300):
+        features, ids, targets, labels = batch(data, 64, colour_only=step % 2 == 1)
+        score, attributes = selection(features, ids, None)
+        loss = F.binary_cross_entropy_with_logits(score, targets)
+        for g, logits in enumerate(attributes.split((COLOURS, SHAPES), dim=-1)):
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), labels[..., g].flatten(), ignore_index=-1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for colour_only in (False, True):
+        features, ids, targets, _ = batch(torch.Generator().manual_seed(99), 200, colour_only)
+        with torch.no_grad():
+            score, _ = selection(features, ids, torch.ones_like(ids, dtype=torch.bool))
+        assert targets[torch.arange(200), score.argmax(1)].mean().item() >= 0.95, colour_only

@@ -17,8 +17,7 @@ from PIL import Image
 from mmbridge.data.shapes.edits import edit_pair
 from mmbridge.data.shapes.pose import KEYPOINTS, sample_pose
 from mmbridge.data.shapes.world import IMAGE_SIZE, coverage_map, make_scene
-from mmbridge.generation import DetectionsPart, ImagePart, MMBridgePipeline, TextPart
-from mmbridge.generation.parts import KeypointsPart
+from mmbridge.generation import MMBridgePipeline
 from mmbridge.heads_config import ActConfig, DrawConfig
 from mmbridge.testing import build_tiny, build_tiny_sd, overfit
 

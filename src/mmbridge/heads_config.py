@@ -84,6 +84,11 @@ class HeadConfig:
         if set(self.routes) & {t for slots in self.routes.values() for t in slots}:
             raise ValueError(f"head {self.name!r}: a token cannot be both a trigger and a slot")
 
+    def for_model(self, model_config) -> HeadConfig:
+        """This config with the settings that depend on the model it is added to filled in (recorded with
+        the model, so that it loads with the same shapes). Called by `MMBridgeModel.add_head`."""
+        return self
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
@@ -148,7 +153,8 @@ class ActConfig(HeadConfig):
     """VisionLLM v2: routing tokens `[DET]`, `[SEG]`, … each followed by its task's super-link queries."""
 
     kind: ClassVar[str] = "act"
-    loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_relevance", "act_mask", "act_dice",
+    loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_relevance", "act_attributes",
+                                             "act_mask", "act_dice",
                                              "act_keypoints", "act_oks", "act_visibility",
                                              "act_gen", "act_gen_caption", "act_edit")
     name: str = "act"
@@ -169,6 +175,11 @@ class ActConfig(HeadConfig):
     # a frozen text tower's config (CLIP's: the foundation's, trained against the ViT) that also reads the
     # request's words for the decoder — category text embeddings grounded in images; None: the LLM's alone
     text_encoder: dict | None = None
+    # attribute-factored selection (`AttributeSelection`): each attribute's values, e.g. {"color": [...],
+    # "shape": [...]}; the decoder classifies every patch's object by them (targets name the scene's objects:
+    # `"objects": {"boxes", <attribute>: [values]}`) and reads which values a request allows. None: off
+    selection_attributes: dict[str, list[str]] | None = None
+    selection_vocab_size: int | None = None  # its word embeddings' rows: the LLM's vocabulary when it was added
     visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
     region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
     # the region encoder also pools the frozen ViT's patch features (off by default: models saved before it
@@ -208,6 +219,11 @@ class ActConfig(HeadConfig):
     @property
     def region_token(self) -> str | None:
         return "<region>" if self.visual_prompts else None
+
+    def for_model(self, model_config) -> ActConfig:
+        if self.selection_attributes and self.selection_vocab_size is None:  # the rows its word embeddings have
+            return dataclasses.replace(self, selection_vocab_size=model_config.text_config.vocab_size)
+        return self
 
     def validate(self) -> None:
         super().validate()

@@ -101,12 +101,13 @@ class MMBridgeModel(PreTrainedModel):
         name = head_config.name
         if name in self.config.head_configs:
             raise ValueError(f"this model already has a head named {name!r}")
+        self.llm.add_special_tokens(head_config.tokens, tokenizer, self.config)
+        head_config = head_config.for_model(self.config)
         heads = dict(self.config.heads)
         heads[name] = head_config.to_dict()
         self.config.heads = heads
         self.config.trainable = {**head_config.components, **self.config.trainable}
         self.config.component_paths = {**head_config.component_paths, **self.config.component_paths}
-        self.llm.add_special_tokens(head_config.tokens, tokenizer, self.config)
         head = build_head(self.config.head_configs[name], self.config)
         self.add_module(name, head.to(self.device))
         self.head_names.append(name)

@@ -18,9 +18,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from mmbridge.data.shapes.act import ATTRIBUTES
+
 SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd", "pose"], "decoder_hidden_size": 128, "decoder_layers": 2,
                    "decoder_heads": 4, "num_object_queries": 8, "mask_size": 32, "region_patch_features": True,
-                   "mask_pixel_decoder": True}
+                   "mask_pixel_decoder": True,
+                   # the world's attributes: the decoder's attribute-factored selection (`AttributeSelection`)
+                   "selection_attributes": {name: list(values) for name, values in ATTRIBUTES.items()}}
 
 
 def add_act_head(model_dir: str | Path, out: str | Path, text_encoder: str | Path | None = None,

@@ -10,8 +10,9 @@ Every request is a dict `{"task", "request", "route", "answer", "target", "regio
 * `route`: the routing token the answer writes (`[DET]`, `[SEG]`, `[GRD]`, `[POSE]`), or None for a text answer;
 * `answer`: the assistant's text: the routing token alone, or a word / a sentence;
 * `target`: what the route's decoder must return: boxes `[x0, y0, x1, y1]` as fractions of the image and,
-  for `[SEG]` / `[GRD]`, masks as COCO RLE (`{"size", "counts"}`); for `[POSE]` `{"keypoints": [per person
-  17 × [x, y, visibility]], "boxes"}`, fractions too;
+  for `[SEG]` / `[GRD]`, masks as COCO RLE (`{"size", "counts"}`), and for all three the scene's `objects`
+  (every object's box, color, shape and size: what the decoder's attribute selection learns from); for
+  `[POSE]` `{"keypoints": [per person 17 × [x, y, visibility]], "boxes"}`, fractions too;
 * `region`: the visual prompt (`box` / `point` / `scribble` / `mask`, fractions of the image), or None.
 
 Categories are open vocabulary: the request names them ("red shapes", "large circles", "every object"),
@@ -37,6 +38,7 @@ from .world import COLORS, IMAGE_SIZE, SHAPES, Scene, ShapeObject, coverage_map,
 
 ROUTES = {"det": "[DET]", "seg": "[SEG]", "grd": "[GRD]", "region_det": "[DET]", "pose": "[POSE]"}
 SIZES = ("small", "large")
+ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}  # each object's, and their values
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
           "cross": "crosses"}
 
@@ -198,7 +200,11 @@ def visual_prompt(obj: ShapeObject, rng: random.Random, kinds=("box", "point", "
 
 
 def _detection(task: str, indices: list[int], scene: Scene) -> dict:
-    target = {"boxes": [_box(scene.objects[i]) for i in indices]}
+    # "objects": every object of the scene with its attributes, what the decoder's attribute-factored
+    # selection learns to read off the patches (`ActConfig.selection_attributes`)
+    target = {"boxes": [_box(scene.objects[i]) for i in indices],
+              "objects": {"boxes": [_box(o) for o in scene.objects], **{a: [getattr(o, a) for o in scene.objects]
+                                                                       for a in ATTRIBUTES}}}
     if task in ("seg", "grd"):
         target["masks"] = [rle(object_mask(scene.objects[i])) for i in indices]
     return target

@@ -39,7 +39,8 @@ def _mlp(hidden_size: int, out: int) -> nn.Sequential:
 class LinkConditionedDecoder(nn.Module):
     def __init__(self, llm_hidden_size: int, vision_hidden_size: int, hidden_size: int, num_layers: int,
                  num_heads: int, num_queries: int, mask_size: int | None, request_window: int = 32,
-                 text_hidden_size: int | None = None, pixel_decoder: bool = False):
+                 text_hidden_size: int | None = None, pixel_decoder: bool = False,
+                 attribute_groups: tuple[int, ...] | None = None, vocab_size: int | None = None):
         from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
 
         super().__init__()
@@ -49,6 +50,7 @@ class LinkConditionedDecoder(nn.Module):
         self.request_positions = nn.Parameter(torch.randn(1, request_window, hidden_size) * 0.02)
         if text_hidden_size is not None:  # the request's words as a frozen image-text tower reads them
             self.text_proj = nn.Linear(text_hidden_size, hidden_size)
+        if text_hidden_size is not None and not attribute_groups:
             # selection (OWL-ViT / GLIP): each patch reads the tower's words alone and scores "asked for" as a
             # dot product; trained densely (`relevance`). In the shared fusion the same words sat among ~40 LLM
             # states and template tokens, and a first run scored every object alike whatever was asked
@@ -56,6 +58,9 @@ class LinkConditionedDecoder(nn.Module):
             self.select_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
             self.select_patch = nn.Linear(hidden_size, hidden_size)
             self.select_bias = nn.Linear(hidden_size, 1)
+        if attribute_groups:
+            self.attribute_selection = AttributeSelection(vision_hidden_size, hidden_size, num_heads,
+                                                          tuple(attribute_groups), vocab_size)
         self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
         # GLIP-style fusion: each patch attends to the request (slots + words) before it proposes, so that
@@ -82,15 +87,18 @@ class LinkConditionedDecoder(nn.Module):
     def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None,
                 request_states: torch.Tensor | None = None,
                 request_mask: torch.Tensor | None = None, text_states: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                text_mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                request_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """(n, 1 + slots, llm_hidden), (n, tokens, vision_hidden) or None, and optionally the request's words
         (n, window, llm_hidden) with their (n, window) mask (True: a real token; the model's `head_context`
         makes both) and the same words read by the head's text tower, `text_states` (n, words, text_hidden)
         with `text_mask` (n, words); with a pixel decoder, each occurrence's image (n, 3, H, W) (any per-channel
-        normalisation: the pixel decoder standardises it) -> per query: `boxes` (n, q, 4)
+        normalisation: the pixel decoder standardises it), and with an attribute selection the request's token
+        ids, `request_ids` (n, window) -> per query: `boxes` (n, q, 4)
         cx cy w h, `logits` (n, q), `masks` (n, q, mask_size, mask_size) logits (None without an image or
         a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top; with an
-        image also every patch's proposal, `proposal_logits` (n, patches) and `proposal_boxes` (n, patches, 4)."""
+        image also every patch's proposal, `proposal_logits` (n, patches) and `proposal_boxes` (n, patches, 4),
+        its `relevance` (n, patches), and with an attribute selection `patch_attributes` (n, patches, values)."""
         link = self.link_proj(link_hidden.to(self.link_proj.weight.dtype))
         summary = link.mean(dim=1, keepdim=True)  # (n, 1, d): the request pooled (the queries without an image)
         words, padding = link[:, :0], None
@@ -130,9 +138,18 @@ class LinkConditionedDecoder(nn.Module):
             proposals = self.proposal_norm(features + asked)  # each patch, read for this request
             match = (self.proposal_match(proposals) * asked).sum(-1) / math.sqrt(asked.shape[-1])
             # (n, patches): "this patch is part of something asked for" (trained densely: `relevance`)
-            out["relevance"] = match if text_states is None else self._select(features, text_states, text_mask)
+            if hasattr(self, "attribute_selection"):
+                if request_ids is None:
+                    raise ValueError("this act decoder selects by the request's token ids: pass `request_ids`")
+                out["relevance"], out["patch_attributes"] = self.attribute_selection(patches, request_ids,
+                                                                                     request_mask)
+            elif text_states is not None:
+                out["relevance"] = self._select(features, text_states, text_mask)
+            else:
+                out["relevance"] = match
             out["proposal_logits"] = self.proposal_score(proposals).squeeze(-1) + match
-            if text_states is not None:  # detached: only the dense loss trains it (the set losses call every
+            dense = text_states is not None or "patch_attributes" in out  # a selection branch of its own
+            if dense:  # detached: only the dense loss trains it (the set losses call every
                 # patch but one per object a negative, which would teach it the opposite)
                 out["proposal_logits"] = out["proposal_logits"] + out["relevance"].detach()
             out["proposal_boxes"] = (_anchors(side, link) + self.proposal_box(proposals)).sigmoid()
@@ -148,7 +165,7 @@ class LinkConditionedDecoder(nn.Module):
                    logits=self.score_head(hidden).squeeze(-1)
                    + (self.query_match(hidden) * asked).sum(-1) / math.sqrt(asked.shape[-1]), hidden=hidden)
         if patches is not None:  # each query also keeps its patch's relevance: the densely trained selection
-            relevance = out["relevance"] if text_states is None else out["relevance"].detach()
+            relevance = out["relevance"].detach() if dense else out["relevance"]
             out["logits"] = out["logits"] + relevance.gather(1, pick[..., 0])
         if patches is not None and self.mask_size is not None:
             pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
@@ -168,6 +185,61 @@ class LinkConditionedDecoder(nn.Module):
                                          need_weights=False)
         return ((self.select_patch(features) * asked).sum(-1) / math.sqrt(asked.shape[-1])
                 + self.select_bias(features).squeeze(-1))
+
+
+class AttributeSelection(nn.Module):
+    """Which patches a request asks for, factored by attribute (colour, shape, size, … : `groups` gives each
+    attribute's number of values). Each patch classifies its object's attributes (trained densely on the
+    objects of the scene: `patch_attributes`, the `act_attributes` loss); one learned query per attribute
+    reads the request's words (learned token embeddings: the foundation's tokenizer splits words it never saw
+    in captions — "triangles", "every" — into pieces its text tower reads poorly) and says which values it
+    allows, or any; the score is the sum over attributes of log P(the patch's value is allowed) — an AND
+    over attributes, each an OR over values — plus objectness and a dot-product match of each patch with the
+    words it reads (for relations). An isolated probe on frozen ShapesWorld patches
+    (`scripts/act_selection_probe.py`, 2,000 requests) put its top patch in an asked-for object for 100 % of
+    one- and two-attribute requests, 98 % of plain and 80 % of relational referring expressions, where the
+    dot-product branch on the text tower's states reached 79 / 74 / 74 / 53 %. Written by hand: no library
+    ships an attribute-factored open-vocabulary selection. With it, the decoder's text-tower selection branch
+    is not built (the tower's words still reach the fusion)."""
+
+    def __init__(self, vision_hidden_size: int, hidden_size: int, num_heads: int, groups: tuple[int, ...],
+                 vocab_size: int):
+        super().__init__()
+        self.groups = groups
+        self.patch = nn.Sequential(nn.Linear(vision_hidden_size, hidden_size), nn.GELU(),
+                                   nn.Linear(hidden_size, hidden_size))
+        self.attributes = nn.Linear(hidden_size, sum(groups))
+        self.objectness = nn.Linear(hidden_size, 1)
+        self.words = nn.Embedding(vocab_size, hidden_size)
+        self.queries = nn.Parameter(torch.randn(1, len(groups), hidden_size) * 0.02)
+        self.read = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.allowed = nn.ModuleList(nn.Linear(hidden_size, k + 1) for k in groups)  # + "any value"
+        # plus a dot-product scorer on the same words (each patch reads the request; OWL-ViT's match) for what
+        # is no attribute: relations ("left of the blue square"). The probe: relational requests 52 -> 80 %
+        self.attend_patch = nn.Linear(vision_hidden_size, hidden_size)
+        self.attend = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.attend_match = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, patches: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
+        """(n, p, vision_hidden), (n, window) token ids, (n, window) True where real text -> the (n, p)
+        relevance logits and the (n, p, sum(groups)) attribute logits."""
+        known = ids < self.words.num_embeddings  # tokens added after this module (routes, <region>): not words
+        mask = known if mask is None else mask.bool() & known
+        empty = ~mask.any(1, keepdim=True)  # a row with no words reads its padding instead of nothing (NaN)
+        words = self.words(ids.masked_fill(~known, 0))
+        read, _ = self.read(self.queries.expand(len(ids), -1, -1), words, words, key_padding_mask=~(mask | empty),
+                            need_weights=False)
+        p = self.patch(patches.to(words.dtype))
+        attributes = self.attributes(p)
+        score = self.objectness(p).squeeze(-1)
+        q = self.attend_patch(patches.to(words.dtype))
+        asked, _ = self.attend(q, words, words, key_padding_mask=~(mask | empty), need_weights=False)
+        score = score + (self.attend_match(q) * asked).sum(-1) / math.sqrt(q.shape[-1])
+        for g, logits in enumerate(attributes.split(self.groups, dim=-1)):
+            allowed = self.allowed[g](read[:, g]).softmax(-1)  # (n, values + any)
+            fits = allowed[:, None, -1] + (logits.softmax(-1) * allowed[:, None, :-1]).sum(-1)
+            score = score + fits.clamp(min=1e-6).log()
+        return score, attributes
 
 
 class PixelDecoder(nn.Module):

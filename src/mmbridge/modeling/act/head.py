@@ -27,6 +27,8 @@ the source is the request's image (`context["images"]`); a request with none dec
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,11 +103,15 @@ class ActHead(OutputHead):
                 settings = dict(config.text_encoder)
                 self.text_encoder = AutoModel.from_config(AutoConfig.for_model(settings.pop("model_type"),
                                                                                **settings))
+            if config.selection_attributes and config.selection_vocab_size is None:
+                raise ValueError("act: selection_attributes needs selection_vocab_size (add_head fills it in)")
             self.decoders = LinkConditionedDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
                 config.decoder_heads, config.num_object_queries, config.mask_size,
                 text_hidden_size=None if self.text_encoder is None else self.text_encoder.config.hidden_size,
-                pixel_decoder=config.mask_pixel_decoder)
+                pixel_decoder=config.mask_pixel_decoder,
+                attribute_groups=tuple(len(v) for v in (config.selection_attributes or {}).values()) or None,
+                vocab_size=config.selection_vocab_size)
         if "[POSE]" in config.routes:
             self.pose_decoder = PoseDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
@@ -161,7 +167,7 @@ class ActHead(OutputHead):
         if route == "[EDIT]":
             return {"act_edit": self._edit_loss(hidden, targets, context)}
         out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context),
-                            images=_pixels(context))
+                            images=_pixels(context), request_ids=context.get("request_ids"))
         device = out["boxes"].device
         boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
         if route == "[GRD]" and any(len(b) != 1 for b in boxes):
@@ -170,6 +176,8 @@ class ActHead(OutputHead):
         losses = self._with_proposal_losses(losses, out, boxes)
         if "relevance" in out:
             losses["act_relevance"] = _relevance_loss(out["relevance"], boxes)
+        if "patch_attributes" in out:
+            losses["act_attributes"] = self._attribute_loss(out["patch_attributes"], targets)
         if out["masks"] is not None and all(t.get("masks") is not None for t in targets):
             if not len(rows):  # every request of the batch names nothing in its image: no mask to learn
                 zero = out["masks"].sum() * 0.0
@@ -182,6 +190,32 @@ class ActHead(OutputHead):
             losses["act_mask"] = sigmoid_focal_loss(predicted_masks, target_masks.flatten(1), num_boxes)
             losses["act_dice"] = dice_loss(predicted_masks, target_masks.flatten(1), num_boxes)
         return losses
+
+    def _attribute_loss(self, logits: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        """Cross-entropy of every patch's attributes, per attribute, on the patches whose centre lies in exactly
+        one of the scene's objects (`target["objects"]`: their boxes and attribute values; a target without
+        it, or a value outside `selection_attributes`, teaches nothing)."""
+        attributes = self.config.selection_attributes
+        side = math.isqrt(logits.shape[1])
+        cx, cy = (c.reshape(1, -1) for c in patch_centres(side, logits))
+        labels = torch.full((*logits.shape[:2], len(attributes)), -1, dtype=torch.long, device=logits.device)
+        for i, target in enumerate(targets):
+            objects = target.get("objects")
+            if not objects or not len(objects["boxes"]):
+                continue
+            b = torch.as_tensor(objects["boxes"], dtype=logits.dtype, device=logits.device).reshape(-1, 4)
+            inside = (cx >= b[:, :1]) & (cx <= b[:, 2:3]) & (cy >= b[:, 1:2]) & (cy <= b[:, 3:4])  # (objects, p)
+            alone = inside.sum(0) == 1
+            owner = inside.float().argmax(0)
+            for g, (name, values) in enumerate(attributes.items()):
+                index = torch.tensor([values.index(v) if v in values else -1 for v in objects.get(name, [])]
+                                     or [-1] * len(b), device=logits.device)
+                labels[i, :, g] = torch.where(alone, index[owner], -1)
+        loss = logits.sum() * 0.0
+        for g, group in enumerate(logits.split([len(v) for v in attributes.values()], dim=-1)):
+            if (labels[..., g] >= 0).any():
+                loss = loss + F.cross_entropy(group.flatten(0, 1), labels[..., g].flatten(), ignore_index=-1)
+        return loss
 
     def _set_losses(self, logits: torch.Tensor, pred_boxes: torch.Tensor, boxes: list[torch.Tensor]):
         """DETR's set losses of (n, q) logits and (n, q, 4) cx cy w h boxes against per-row corner boxes:
@@ -231,7 +265,7 @@ class ActHead(OutputHead):
                     "boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores,
                     "keep": scores > self.config.score_threshold, **_has_image(context, hidden)}
         out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context),
-                            images=_pixels(context))
+                            images=_pixels(context), request_ids=context.get("request_ids"))
         scores = out["logits"].sigmoid()
         if route == "[GRD]":
             keep = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
