@@ -206,6 +206,8 @@ class AttributeSelection(nn.Module):
                  vocab_size: int):
         super().__init__()
         self.groups = groups
+        # the frozen ViT's features normalised first, as OWL-ViT's class head does (any vision encoder's scale)
+        self.patch_norm = nn.LayerNorm(vision_hidden_size)
         self.patch = nn.Sequential(nn.Linear(vision_hidden_size, hidden_size), nn.GELU(),
                                    nn.Linear(hidden_size, hidden_size))
         self.attributes = nn.Linear(hidden_size, sum(groups))
@@ -229,10 +231,11 @@ class AttributeSelection(nn.Module):
         words = self.words(ids.masked_fill(~known, 0))
         read, _ = self.read(self.queries.expand(len(ids), -1, -1), words, words, key_padding_mask=~(mask | empty),
                             need_weights=False)
-        p = self.patch(patches.to(words.dtype))
+        patches = self.patch_norm(patches.to(words.dtype))
+        p = self.patch(patches)
         attributes = self.attributes(p)
         score = self.objectness(p).squeeze(-1)
-        q = self.attend_patch(patches.to(words.dtype))
+        q = self.attend_patch(patches)
         asked, _ = self.attend(q, words, words, key_padding_mask=~(mask | empty), need_weights=False)
         score = score + (self.attend_match(q) * asked).sum(-1) / math.sqrt(q.shape[-1])
         for g, logits in enumerate(attributes.split(self.groups, dim=-1)):
