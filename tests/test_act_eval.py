@@ -187,6 +187,10 @@ def test_segment_scores_ground_truth_masks_ap_one(eval_dir):
     summary, _ = evaluate_detection(oracle, str(eval_dir / "coco_test.json"), SEGMENT_PROMPT, progress=False)
     assert not summary["class_agnostic"]
     assert summary["segm_ap"] == pytest.approx(1.0) and summary["bbox_ap"] == pytest.approx(1.0)
+    # with --limit, the images left out are not scored as missed (they were: AP fell with the limit)
+    summary, _ = evaluate_detection(oracle, str(eval_dir / "coco_test.json"), SEGMENT_PROMPT, limit=1,
+                                    progress=False)
+    assert summary["images"] == 1 and summary["bbox_ap"] == pytest.approx(1.0)
 
 
 def test_f1_by_threshold_counts_what_a_server_keeping_scores_above_t_returns():

@@ -125,7 +125,7 @@ def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT,
     """COCOeval AP of a model with an act head on a COCO file (boxes, and RLE masks where the answer
     has them). Open vocabulary, as the seed: the category is named in the request — one request per
     (image, category) when `prompt` holds `{category}`; otherwise one per image, scored class-agnostic
-    (every object and every detection of one category)."""
+    (every object and every detection of one category). With `limit`, scored on the first `limit` images."""
     import copy
 
     import numpy as np
@@ -147,6 +147,10 @@ def evaluate_detection(pipeline, coco_path: str, prompt: str = DETECTION_PROMPT,
             ann["category_id"] = 1
     categories = [(c["id"], c["name"]) for c in dataset["categories"]]
     records = list(read_coco(coco_path, check_images=True))[:limit]
+    if limit is not None:  # scored against the images asked about: the rest would count as missed objects
+        asked = {rec["id"] for rec in records}
+        dataset["images"] = [image for image in dataset["images"] if image["id"] in asked]
+        dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in asked]
     jobs = [(rec, cat_id, prompt.format(category=name) if per_category else prompt)
             for rec in records for cat_id, name in (categories if per_category else [(1, None)])]
     detections, empty = [], 0
