@@ -204,7 +204,7 @@ class ActHead(OutputHead):
             if not objects or not len(objects["boxes"]):
                 continue
             b = torch.as_tensor(objects["boxes"], dtype=logits.dtype, device=logits.device).reshape(-1, 4)
-            inside = (cx >= b[:, :1]) & (cx <= b[:, 2:3]) & (cy >= b[:, 1:2]) & (cy <= b[:, 3:4])  # (objects, p)
+            inside = _centres_inside(b, cx, cy)
             alone = inside.sum(0) == 1
             owner = inside.float().argmax(0)
             for g, (name, values) in enumerate(attributes.items()):
@@ -378,10 +378,13 @@ def _relevance_loss(relevance: torch.Tensor, boxes: list[torch.Tensor]) -> torch
     target = torch.zeros_like(relevance)
     for i, b in enumerate(boxes):
         if len(b):
-            b = b.to(relevance.dtype)
-            inside = (cx >= b[:, :1]) & (cx <= b[:, 2:3]) & (cy >= b[:, 1:2]) & (cy <= b[:, 3:4])
-            target[i] = inside.any(0).to(relevance.dtype)
+            target[i] = _centres_inside(b.to(relevance.dtype), cx, cy).any(0).to(relevance.dtype)
     return F.binary_cross_entropy_with_logits(relevance, target)
+
+
+def _centres_inside(boxes: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """(boxes, patches): whether each patch centre (cx, cy: (1, patches)) lies in each x0 y0 x1 y1 box."""
+    return (cx >= boxes[:, :1]) & (cx <= boxes[:, 2:3]) & (cy >= boxes[:, 1:2]) & (cy <= boxes[:, 3:4])
 
 
 def _pixels(context: dict) -> torch.Tensor | None:
