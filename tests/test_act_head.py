@@ -22,6 +22,7 @@ from mmbridge.testing import build_tiny, overfit
 def act_config(**kw):
     kw.setdefault("region_patch_features", True)  # every visual-prompt path, with the ViT's patches pooled
     kw.setdefault("mask_pixel_decoder", True)  # and every decoding path with the pixel decoder's masks
+    kw.setdefault("box_refinement", True)  # and its features refining the boxes
     return ActConfig(tasks=["det", "seg", "grd"], decoder_hidden_size=32, decoder_layers=2, decoder_heads=4,
                      num_object_queries=6, mask_size=16, **kw)
 
@@ -143,6 +144,34 @@ def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them(trained)
     decoded = mask_utils.decode({**seg.masks[0], "counts": seg.masks[0]["counts"].encode()})
     assert decoded.shape == (16, 16) and decoded.dtype == np.uint8
     json.dumps(part_to_dict(seg))  # the API's serializer handles RLE masks
+
+
+def test_boxes_from_masks_are_the_masks_tight_boxes(trained):
+    """`boxes_from_masks`: each [SEG] box is its mask's tight box (pixel edges, as fractions); an empty mask
+    keeps the regressed box."""
+    from mmbridge.modeling.act.head import mask_boxes
+
+    masks = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+    masks[0, 0, 2:5, 1:7] = True  # rows 2-4, columns 1-6
+    boxes, found = mask_boxes(masks)
+    assert found.tolist() == [[True, False]]
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([1 / 8, 2 / 8, 7 / 8, 5 / 8]))
+
+    model, processor, scenes, routes, conversations, _ = trained
+    pipe = MMBridgePipeline(model, processor)
+    model.act.config.boxes_from_masks = True
+    try:
+        [result] = pipe.generate([conversations[3][:1]], max_new_tokens=8)
+    finally:
+        model.act.config.boxes_from_masks = False
+    [part] = [p for p in result.parts if isinstance(p, DetectionsPart)]
+    assert part.route == "[SEG]" and part.boxes
+    from pycocotools import mask as mask_utils
+
+    for box, rle in zip(part.boxes, part.masks):
+        mask = torch.from_numpy(mask_utils.decode({**rle, "counts": rle["counts"].encode()})).bool()
+        if mask.any():
+            torch.testing.assert_close(torch.tensor(box), mask_boxes(mask)[0], atol=1e-4, rtol=0)
 
 
 def test_eval_detect_scores_with_cocoeval(trained, tmp_path):
@@ -407,6 +436,31 @@ def test_the_pixel_decoder_reads_normalised_and_plain_pixels_alike_and_masks_at_
     assert not torch.allclose(plain, other, atol=1e-3)  # the pixels shape the masks
     with pytest.raises(ValueError, match="pass `images`"):
         decoder(link, patches)
+
+
+def test_full_resolution_masks_and_a_box_refinement_that_starts_as_the_plain_box():
+    """`mask_pixel_stride=1`: the pixel decoder keeps the image's resolution (masks pixel for pixel);
+    `box_refinement`: one more layer over those features moves each box, by nothing at first (the refined
+    decoder starts where the plain one is), and the box losses train it."""
+    from mmbridge.modeling.act.decoder import LinkConditionedDecoder
+
+    settings = dict(num_queries=3, mask_size=32, pixel_decoder=True, pixel_stride=1)
+    torch.manual_seed(0)
+    plain = LinkConditionedDecoder(8, 12, 16, 1, 2, **settings).eval()
+    refined = LinkConditionedDecoder(8, 12, 16, 1, 2, **settings, box_refinement=True).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("refine") for k in missing)
+    images, link, patches = torch.rand(2, 3, 32, 32), torch.randn(2, 5, 8), torch.randn(2, 16, 12)
+    assert plain.pixel_decoder(images, torch.randn(2, 16, 4, 4)).shape == (2, 16, 32, 32)
+    with torch.no_grad():
+        before = plain(link, patches, images=images)
+    after = refined(link, patches, images=images)
+    assert torch.allclose(before["boxes"], after["boxes"], atol=1e-6)
+    assert torch.allclose(before["logits"], after["logits"], atol=1e-6)  # scores do not read the refinement
+    after["boxes"].sum().backward()
+    assert refined.refine_box[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pixel decoder"):
+        LinkConditionedDecoder(8, 12, 16, 1, 2, num_queries=3, mask_size=16, box_refinement=True)
 
 
 def test_a_perception_route_without_an_image_answers_in_words():

@@ -90,9 +90,14 @@ def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
     from mmbridge.train.data import LlavaJsonDataset
 
     counts = write_act_data(tmp_path, num_scenes=12)
-    assert counts["act_chats"] == counts["see_chats"] == 12
+    assert counts["act_chats"] + counts["refusal_chats"] == counts["see_chats"] == 12
     records = json.loads((tmp_path / "act.json").read_text())
-    for record in records:
+    refusals = json.loads((tmp_path / "refusals.json").read_text())
+    assert len(records) == counts["act_chats"] and len(refusals) == counts["refusal_chats"] >= 1
+    # act stage 1 (LLM frozen) reads act.json alone: no answer there may be one the frozen LM cannot learn
+    assert not any(t["value"].startswith("I can only find") for r in records for t in r["conversations"])
+    assert all(any(t["value"].startswith("I can only find") for t in r["conversations"]) for r in refusals)
+    for record in records + refusals:
         answers = " ".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
         for trigger, targets in record.get("targets", {}).items():
             assert answers.count(trigger) == len(targets)
@@ -209,7 +214,9 @@ def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_pa
     GradientState._reset_state()
     stage2 = load_stage_config(recipes / "shapes_act_stage2.yaml", [
         f"model={tmp_path / 'stage1' / 'model'}", *data,
-        f"data.datasets.1.path={tmp_path / 'data' / 'see.json'}", "schedule.total_steps=2", *short])
+        f"data.datasets.1.path={tmp_path / 'data' / 'see.json'}",
+        'data.datasets.2={"name": "refusals", "type": "llava_json", "weight": 0.3, "path": "%s"}'
+        % (tmp_path / "data" / "refusals.json"), "schedule.total_steps=2", *short])
     result = Trainer(stage2, tmp_path / "stage2").fit()
     assert result["step"] == 2 and "lm" in result["losses"]
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from mmbridge.data.shapes.act import ATTRIBUTES
 
 SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd", "pose"], "decoder_hidden_size": 128, "decoder_layers": 2,
-                   "decoder_heads": 4, "num_object_queries": 8, "mask_size": 32, "region_patch_features": True,
-                   "mask_pixel_decoder": True,
+                   "decoder_heads": 4, "num_object_queries": 8, "region_patch_features": True,
+                   # masks pixel for pixel (64 x 64 images), boxes refined on the same features
+                   "mask_size": 64, "mask_pixel_decoder": True, "mask_pixel_stride": 1, "mask_pixel_channels": 16,
+                   "box_refinement": True,
                    # the world's attributes: the decoder's attribute-factored selection (`AttributeSelection`)
                    "selection_attributes": {name: list(values) for name, values in ATTRIBUTES.items()}}
 
@@ -85,8 +87,14 @@ def act_record(key: str, image: str, requests: list[dict]) -> dict:
 
 def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3, see_turns: int = 4,
                    split: str = "train", seed: int = 0, first_scene: int = 0, pose_figures: int = 0) -> dict:
-    """`out/act.json` (act requests, 1 to `requests_per_scene` per chat, training phrasings) and
-    `out/see.json` (see chats of `see_turns` questions about the same scenes), images under `out/images/`.
+    """`out/act.json` (act requests, 1 to `requests_per_scene` per chat, training phrasings), `out/refusals.json`
+    (the chats among them that ask for a class the world lacks) and `out/see.json` (see chats of `see_turns`
+    questions about the same scenes), images under `out/images/`.
+    The refusals are their own file because only a stage that trains the LLM can learn them: the frozen LM
+    has never written "I can only find circles, …" (~15 nats per token), and in act stage 1 (LLM and LoRA
+    frozen) that loss — most of the batch's answer tokens — could only flow into what does train before it in
+    the chat: the routing rows and the `<region>` embedding, which grew to norm 735 steering the LM towards
+    the refusal's list of colours (run d5: "What shape is <region>?" answered with a colour, 11 %).
     Scenes `first_scene` … `first_scene + num_scenes - 1` of `split`. With `pose_figures`, `out/pose.json`:
     one `[POSE]` request per stick figure of the pose set (figures 0 … `pose_figures` - 1 of `split`)."""
     from mmbridge.data.formats.llava import to_llava, write_llava
@@ -98,7 +106,7 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 15)
-    act, see, tasks = [], [], {}
+    act, refusals, see, tasks = [], [], [], {}
     for i in range(first_scene, first_scene + num_scenes):
         scene = make_scene(split, i, seed)
         key = f"{split}-{i:06d}"
@@ -107,16 +115,18 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
         requests = scene_requests(scene, rng, rng.randint(1, requests_per_scene))
         for req in requests:
             tasks[req["task"]] = tasks.get(req["task"], 0) + 1
-        act.append(act_record(f"act-{key}", image, requests))
+        record = act_record(f"act-{key}", image, requests)
+        (refusals if any(req["task"] == "unknown" for req in requests) else act).append(record)
         if see_turns:
             messages = [m for q, a in qa_turns(scene, rng, see_turns)
                         for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
             see.append(to_llava(f"see-{key}", image, messages))
     write_llava(act, str(out / "act.json"))
+    write_llava(refusals, str(out / "refusals.json"))
     if see_turns:
         write_llava(see, str(out / "see.json"))
     poses = pose_records(out, pose_figures, split, seed, "train")
     if poses:
         write_llava([act_record(f"pose-{key}", image, [req]) for key, image, req, _ in poses], str(out / "pose.json"))
-    return {"scenes": num_scenes, "act_chats": len(act), "act_requests": sum(tasks.values()), "tasks": tasks,
+    return {"scenes": num_scenes, "act_chats": len(act), "refusal_chats": len(refusals), "act_requests": sum(tasks.values()), "tasks": tasks,
             "see_chats": len(see), "pose_chats": len(poses)}

@@ -542,7 +542,7 @@ class Recipe:
     def _pose_overrides(self, stage: TrainerStage, weight: float, appended: int = 0) -> list[str]:
         """The stick figures' `[POSE]` requests appended to a stage's mix (at `weight`; after the `appended`
         datasets other overrides add) and the keypoint decoder to what it trains: ~1 sample in 8 in stage 1
-        (0.15 against act.json's 1), 1 in 17 in stage 2 (0.25 against act 2, see 1, draw 1). At 1 in 4 and 1 in
+        (0.15 against act.json's 1), 1 in 18 in stage 2 (0.25 against act 2, see 1, refusals 0.3, draw 1). At 1 in 4 and 1 in
         9 (run d2) the other act tasks lost much (box AP 0.25 -> 0.11, region VQA 62 -> 46 %)."""
         if not self._act_poses():
             return []
@@ -577,17 +577,24 @@ class Recipe:
                                     *self._pose_overrides(self.cfg.act_stage1, weight=0.15)])
 
     def _act_stage2(self) -> dict:
-        """Act stage 2 trains the LLM's LoRA: on a model that draws, the draw requests (`draw_stage1.json`) join
-        the act and see data, with the LDM loss through the frozen mapper — else the LoRA forgets to answer
-        "Draw …" with `[IMG0]` (measured: 12 of 100 requests drawn after an act stage 2 without them)."""
+        """Act stage 2 trains the LLM's LoRA, so the refusals (`refusals.json`: requests for classes the world
+        lacks, answered in text) join the act and see data here, not in stage 1. On a model that draws, the
+        draw requests (`draw_stage1.json`) join too, with the LDM loss through the frozen mapper — else the
+        LoRA forgets to answer "Draw …" with `[IMG0]` (measured: 12 of 100 requests drawn after an act stage 2
+        without them)."""
         data = self.out / "act" / "data"
         overrides = [f"data.datasets.0.path={data / 'act.json'}", f"data.datasets.1.path={data / 'see.json'}"]
-        draws = "draw_stage2" in self.cfg.stages
-        if draws:
-            draw = {"name": "draw", "type": "llava_json", "weight": 1,
-                    "path": str(self.out / "draw" / "data" / "draw_stage1.json")}
-            overrides += [f"data.datasets.2={json.dumps(draw)}", "losses.draw_ldm=1.0"]
-        overrides += self._pose_overrides(self.cfg.act_stage2, weight=0.25, appended=int(draws))
+        extra = []
+        if json.loads((data / "refusals.json").read_text()):  # a few scenes may ask for no unknown class
+            extra.append({"name": "refusals", "type": "llava_json", "weight": 0.3, "path": str(data / "refusals.json")})
+        if "draw_stage2" in self.cfg.stages:
+            extra.append({"name": "draw", "type": "llava_json", "weight": 1,
+                          "path": str(self.out / "draw" / "data" / "draw_stage1.json")})
+            overrides.append("losses.draw_ldm=1.0")
+        spec = yaml.safe_load((Path(self.cfg.base_dir) / self.cfg.act_stage2.config).read_text())
+        first = len(spec["data"]["datasets"])
+        overrides += [f"data.datasets.{first + i}={json.dumps(d)}" for i, d in enumerate(extra)]
+        overrides += self._pose_overrides(self.cfg.act_stage2, weight=0.25, appended=len(extra))
         return self._trainer_stage(self.cfg.act_stage2, self.out / "act" / "stage1" / "model",
                                    self.out / "act" / "stage2", overrides)
 

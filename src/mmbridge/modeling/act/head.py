@@ -58,6 +58,21 @@ def corners_to_center(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tight box (x0, y0, x1, y1 as fractions; pixel edges) of each (..., H, W) boolean mask of the whole
+    image, and whether the mask marks any pixel (an empty one has no box)."""
+    def extent(marked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = marked.shape[-1]
+        index = torch.arange(size, device=marked.device)
+        first = torch.where(marked, index, size).amin(-1)
+        last = torch.where(marked, index, -1).amax(-1)
+        return first.float() / size, (last + 1).float() / size
+
+    x0, x1 = extent(masks.any(-2))
+    y0, y1 = extent(masks.any(-1))
+    return torch.stack([x0, y0, x1, y1], dim=-1), masks.flatten(-2).any(-1)
+
+
 def _mask_tensor(mask, size: int) -> torch.Tensor:
     """A target mask (an (H, W) binary array, or COCO RLE `{"size": [H, W], "counts": ...}` as JSON data
     holds it) at the decoder's mask size."""
@@ -109,7 +124,9 @@ class ActHead(OutputHead):
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
                 config.decoder_heads, config.num_object_queries, config.mask_size,
                 text_hidden_size=None if self.text_encoder is None else self.text_encoder.config.hidden_size,
-                pixel_decoder=config.mask_pixel_decoder,
+                pixel_decoder=config.mask_pixel_decoder, pixel_stride=config.mask_pixel_stride,
+                pixel_channels=config.mask_pixel_channels,
+                box_refinement=config.box_refinement,
                 attribute_groups=tuple(len(v) for v in (config.selection_attributes or {}).values()) or None,
                 vocab_size=config.selection_vocab_size)
         if "[POSE]" in config.routes:
@@ -271,10 +288,14 @@ class ActHead(OutputHead):
             keep = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
         else:
             keep = scores > self.config.score_threshold
-        decoded = {"boxes": center_to_corners_format(out["boxes"]).clamp(0, 1), "scores": scores, "keep": keep,
-                   **_has_image(context, hidden)}
-        if out["masks"] is not None and route != "[DET]":
-            decoded["masks"] = out["masks"].sigmoid() > 0.5
+        boxes = center_to_corners_format(out["boxes"]).clamp(0, 1)
+        masks = None if out["masks"] is None else out["masks"].sigmoid() > 0.5
+        if masks is not None and self.config.boxes_from_masks:
+            tight, found = mask_boxes(masks)
+            boxes = torch.where(found[..., None], tight, boxes)
+        decoded = {"boxes": boxes, "scores": scores, "keep": keep, **_has_image(context, hidden)}
+        if masks is not None and route != "[DET]":
+            decoded["masks"] = masks
         return decoded
 
     @torch.no_grad()
