@@ -146,24 +146,28 @@ def test_a_few_dozen_steps_find_the_boxes_and_the_pipeline_returns_them(trained)
     json.dumps(part_to_dict(seg))  # the API's serializer handles RLE masks
 
 
-def test_boxes_from_masks_are_the_masks_tight_boxes(trained):
-    """`boxes_from_masks`: each [SEG] box is its mask's tight box (pixel edges, as fractions); an empty mask
-    keeps the regressed box."""
-    from mmbridge.modeling.act.head import mask_boxes
+def test_masks_in_boxes_cut_the_spill_and_tighten_the_box(trained):
+    """`masks_in_boxes`: a mask that spills onto the next object is cut to its box (plus the margin), and the
+    box becomes the cut mask's tight box (pixel edges, as fractions); an empty mask keeps its box."""
+    from mmbridge.modeling.act.head import crop_to_boxes, mask_boxes
 
-    masks = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
-    masks[0, 0, 2:5, 1:7] = True  # rows 2-4, columns 1-6
-    boxes, found = mask_boxes(masks)
-    assert found.tolist() == [[True, False]]
-    torch.testing.assert_close(boxes[0, 0], torch.tensor([1 / 8, 2 / 8, 7 / 8, 5 / 8]))
+    masks = torch.zeros(1, 2, 16, 16, dtype=torch.bool)
+    masks[0, 0, 4:8, 2:6] = True  # the object: rows 4-7, columns 2-5
+    masks[0, 0, 4:8, 9:14] = True  # its neighbour, 3 px to the right
+    boxes = torch.tensor([[[2.5 / 16, 4 / 16, 6 / 16, 8.5 / 16], [0.1, 0.1, 0.3, 0.3]]])  # off by half a pixel
+    cut, tight = crop_to_boxes(masks, boxes, margin=0.1)
+    assert not cut[0, 0, :, 9:].any() and cut[0, 0].sum() == 16
+    torch.testing.assert_close(tight[0, 0], torch.tensor([2 / 16, 4 / 16, 6 / 16, 8 / 16]))
+    torch.testing.assert_close(tight[0, 1], boxes[0, 1])  # nothing to tighten to
+    assert mask_boxes(masks)[1].tolist() == [[True, False]]
 
     model, processor, scenes, routes, conversations, _ = trained
     pipe = MMBridgePipeline(model, processor)
-    model.act.config.boxes_from_masks = True
+    model.act.config.masks_in_boxes = True
     try:
         [result] = pipe.generate([conversations[3][:1]], max_new_tokens=8)
     finally:
-        model.act.config.boxes_from_masks = False
+        model.act.config.masks_in_boxes = False
     [part] = [p for p in result.parts if isinstance(p, DetectionsPart)]
     assert part.route == "[SEG]" and part.boxes
     from pycocotools import mask as mask_utils

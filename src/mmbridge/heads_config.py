@@ -178,9 +178,13 @@ class ActConfig(HeadConfig):
     mask_pixel_channels: int = 64  # its conv stem's width (16 at stride 1 costs what 64 does at stride 2)
     # each box refined by one more decoder layer over the pixel decoder's features (needs mask_pixel_decoder)
     box_refinement: bool = False
-    # decoding: a box is its mask's tight box where the mask marks any pixel, as Mask2Former reports instance
-    # boxes — with masks pixel for pixel, closer than a regressed box (every route; [DET] returns no masks)
-    boxes_from_masks: bool = False
+    # decoding (`crop_to_boxes`): each mask cut to its box enlarged by mask_box_margin of its size, and the box
+    # tightened to the cut mask — pixel-exact masks make closer boxes than a regression (every route; [DET]
+    # returns no masks)
+    masks_in_boxes: bool = False
+    mask_box_margin: float = 0.1
+    # decoding: a detection whose box overlaps a higher-scored one's at IoU >= this is dropped (NMS); None: off
+    duplicate_iou: float | None = None
     # a frozen text tower's config (CLIP's: the foundation's, trained against the ViT) that also reads the
     # request's words for the decoder — category text embeddings grounded in images; None: the LLM's alone
     text_encoder: dict | None = None
