@@ -178,6 +178,16 @@ def test_masks_in_boxes_cut_the_spill_and_tighten_the_box(trained):
             torch.testing.assert_close(torch.tensor(box), mask_boxes(mask)[0], atol=1e-4, rtol=0)
 
 
+def test_duplicates_drop_a_second_box_on_a_found_object_only():
+    from mmbridge.modeling.act.head import duplicates
+
+    boxes = torch.tensor([[[0.1, 0.1, 0.3, 0.3], [0.11, 0.1, 0.3, 0.31], [0.5, 0.5, 0.7, 0.7], [0.1, 0.1, 0.3, 0.3]]])
+    scores = torch.tensor([[0.6, 0.9, 0.5, 0.2]])
+    # the best box of the first object stays; its two lower-scored copies go; the other object stays
+    assert duplicates(boxes, scores, iou=0.5).tolist() == [[True, False, False, True]]
+    assert duplicates(boxes, scores, iou=0.999).tolist() == [[False, False, False, True]]  # only the exact copy
+
+
 def test_eval_detect_scores_with_cocoeval(trained, tmp_path):
     """The eval's mechanics (requests, boxes and RLE masks back to pixels, COCOeval), on the scenes the
     tiny model was trained on — a check of the plumbing, not of generalisation."""
