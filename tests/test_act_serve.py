@@ -103,3 +103,27 @@ def test_a_model_without_a_region_encoder_says_so():
                        model="tiny")
         assert response.status_code == 400
         assert "reads none" in response.json()["error"]["message"]
+
+
+def test_an_assistant_turn_sent_back_with_its_parts_keeps_its_route(base_url):
+    """A client that sends back `message.parts` (what `output_parts` returned) gets the history the model wrote —
+    `[DET]` and its 4 super-link queries — not an empty turn; a part no head of this model makes is a 400."""
+    def prompt_tokens(assistant):
+        messages = [{"role": "user", "content": [image(), text("Find every circle.")]}, assistant,
+                    {"role": "user", "content": "And the squares?"}]
+        response = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                              json={"model": MODEL, "messages": messages, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    found = {"type": "detections", "route": "[DET]", "boxes": [[0.1, 0.1, 0.4, 0.4]], "scores": [0.9]}
+    bare = prompt_tokens({"role": "assistant", "content": ""})
+    assert prompt_tokens({"role": "assistant", "content": "", "parts": [found]}) == bare + 1 + 4
+    said = prompt_tokens({"role": "assistant", "content": "", "parts": [text("Here:"), found]})
+    assert said > bare + 5
+    for bad in ({**found, "route": "[FLY]"}, {"type": "weather"}, "[DET]"):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "parts": [bad]},
+                    {"role": "user", "content": "?"}]
+        response = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                              json={"model": MODEL, "messages": messages, "max_tokens": 2})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_parts", response.text

@@ -228,7 +228,7 @@ def create_app(pipeline_or_loader, settings: ServeSettings | None = None) -> Fas
         _check_cheap_limits(body, state)
         if state.batcher.queued >= state.batcher.max_queue:  # cheap early refusal, before decoding images
             _submit_refused(state)
-        conversation = await _convert(body, state)
+        conversation = _restore_routes(body, await _convert(body, state), state)
         prompt_tokens, options = await asyncio.to_thread(_tokenize, body, conversation, state)
         if body.stream:
             return _stream(body, conversation, options, state, request)
@@ -551,6 +551,36 @@ def _tokenize(body: ChatCompletionRequest, conversation: list[dict], state: Serv
         raise APIError(400, f"the prompt is {prompt_tokens} tokens, over this server's limit of {limit}",
                        param="messages", code="input_tokens_exceeded")
     return prompt_tokens, _options(body, prompt_tokens, state)
+
+
+def _restore_routes(body: ChatCompletionRequest, conversation: list[dict], state: ServerState) -> list[dict]:
+    """Assistant turns sent back with the `parts` this server returned (`output_parts`) become the text the model
+    wrote, routing and slot tokens included: from `content` alone a `[DET]` answer is an empty turn, a
+    conversation the model never saw (`ChatSession` keeps the same history). Head parts are written in reading
+    order after the text before them, which is how the model writes an answer."""
+    routes = {t: slots for head in state.pipeline.model.config.head_configs.values() for t, slots in head.routes.items()}
+    triggers = {name: head.trigger for name, head in state.pipeline.model.config.head_configs.items() if head.trigger}
+    for i, message in enumerate(body.messages):
+        parts = (message.model_extra or {}).get("parts")
+        if message.role != "assistant" or parts is None:
+            continue
+        if not isinstance(parts, list):
+            raise APIError(400, "an assistant message's parts are a list (as `output_parts` returns them)",
+                           param=f"messages[{i}].parts", code="invalid_parts")
+        written = []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                written.append(part["text"])
+                continue
+            route = part.get("route") or triggers.get(part.get("head")) if isinstance(part, dict) else None
+            if kind not in ("detections", "keypoints", "image", "head") or route not in routes:
+                raise APIError(400, f"part {kind!r} with route {route!r}: not an output of this model's heads "
+                               f"(routes: {', '.join(routes)})", param=f"messages[{i}].parts[{j}]",
+                               code="invalid_parts")
+            written.append(route + "".join(routes[route]))
+        conversation[i] = {"role": "assistant", "content": [{"type": "text", "text": "".join(written)}]}
+    return conversation
 
 
 def _convert_message(i: int, message, policy: ImagePolicy, blobs: dict) -> dict:
