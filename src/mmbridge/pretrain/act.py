@@ -128,5 +128,5 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
     poses = pose_records(out, pose_figures, split, seed, "train")
     if poses:
         write_llava([act_record(f"pose-{key}", image, [req]) for key, image, req, _ in poses], str(out / "pose.json"))
-    return {"scenes": num_scenes, "act_chats": len(act), "refusal_chats": len(refusals), "act_requests": sum(tasks.values()), "tasks": tasks,
-            "see_chats": len(see), "pose_chats": len(poses)}
+    return {"scenes": num_scenes, "act_chats": len(act), "refusal_chats": len(refusals),
+            "act_requests": sum(tasks.values()), "tasks": tasks, "see_chats": len(see), "pose_chats": len(poses)}

@@ -542,8 +542,8 @@ class Recipe:
     def _pose_overrides(self, stage: TrainerStage, weight: float, appended: int = 0) -> list[str]:
         """The stick figures' `[POSE]` requests appended to a stage's mix (at `weight`; after the `appended`
         datasets other overrides add) and the keypoint decoder to what it trains: ~1 sample in 8 in stage 1
-        (0.15 against act.json's 1), 1 in 18 in stage 2 (0.25 against act 2, see 1, refusals 0.3, draw 1). At 1 in 4 and 1 in
-        9 (run d2) the other act tasks lost much (box AP 0.25 -> 0.11, region VQA 62 -> 46 %)."""
+        (0.15 against act.json's 1), 1 in 18 in stage 2 (0.25 against act 2, see 1, refusals 0.3, draw 1). At 1 in 4
+        and 1 in 9 (run d2) the other act tasks lost much (box AP 0.25 -> 0.11, region VQA 62 -> 46 %)."""
         if not self._act_poses():
             return []
         spec = yaml.safe_load((Path(self.cfg.base_dir) / stage.config).read_text())  # its lists' lengths only

@@ -558,8 +558,9 @@ def _restore_routes(body: ChatCompletionRequest, conversation: list[dict], state
     wrote, routing and slot tokens included: from `content` alone a `[DET]` answer is an empty turn, a
     conversation the model never saw (`ChatSession` keeps the same history). Head parts are written in reading
     order after the text before them, which is how the model writes an answer."""
-    routes = {t: slots for head in state.pipeline.model.config.head_configs.values() for t, slots in head.routes.items()}
-    triggers = {name: head.trigger for name, head in state.pipeline.model.config.head_configs.items() if head.trigger}
+    heads = state.pipeline.model.config.head_configs
+    routes = {t: slots for head in heads.values() for t, slots in head.routes.items()}
+    triggers = {name: head.trigger for name, head in heads.items() if head.trigger}
     for i, message in enumerate(body.messages):
         parts = (message.model_extra or {}).get("parts")
         if message.role != "assistant" or parts is None:
