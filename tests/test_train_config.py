@@ -45,10 +45,25 @@ def test_loads_resolves_paths_and_types(stage_file, tmp_path):
     assert cfg.data.datasets[0].shards == [str((tmp_path / "shards" / "a-{0..0}.tar").resolve())]
 
 
+def test_paths_in_the_file_are_relative_to_it_and_paths_in_overrides_to_the_working_directory(
+        stage_file, tmp_path, monkeypatch):
+    """`mmbridge train recipes/x.yaml model=runs/a/model` from the repository root means ./runs/a/model (it was
+    resolved against the YAML's folder, and a missing model then read as "unknown component(s)")."""
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "runs" / "m").mkdir(parents=True)
+    (elsewhere / "runs" / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(elsewhere)
+    cfg = load_stage_config(stage_file(), ["model=runs/m"])
+    assert cfg.model == str((elsewhere / "runs" / "m").resolve())
+    assert cfg.data.datasets[0].shards == [str((tmp_path / "shards" / "a-{0..0}.tar").resolve())]  # the file's own
+    with pytest.raises(ConfigError, match="not an mmbridge model directory"):  # not "unknown component(s)"
+        load_stage_config(stage_file(train=["act.decoders"]), ["model=runs/missing"])
+
+
 def test_an_override_one_past_a_lists_end_appends_to_it(stage_file, tmp_path):
     """How a recipe adds a dataset to a stage's mix (`data.datasets.N={...}`, N = the number it has)."""
     cfg = load_stage_config(stage_file(), ['data.datasets.1={"name": "more", "type": "webdataset", '
-                                           '"shards": "shards/a-0.tar", "weight": 3}'])
+                                           f'"shards": "{tmp_path / "shards" / "a-0.tar"}", "weight": 3}}'])
     assert [(d.name, d.weight) for d in cfg.data.datasets] == [("caps", 115), ("more", 3)]
     with pytest.raises(ConfigError, match="not an index of a list of 1"):
         load_stage_config(stage_file(), ['data.datasets.2={"name": "gap", "type": "webdataset"}'])

@@ -262,11 +262,30 @@ def load_stage_config(path: str | os.PathLike, overrides: list[str] | None = Non
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (stage, model, train, data, ...)")
+    _absolute_raw_paths(raw, path.parent)  # the file's own paths are relative to the file ...
     raw = apply_overrides(raw, list(overrides or []))
     cfg = _build(StageConfig, raw, "")
-    resolve_paths(cfg, path.parent)
+    resolve_paths(cfg, Path.cwd())  # ... an override's to where the command runs, as a user types them
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _absolute_raw_paths(raw: dict, base: Path) -> None:
+    """`resolve_paths` on a stage file's raw mapping (before overrides join it)."""
+    if isinstance(raw.get("model"), str):
+        raw["model"] = _absolute(raw["model"], base)
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for ds in data.get("datasets") or []:
+        if not isinstance(ds, dict):
+            continue
+        for key in ("path", "image_root"):
+            if isinstance(ds.get(key), str):
+                ds[key] = _absolute(ds[key], base)
+        shards = ds.get("shards")
+        if isinstance(shards, str):
+            ds["shards"] = _absolute(shards, base)
+        elif isinstance(shards, list):
+            ds["shards"] = [_absolute(s, base) if isinstance(s, str) else s for s in shards]
 
 
 def stage_config_from_dict(raw: dict, base_dir: str | os.PathLike = ".", check_paths: bool = True) -> StageConfig:
@@ -276,18 +295,20 @@ def stage_config_from_dict(raw: dict, base_dir: str | os.PathLike = ".", check_p
     return cfg
 
 
-def resolve_paths(cfg: StageConfig, base: Path) -> None:
-    def absolute(p: str | None) -> str | None:
-        if p is None or "://" in p or p.startswith("pipe:"):
-            return p
-        return str((base / Path(p).expanduser()).resolve())
+def _absolute(p: str | None, base: Path) -> str | None:
+    """A relative local path made absolute against `base`; URLs, `pipe:` commands and absolute paths kept."""
+    if p is None or "://" in p or p.startswith("pipe:"):
+        return p
+    return str((base / Path(p).expanduser()).resolve())
 
-    cfg.model = absolute(cfg.model)
+
+def resolve_paths(cfg: StageConfig, base: Path) -> None:
+    cfg.model = _absolute(cfg.model, base)
     for ds in cfg.data.datasets:
-        ds.path = absolute(ds.path)
-        ds.image_root = absolute(ds.image_root)
+        ds.path = _absolute(ds.path, base)
+        ds.image_root = _absolute(ds.image_root, base)
         if ds.shards:
-            ds.shards = [absolute(s) for s in ds.shards]
+            ds.shards = [_absolute(s, base) for s in ds.shards]
 
 
 def _model_names(cfg: StageConfig, check_paths: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -305,6 +326,8 @@ def _model_names(cfg: StageConfig, check_paths: bool) -> tuple[tuple[str, ...], 
 
 
 def validate(cfg: StageConfig, check_paths: bool = True) -> None:
+    if check_paths and not (Path(cfg.model) / "config.json").is_file():  # first: else "unknown component(s)"
+        raise ConfigError(f"model: {cfg.model} is not an mmbridge model directory (no config.json)")
     components, losses = _model_names(cfg, check_paths)
     unknown = [c for c in cfg.train if c not in components]
     if unknown:
@@ -372,5 +395,3 @@ def validate(cfg: StageConfig, check_paths: bool = True) -> None:
                 raise ConfigError(f"{where}.path: missing data path {ds.path}")
             if ds.image_root and not os.path.isdir(ds.image_root):
                 raise ConfigError(f"{where}.image_root: missing data path {ds.image_root}")
-    if check_paths and not (Path(cfg.model) / "config.json").is_file():
-        raise ConfigError(f"model: {cfg.model} is not an mmbridge model directory (no config.json)")
