@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora", action="store_true", help="the LLM's LoRA trains too (as in act stage 2)")
     parser.add_argument("--question-aware", action="store_true")
+    parser.add_argument("--mark-image", action="store_true",
+                        help="also add a learned vector to the ViT features under the region, so the instruction-"
+                             "aware Q-Former (whose soft prompts the LM reads) sees which object is meant")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = MMBridgeModel.from_pretrained(args.model).eval()
@@ -74,6 +77,9 @@ def main() -> None:
         torch.nn.init.normal_(reader.weight, std=0.02)
         torch.nn.init.zeros_(reader.bias)
     params = list(reader.parameters())
+    mark = torch.nn.Parameter(torch.zeros(model.config.vision_config.hidden_size))
+    if args.mark_image:
+        params.append(mark)
     if args.lora:
         lora = [p for n, p in model.llm.named_parameters() if ".lora_" in n]
         for p in lora:
@@ -90,6 +96,12 @@ def main() -> None:
             regions = reader(torch.cat([regions, question[batch["region_image_index"]].detach()], -1))
         else:
             regions = reader(regions)
+        if args.mark_image:  # each patch's share of the region, times the mark (a leading CLS token unmarked)
+            side = int((vision.shape[1] - (0 if int(vision.shape[1] ** 0.5) ** 2 == vision.shape[1] else 1)) ** 0.5)
+            share = F.adaptive_avg_pool2d(batch["region_masks"][:, None].float(), side).flatten(1)  # (R, side²)
+            marks = torch.zeros(vision.shape[:2], dtype=vision.dtype)
+            marks[batch["region_image_index"], vision.shape[1] - side * side:] = share
+            vision = vision + marks[..., None] * mark
         embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], vision_features=vision,
                                     region_features=regions, qformer_input_ids=batch.get("qformer_input_ids"),
                                     qformer_attention_mask=batch.get("qformer_attention_mask"))
