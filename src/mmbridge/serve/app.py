@@ -574,7 +574,7 @@ def _restore_routes(body: ChatCompletionRequest, conversation: list[dict], state
             if kind == "text" and isinstance(part.get("text"), str):
                 written.append(part["text"])
                 continue
-            route = part.get("route") or triggers.get(part.get("head")) if isinstance(part, dict) else None
+            route = (part.get("route") or triggers.get(part.get("head"))) if isinstance(part, dict) else None
             if kind not in ("detections", "keypoints", "image", "head") or route not in routes:
                 raise APIError(400, f"part {kind!r} with route {route!r}: not an output of this model's heads "
                                f"(routes: {', '.join(routes)})", param=f"messages[{i}].parts[{j}]",
