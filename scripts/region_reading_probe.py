@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmbridge.evaluate_act import request_content
+from mmbridge.modeling.act.region import query_under_region
 from mmbridge.modeling.model import MMBridgeModel
 from mmbridge.processing import MMBridgeProcessor
 
@@ -45,6 +46,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora", action="store_true", help="the LLM's LoRA trains too (as in act stage 2)")
     parser.add_argument("--question-aware", action="store_true")
+    parser.add_argument("--slot", action="store_true",
+                        help="the region's embedding is the soft-prompt token of the Q-Former query whose object box "
+                             "holds most of the region (the vector the LM already reads in see mode), not the "
+                             "region encoder's")
     parser.add_argument("--mark-image", action="store_true",
                         help="also add a learned vector to the ViT features under the region, so the instruction-"
                              "aware Q-Former (whose soft prompts the LM reads) sees which object is meant")
@@ -64,9 +69,20 @@ def main() -> None:
                           return_labels=True)
         with torch.no_grad():
             vision = model.vision(batch["pixel_values"])
-            regions = model.region_features(batch["pixel_values"], batch["region_image_index"],
-                                            batch["region_masks"], vision)
+            if args.slot:
+                regions = slot_tokens(batch, vision)
+            else:
+                regions = model.region_features(batch["pixel_values"], batch["region_image_index"],
+                                                batch["region_masks"], vision)
         return batch, vision, regions
+
+    def slot_tokens(batch: dict, vision: torch.Tensor) -> torch.Tensor:
+        queries = model.get_query_states(batch["pixel_values"], batch.get("qformer_input_ids"),
+                                         batch.get("qformer_attention_mask"), vision)
+        index = batch["region_image_index"]
+        found = {k: v[index] for k, v in model.qformer.objects(queries).items()}
+        picked = query_under_region(found["boxes"], found["objectness"], batch["region_masks"])
+        return model.projection(queries)[index, picked]
 
     hidden = model.config.text_config.hidden_size
     if args.question_aware:
@@ -74,7 +90,10 @@ def main() -> None:
                                      torch.nn.Linear(2 * hidden, hidden))
     else:
         reader = torch.nn.Linear(hidden, hidden)
-        torch.nn.init.normal_(reader.weight, std=0.02)
+        if args.slot:  # start from the slot's own vector: what the LM reads without any training
+            torch.nn.init.eye_(reader.weight)
+        else:
+            torch.nn.init.normal_(reader.weight, std=0.02)
         torch.nn.init.zeros_(reader.bias)
     params = list(reader.parameters())
     mark = torch.nn.Parameter(torch.zeros(model.config.vision_config.hidden_size))

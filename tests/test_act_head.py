@@ -507,3 +507,54 @@ def test_a_perception_route_without_an_image_answers_in_words():
         assert bool(tensors["has_image"])
         expected = DetectionsPart if route == "[DET]" else KeypointsPart
         assert isinstance(build_part("act", name, found, tensors), expected)
+
+
+def test_a_region_names_the_query_whose_box_holds_it():
+    """`query_under_region`: the largest share of the region inside a confident query's box; of two boxes that
+    both hold it, the tighter; a query that is no object is not picked, however well its box fits."""
+    from mmbridge.modeling.act.region import query_under_region
+
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.75, 0.75, 0.5, 0.5],
+                           [0.25, 0.75, 0.5, 0.5]]]).expand(3, -1, -1)  # (cx, cy, w, h)
+    objectness = torch.tensor([[4.0, 4.0, 4.0, -8.0]]).expand(3, -1)
+    masks = torch.zeros(3, 16, 16)
+    masks[0, 2:5, 2:5] = 1  # top-left: inside query 0's box and the whole-image box 1 -> the tighter, 0
+    masks[1, 10:16, 0:3] = 1  # bottom-left: only boxes 1 (an object) and 3 (not one) -> 1
+    masks[2, 0:3, 4:14] = 1  # a stroke mostly in box 0's columns... and all in box 1 -> 1 holds more of it
+    assert query_under_region(boxes, objectness, masks).tolist() == [0, 1, 1]
+
+
+def test_regions_read_from_the_qformer_queries():
+    """`region_from_queries`: a `<region>` is the soft-prompt token of the query whose object box holds it, through
+    a linear reader that starts as the identity; training reaches the reader; batched generation and a chat
+    session read it alike; a Q-Former without object heads cannot."""
+    from mmbridge.processing import region_mask
+
+    model, processor = build_tiny(qformer_object_attributes={"shape": ["circle", "square"]})
+    config = act_config(region_from_queries=True)
+    torch.manual_seed(0)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    image = np.asarray(render(make_scene("train", 0)).resize((32, 32)))
+    region = {"box": [0.1, 0.1, 0.5, 0.5]}
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is "},
+                                        {"type": "region", **region}, {"type": "text", "text": "?"}]}
+    batch = processor([[user, {"role": "assistant", "content": "red"}]], images=[image], return_labels=True)
+    with torch.no_grad():
+        got = model.region_features(batch["pixel_values"], batch["region_image_index"], batch["region_masks"])
+        queries = model.get_query_states(batch["pixel_values"])
+        found = model.qformer.objects(queries)
+        mask = torch.as_tensor(region_mask(region, 32, 32))[None].float()
+        from mmbridge.modeling.act.region import query_under_region
+        picked = query_under_region(found["boxes"], found["objectness"], mask)
+        assert torch.allclose(got, model.projection(queries)[0, picked], atol=1e-6)
+    model.train()
+    model(**batch).loss.backward()
+    assert model.act.region_encoder.read.weight.grad is not None
+    model.eval()
+    pipe = MMBridgePipeline(model, processor)
+    single = pipe.generate([user], images=[image], max_new_tokens=5)[0]
+    assert pipe.chat().ask(user["content"], images=[image], max_new_tokens=5).token_ids == single.token_ids
+
+    with pytest.raises(ValueError, match="no object heads"):
+        with_act_head(region_from_queries=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmbridge.data.shapes.act import PHRASINGS, UNKNOWN, make_request, rle, scene_requests
+from mmbridge.data.shapes.act import ATTRIBUTES, PHRASINGS, UNKNOWN, make_request, rle, scene_requests
 from mmbridge.data.shapes.act_eval import write_act_eval
 from mmbridge.data.shapes.world import make_scene
 from mmbridge.pretrain.act import add_act_head, write_act_data
@@ -195,7 +195,7 @@ def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_pa
     from mmbridge.train.fixtures import make_base_model
     from mmbridge.train.trainer import Trainer
 
-    make_base_model(tmp_path / "see", init_std=0.02)
+    make_base_model(tmp_path / "see", init_std=0.02, object_attributes=ATTRIBUTES)  # regions read from its queries
     add_act_head(tmp_path / "see", tmp_path / "base", **TINY_ACT)
     write_act_data(tmp_path / "data", num_scenes=8, see_turns=2)
     recipes = Path(recipes_init).parent
@@ -237,8 +237,8 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     from mmbridge.train.fixtures import make_base_model
 
     assert "act_stage1" not in RecipeConfig(name="x").stages  # opt-in: the see recipe is unchanged
-    make_base_model(tmp_path / "base", init_std=0.02)
-    make_base_model(tmp_path / "stage3" / "model", init_std=0.02)
+    make_base_model(tmp_path / "base", init_std=0.02, object_attributes=ATTRIBUTES)
+    make_base_model(tmp_path / "stage3" / "model", init_std=0.02, object_attributes=ATTRIBUTES)
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
     stages = ["act_data", "act_stage1", "act_stage2", "export"]
     cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
@@ -276,7 +276,7 @@ def test_the_recipe_adds_the_act_head_to_a_given_see_model_with_the_foundation_t
     from mmbridge.processing import MMBridgeProcessor
     from mmbridge.train.fixtures import make_base_model
 
-    make_base_model(tmp_path / "see", init_std=0.02)
+    make_base_model(tmp_path / "see", init_std=0.02, object_attributes=ATTRIBUTES)
     vocab = len(MMBridgeProcessor.from_pretrained(tmp_path / "see").tokenizer)
     torch.manual_seed(0)
     tower = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

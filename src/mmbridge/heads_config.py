@@ -198,6 +198,10 @@ class ActConfig(HeadConfig):
     # the region encoder also pools the frozen ViT's patch features (off by default: models saved before it
     # existed load unchanged; the ShapesWorld recipe turns it on)
     region_patch_features: bool = False
+    # the `<region>` embedding is read from the soft-prompt token of the Q-Former query that holds the marked
+    # object (`QueryRegionReader`; needs a Q-Former with object heads) instead of a region encoder's own
+    # embedding, which a frozen LLM reads badly (off by default: models saved before it load unchanged)
+    region_from_queries: bool = False
     num_keypoints: int = 17  # [POSE]: keypoints per person (COCO's 17, as ShapesWorld's stick figures)
     # [GEN] / [EDIT]: the draw head whose generator they use ([GEN]: its mapper and UNet as they are;
     # [EDIT]: its VAE and scheduler, and its UNet to initialise the editing UNet from)

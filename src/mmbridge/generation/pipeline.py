@@ -211,7 +211,8 @@ class MMBridgePipeline:
         regions = None
         if inputs.get("region_masks") is not None:
             regions = self.model.region_features(pixel_values, inputs["region_image_index"], inputs["region_masks"],
-                                                 vision_features)
+                                                 vision_features, inputs.get("qformer_input_ids"),
+                                                 inputs.get("qformer_attention_mask"))
         return soft_prompts, vision_features, regions, self._pixels(pixel_values)
 
     def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -427,21 +428,21 @@ class ChatSession:
         processor = self.pipeline.processor
         pixel_values = processor.preprocess_images(resolved).to(self.pipeline.device)
         if resolved:
-            instructions = processor.instruction_inputs(image_instructions([message]))
+            instructions = {k: v.to(self.pipeline.device)
+                            for k, v in processor.instruction_inputs(image_instructions([message])).items()}
             with torch.no_grad():
                 vision_features = self.pipeline.model.vision(pixel_values)
                 self._vision_features.append(vision_features)
                 self._pixels.append(self.pipeline._pixels(pixel_values))
                 self._image_features.append(self.pipeline.model.get_image_features(
-                    pixel_values, **{k: v.to(self.pipeline.device) for k, v in instructions.items()},
-                    vision_features=vision_features))
+                    pixel_values, **instructions, vision_features=vision_features))
             _, regions = processor._write_regions([message])
             if regions:  # visual prompts mark this message's images
                 masks = processor.region_masks([part for _, part in regions]).to(self.pipeline.device)
                 index = torch.tensor([i for i, _ in regions], device=self.pipeline.device)
                 with torch.no_grad():
-                    self._region_features.append(self.pipeline.model.region_features(pixel_values, index, masks,
-                                                                                     vision_features))
+                    self._region_features.append(self.pipeline.model.region_features(
+                        pixel_values, index, masks, vision_features, **instructions))
         elif any(p["type"] == "region" for p in message["content"]):
             raise ValueError("in a chat session a region marks an image of the same message")
         # Images (and marked regions) are kept as embeddings only; the messages keep bare placeholders.

@@ -191,26 +191,49 @@ class MMBridgeModel(PreTrainedModel):
 
         `qformer_input_ids` (one row per image) are the instructions of an instruction-aware Q-Former;
         `vision_features` skips the vision encoder when its output is already at hand."""
+        query_output = self.get_query_states(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                             vision_features)
+        return self.projection(query_output.to(self.projection.weight.dtype))
+
+    def get_query_states(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                         qformer_attention_mask: torch.Tensor | None = None,
+                         vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_images, 3, H, W) -> the Q-Former's query outputs (num_images, num_query_tokens, qformer_hidden),
+        before the projection (what its object heads read)."""
         if self.config.qformer_instruction and qformer_input_ids is None:
             raise ValueError("this model's Q-Former reads the instruction with each image "
                              "(config.qformer_instruction): pass qformer_input_ids, as the processor returns them")
         if vision_features is None:
             vision_features = self.vision(pixel_values)
-        query_output = self.qformer(vision_features.to(self.qformer.query_tokens.dtype),
-                                    instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask)
-        return self.projection(query_output.to(self.projection.weight.dtype))
+        return self.qformer(vision_features.to(self.qformer.query_tokens.dtype),
+                            instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask)
 
     def region_head(self) -> OutputHead | None:
         """The head whose encoder fills `<region>` placeholders (visual prompts), if any."""
         return next((h for h in self.heads.values() if h.config.region_token), None)
 
     def region_features(self, pixel_values: torch.Tensor, region_image_index: torch.Tensor,
-                        region_masks: torch.Tensor, vision_features: torch.Tensor | None = None) -> torch.Tensor:
+                        region_masks: torch.Tensor, vision_features: torch.Tensor | None = None,
+                        qformer_input_ids: torch.Tensor | None = None,
+                        qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Visual prompts -> one input embedding per region: (R, llm_hidden). `vision_features` (per image):
-        the frozen ViT's, if already computed (the region encoder may pool them)."""
+        the frozen ViT's, if already computed (the region encoder may pool them); `qformer_input_ids` /
+        `qformer_attention_mask` (per image): the instructions an instruction-aware Q-Former reads, for a
+        head that reads the regions from its queries (`ActConfig.region_from_queries`)."""
         head = self.region_head()
         if head is None:
             raise ValueError("the prompt marks a region, but this model has no head that reads visual prompts")
+        if head.config.region_from_queries:
+            index = region_image_index
+            if vision_features is None:
+                vision_features = self.vision(pixel_values[index])
+            else:
+                vision_features = vision_features[index]
+            queries = self.get_query_states(
+                pixel_values[index], None if qformer_input_ids is None else qformer_input_ids[index],
+                None if qformer_attention_mask is None else qformer_attention_mask[index], vision_features)
+            soft_prompts = self.projection(queries.to(self.projection.weight.dtype))
+            return head.region_encoder(soft_prompts, self.qformer.objects(queries), region_masks)
         if getattr(head, "reads_patches", False):
             if vision_features is None:
                 vision_features = self.vision(pixel_values)
@@ -245,7 +268,8 @@ class MMBridgeModel(PreTrainedModel):
         if region_features is None and region_masks is not None and len(region_masks):
             if vision_features is None and image_features is None:
                 vision_features = self.vision(pixel_values)  # once: for the regions and the soft prompts
-            region_features = self.region_features(pixel_values, region_image_index, region_masks, vision_features)
+            region_features = self.region_features(pixel_values, region_image_index, region_masks, vision_features,
+                                                   qformer_input_ids, qformer_attention_mask)
         inputs_embeds = self._embed_images(input_ids, pixel_values, image_features, qformer_input_ids,
                                            qformer_attention_mask, vision_features)
         return self._scatter_regions(input_ids, inputs_embeds, region_features)

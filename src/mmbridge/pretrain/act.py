@@ -21,7 +21,10 @@ from pathlib import Path
 from mmbridge.data.shapes.act import ATTRIBUTES
 
 SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd", "pose"], "decoder_hidden_size": 128, "decoder_layers": 2,
-                   "decoder_heads": 4, "num_object_queries": 8, "region_patch_features": True,
+                   "decoder_heads": 4, "num_object_queries": 8,
+                   # <region> read from the Q-Former query that holds the object (run f1; was a region encoder
+                   # over the image and the ViT's patches: region VQA 64 %)
+                   "region_from_queries": True,
                    # masks pixel for pixel (64 x 64 images), boxes refined on the same features
                    "mask_size": 64, "mask_pixel_decoder": True, "mask_pixel_stride": 1, "mask_pixel_channels": 16,
                    "box_refinement": True, "masks_in_boxes": True, "duplicate_iou": 0.5,  # decoding (run e2)

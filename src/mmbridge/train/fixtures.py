@@ -15,17 +15,19 @@ SHAPES = ("circle", "square")
 
 
 def make_base_model(out: str | Path, seed: int = 0, dropout: float | None = None, init_std: float = 0.2,
-                    qformer_text: bool = False) -> Path:
+                    qformer_text: bool = False, object_attributes: dict | None = None) -> Path:
     """Save a tiny random `MMBridgeModel` whose frozen parts live in their own HF dirs
     (`out/vision`, `out/llm`) and are referenced through `config.component_paths` — the layout the
     small trainable-only artifact sits on. `dropout` overrides the Q-Former's dropout; `qformer_text`
-    gives the Q-Former BLIP-2's text side (stage 1: ITC / ITM / ITG)."""
+    gives the Q-Former BLIP-2's text side (stage 1: ITC / ITM / ITG); `object_attributes` its object heads."""
     from torch import nn
 
     from mmbridge.testing import build_tiny
 
     out = Path(out)
     extra = {"image_text_hidden_size": 16} if qformer_text else {}
+    if object_attributes:
+        extra["qformer_object_attributes"] = object_attributes
     model, processor = build_tiny(seed=seed, init_std=init_std, **extra)
     if qformer_text:
         model.config.qformer_cls_token_id = processor.tokenizer.bos_token_id

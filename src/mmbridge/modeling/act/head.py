@@ -45,7 +45,7 @@ from mmbridge.heads_config import ActConfig, DrawConfig
 from mmbridge.modeling.act.decoder import LinkConditionedDecoder, _patch_grid, patch_centres
 from mmbridge.modeling.act.editor import InstructionEditor
 from mmbridge.modeling.act.keypoints import PoseDecoder, keypoint_sigmas, match_people, oks
-from mmbridge.modeling.act.region import RegionEncoder
+from mmbridge.modeling.act.region import QueryRegionReader, RegionEncoder
 from mmbridge.modeling.draw.head import image_tensor
 from mmbridge.modeling.heads import OutputHead, register_head
 
@@ -172,7 +172,12 @@ class ActHead(OutputHead):
                 config.decoder_heads, config.num_object_queries, config.num_keypoints)
             self.register_buffer("keypoint_sigmas", keypoint_sigmas(config.num_keypoints), persistent=False)
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
-        if config.visual_prompts:
+        if config.visual_prompts and config.region_from_queries:
+            if not model_config.qformer_object_attributes:
+                raise ValueError("act: region_from_queries reads the Q-Former query that holds the marked object, "
+                                 "but this model's Q-Former has no object heads (qformer_object_attributes)")
+            self.region_encoder = QueryRegionReader(self.llm_hidden_size)
+        elif config.visual_prompts:
             self.region_encoder = RegionEncoder(self.llm_hidden_size, config.region_points, vision_hidden_size=
                                                 vision_hidden if config.region_patch_features else None)
         self._draw = None  # the draw head ([GEN] / [EDIT]), a plain reference set in `bind`
