@@ -104,6 +104,14 @@ def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
         asked = " ".join(t["value"] for t in record["conversations"] if t["from"] == "human")
         assert asked.count("<region>") == len(record.get("regions", []))
         assert (tmp_path / record["image"]).is_file()
+    # region_vqa.json: the act chats with a region question answered in words (act stage 2 weights them up)
+    region_vqa = json.loads((tmp_path / "region_vqa.json").read_text())
+    assert region_vqa and {r["id"] for r in region_vqa} < {r["id"] for r in records}
+    for record in records:
+        turns = record["conversations"]
+        worded = any("<region>" in q["value"] and not a["value"].startswith("[") for q, a in zip(turns, turns[1:])
+                     if q["from"] == "human")
+        assert worded == (record in region_vqa)
 
     model, processor = build_tiny()
     config = ActConfig(**TINY_ACT)

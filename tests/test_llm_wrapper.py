@@ -1,5 +1,6 @@
 """What wave 2 needs from the LLM wrapper: trainable rows for new tokens, hidden states at positions."""
 
+import pytest
 import torch
 
 from mmbridge.modeling import MMBridgeModel
@@ -85,3 +86,43 @@ def test_lm_head_gets_its_input_with_canonical_strides():
     model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=2,
                    do_sample=False)
     assert seen and all(stride[0] == stride[1] for stride in seen)  # the hook ran before ours
+
+
+def test_lm_turn_weighs_every_answer_turn_alike(images):
+    """`lm_turn`: cross-entropy averaged over each answer turn, then over turns — a one-word answer weighs what a
+    sentence does (where `lm`, the per-token mean, is dominated by the sentence); only when asked for."""
+    import torch.nn.functional as F
+
+    from mmbridge.modeling.model import turn_mean_lm_loss
+
+    model, processor = build_tiny(seed=0, init_std=0.5)
+    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
+              {"role": "assistant", "content": "red"},
+              {"role": "user", "content": "Describe it."},
+              {"role": "assistant", "content": "A large red circle and a small blue square on a gray background."}],
+             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+              {"role": "assistant", "content": "2"}]]
+    batch = processor(chats, images=images[:2], return_labels=True)
+    with torch.no_grad():
+        out = model(**batch, loss_names=["lm", "lm_turn"])
+        assert "lm_turn" not in model(**batch).losses  # opt-in: the default total is unchanged
+        targets = batch["labels"][:, 1:]
+        tokens = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
+                                 reduction="none")
+        turns = []  # by hand: runs of labelled positions, row by row
+        for row in range(len(targets)):
+            run = []
+            for t in range(targets.shape[1]):
+                if targets[row, t] != -100:
+                    run.append(tokens[row, t])
+                elif run:
+                    turns.append(torch.stack(run).mean())
+                    run = []
+            if run:
+                turns.append(torch.stack(run).mean())
+    assert len(turns) == 3
+    assert torch.allclose(out.losses["lm_turn"], torch.stack(turns).mean(), atol=1e-5)
+    assert torch.allclose(out.losses["lm"], tokens[targets != -100].mean(), atol=1e-5)
+    assert not torch.allclose(out.losses["lm"], out.losses["lm_turn"], atol=1e-3)
+    with pytest.raises(ValueError, match="no answer turn"):
+        turn_mean_lm_loss(out.logits, torch.full_like(batch["labels"], -100))

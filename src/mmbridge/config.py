@@ -17,7 +17,9 @@ from mmbridge.heads_config import ActConfig, DrawConfig, HeadConfig, build_head_
 #: trained, or loaded from a separate directory.
 COMPONENTS = ("vision", "qformer", "projection", "llm")
 #: Losses the base model reports: the LM's, and BLIP-2 stage 1's on a Q-Former with a text side.
-BASE_LOSSES = ("lm",)
+#: `lm_turn` is the LM's loss with every answer turn weighted alike; computed only when a stage asks for it.
+BASE_LOSSES = ("lm", "lm_turn")
+LM_TURN_LOSS = "lm_turn"
 QFORMER_LOSSES = ("itc", "itm", "itg")
 #: Losses on the image side alone (the LLM need not run for them): stage 1's and the object set loss.
 OBJECT_LOSS = "objects"
@@ -183,5 +185,5 @@ class MMBridgeConfig(PreTrainedConfig):
         return (*names, *(n for head in self.head_configs.values() for n in head.loss_names))
 
 
-__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "QFORMER_LOSSES", "OBJECT_LOSS",
-           "IMAGE_LOSSES", "DrawConfig", "ActConfig", "HeadConfig"]
+__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "LM_TURN_LOSS", "QFORMER_LOSSES",
+           "OBJECT_LOSS", "IMAGE_LOSSES", "DrawConfig", "ActConfig", "HeadConfig"]

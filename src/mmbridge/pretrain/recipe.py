@@ -542,8 +542,9 @@ class Recipe:
     def _pose_overrides(self, stage: TrainerStage, weight: float, appended: int = 0) -> list[str]:
         """The stick figures' `[POSE]` requests appended to a stage's mix (at `weight`; after the `appended`
         datasets other overrides add) and the keypoint decoder to what it trains: ~1 sample in 8 in stage 1
-        (0.15 against act.json's 1), 1 in 18 in stage 2 (0.25 against act 2, see 1, refusals 0.3, draw 1). At 1 in 4
-        and 1 in 9 (run d2) the other act tasks lost much (box AP 0.25 -> 0.11, region VQA 62 -> 46 %)."""
+        (0.15 against act.json's 1), 1 in 22 in stage 2 (0.25 against act 2, see 1, region 1, refusals 0.3,
+        draw 1). At 1 in 4 and 1 in 9 (run d2) the other act tasks lost much (box AP 0.25 -> 0.11, region VQA
+        62 -> 46 %)."""
         if not self._act_poses():
             return []
         spec = yaml.safe_load((Path(self.cfg.base_dir) / stage.config).read_text())  # its lists' lengths only
@@ -578,14 +579,23 @@ class Recipe:
 
     def _act_stage2(self) -> dict:
         """Act stage 2 trains the LLM's LoRA, so the refusals (`refusals.json`: requests for classes the world
-        lacks, answered in text) join the act and see data here, not in stage 1. On a model that draws, the
-        draw requests (`draw_stage1.json`) join too, with the LDM loss through the frozen mapper — else the
-        LoRA forgets to answer "Draw …" with `[IMG0]` (measured: 12 of 100 requests drawn after an act stage 2
-        without them)."""
+        lacks, answered in text) join the act and see data here, not in stage 1, and the chats that ask about a
+        region in words (`region_vqa.json`) come a second time, at weight 1: the LoRA learns to read the
+        `<region>` from them. On a model that draws, the draw requests (`draw_stage1.json`) join too, with the
+        LDM loss through the frozen mapper — else the LoRA forgets to answer "Draw …" with `[IMG0]` (measured:
+        12 of 100 requests drawn after an act stage 2 without them)."""
+        from mmbridge.data.formats.llava import write_llava
+        from mmbridge.pretrain.act import region_answer_chats
+
         data = self.out / "act" / "data"
         overrides = [f"data.datasets.0.path={data / 'act.json'}", f"data.datasets.1.path={data / 'see.json'}"]
+        if not (data / "region_vqa.json").is_file():  # act data written before it existed
+            write_llava(region_answer_chats(json.loads((data / "act.json").read_text())), str(data / "region_vqa.json"))
         extra = []
-        if json.loads((data / "refusals.json").read_text()):  # a few scenes may ask for no unknown class
+        if json.loads((data / "region_vqa.json").read_text()):  # a few scenes may ask no region question
+            extra.append({"name": "region_vqa", "type": "llava_json", "weight": 1,
+                          "path": str(data / "region_vqa.json")})
+        if json.loads((data / "refusals.json").read_text()):  # nor for an unknown class
             extra.append({"name": "refusals", "type": "llava_json", "weight": 0.3, "path": str(data / "refusals.json")})
         if "draw_stage2" in self.cfg.stages:
             extra.append({"name": "draw", "type": "llava_json", "weight": 1,
