@@ -195,3 +195,21 @@ def test_cli_eval_pose_without_a_pose_route_is_a_one_line_error(tmp_path, capsys
     code = main(["eval", "pose", "--model", str(tmp_path / "m"), "--coco", path, "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "[POSE]" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_loaded_model_has_the_coco_sigmas(tmp_path):
+    """Bug: the sigmas were a non-persistent buffer, which `from_pretrained` (meta-device init, saved tensors
+    restored) left as uninitialised memory — zeros at times, so OKS divided by zero and act stage 1 stopped on NaN
+    gradients at step 1. Now they are computed, so a loaded model trains: finite gradients."""
+    from mmbridge.modeling import MMBridgeModel
+    from mmbridge.modeling.act.keypoints import COCO_KEYPOINT_SIGMAS
+
+    model, processor = with_pose_head()
+    model.save_pretrained(tmp_path / "m")
+    for _ in range(3):  # uninitialised memory differs from load to load
+        loaded = MMBridgeModel.from_pretrained(tmp_path / "m")
+        assert torch.allclose(loaded.act.keypoint_sigmas, torch.tensor(COCO_KEYPOINT_SIGMAS))
+    assert not any("sigma" in k for k in loaded.state_dict())
+    loaded.train()
+    loaded(**processor([request(sample_pose(0))], return_labels=True)).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in loaded.act.pose_decoder.parameters() if p.grad is not None)

@@ -170,7 +170,6 @@ class ActHead(OutputHead):
             self.pose_decoder = PoseDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
                 config.decoder_heads, config.num_object_queries, config.num_keypoints)
-            self.register_buffer("keypoint_sigmas", keypoint_sigmas(config.num_keypoints), persistent=False)
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
         if config.visual_prompts and config.region_from_queries:
             if not model_config.qformer_object_attributes:
@@ -201,6 +200,13 @@ class ActHead(OutputHead):
             raise ValueError(f"act: [GEN] / [EDIT] need the draw head {self.config.draw_head!r}; "
                              "this head was not bound to it (build it inside an MMBridgeModel)")
         return self._draw
+
+    @property
+    def keypoint_sigmas(self) -> torch.Tensor:
+        """OKS's per-keypoint sigmas (COCO's). Not a buffer: `from_pretrained` builds the model on the meta device and
+        restores only saved tensors, so a non-persistent buffer came back as uninitialised memory — zeros at times,
+        and OKS then divided by zero (NaN gradients from act stage 1's first step)."""
+        return keypoint_sigmas(self.config.num_keypoints)
 
     @property
     def reads_patches(self) -> bool:
