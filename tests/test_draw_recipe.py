@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from mmbridge.data.shapes.act import ATTRIBUTES
 from mmbridge.pretrain.draw import add_draw_head, write_draw_data
 from mmbridge.pretrain.shapes import write_stage_data
 from mmbridge.recipes import __file__ as recipes_init
@@ -85,7 +86,7 @@ def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_e
     )
 
     assert "draw_stage1" not in RecipeConfig(name="x").stages  # opt-in: the see recipe is unchanged
-    make_base_model(tmp_path / "see", init_std=0.02)
+    make_base_model(tmp_path / "see", init_std=0.02, object_attributes=ATTRIBUTES)  # act reads regions from queries
     build_tiny_sd(tmp_path / "foundation" / "generator")
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
     stages = ["draw_data", "draw_stage1", "draw_stage2", "act_data", "act_stage1", "act_stage2", "export"]
