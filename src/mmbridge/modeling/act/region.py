@@ -72,7 +72,7 @@ class QueryRegionReader(nn.Module):
     each query names one object and its box). Why: the LLM is frozen, and a fresh embedding in a space of its
     own is read badly however well it encodes the object (run e2: a conv region encoder's embedding named
     colour / shape / size at 96-100 % to a linear probe, the LLM answered 64 %); the query's token is read at
-    87-95 % with a linear map alone and at 98-100 % with the LoRA (scripts/region_reading_probe.py --slot)."""
+    88-95 % with a linear map alone and at 98-100 % with the LoRA (scripts/region_reading_probe.py --slot)."""
 
     def __init__(self, llm_hidden_size: int):
         super().__init__()
