@@ -548,6 +548,15 @@ def test_regions_read_from_the_qformer_queries():
         from mmbridge.modeling.act.region import query_under_region
         picked = query_under_region(found["boxes"], found["objectness"], mask)
         assert torch.allclose(got, model.projection(queries)[0, picked], atol=1e-6)
+        # One Q-Former pass feeds the soft prompts and the regions alike (it ran twice before).
+        runs = []
+        hook = model.qformer.register_forward_hook(lambda *_: runs.append(1))
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"],
+                                    region_image_index=batch["region_image_index"], region_masks=batch["region_masks"])
+        hook.remove()
+        assert len(runs) == 1
+        apart = model.embed_inputs(batch["input_ids"], batch["pixel_values"], region_features=got)
+        assert torch.allclose(embeds, apart, atol=1e-6)
     model.train()
     model(**batch).loss.backward()
     assert model.act.region_encoder.read.weight.grad is not None

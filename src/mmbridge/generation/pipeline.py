@@ -206,13 +206,13 @@ class MMBridgePipeline:
             return None, None, None, None
         pixel_values = inputs["pixel_values"]
         vision_features = self.model.vision(pixel_values)
-        soft_prompts = self.model.get_image_features(pixel_values, inputs.get("qformer_input_ids"),
-                                                     inputs.get("qformer_attention_mask"), vision_features)
+        instructions = inputs.get("qformer_input_ids"), inputs.get("qformer_attention_mask")
+        query_states = self.model.get_query_states(pixel_values, *instructions, vision_features)
+        soft_prompts = self.model.project_queries(query_states)
         regions = None
         if inputs.get("region_masks") is not None:
             regions = self.model.region_features(pixel_values, inputs["region_image_index"], inputs["region_masks"],
-                                                 vision_features, inputs.get("qformer_input_ids"),
-                                                 inputs.get("qformer_attention_mask"))
+                                                 vision_features, *instructions, query_states)
         return soft_prompts, vision_features, regions, self._pixels(pixel_values)
 
     def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -434,15 +434,16 @@ class ChatSession:
                 vision_features = self.pipeline.model.vision(pixel_values)
                 self._vision_features.append(vision_features)
                 self._pixels.append(self.pipeline._pixels(pixel_values))
-                self._image_features.append(self.pipeline.model.get_image_features(
-                    pixel_values, **instructions, vision_features=vision_features))
+                query_states = self.pipeline.model.get_query_states(pixel_values, **instructions,
+                                                                    vision_features=vision_features)
+                self._image_features.append(self.pipeline.model.project_queries(query_states))
             _, regions = processor._write_regions([message])
             if regions:  # visual prompts mark this message's images
                 masks = processor.region_masks([part for _, part in regions]).to(self.pipeline.device)
                 index = torch.tensor([i for i, _ in regions], device=self.pipeline.device)
                 with torch.no_grad():
                     self._region_features.append(self.pipeline.model.region_features(
-                        pixel_values, index, masks, vision_features, **instructions))
+                        pixel_values, index, masks, vision_features, **instructions, query_states=query_states))
         elif any(p["type"] == "region" for p in message["content"]):
             raise ValueError("in a chat session a region marks an image of the same message")
         # Images (and marked regions) are kept as embeddings only; the messages keep bare placeholders.

@@ -192,9 +192,12 @@ class MMBridgeModel(PreTrainedModel):
 
         `qformer_input_ids` (one row per image) are the instructions of an instruction-aware Q-Former;
         `vision_features` skips the vision encoder when its output is already at hand."""
-        query_output = self.get_query_states(pixel_values, qformer_input_ids, qformer_attention_mask,
-                                             vision_features)
-        return self.projection(query_output.to(self.projection.weight.dtype))
+        return self.project_queries(self.get_query_states(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                                          vision_features))
+
+    def project_queries(self, query_states: torch.Tensor) -> torch.Tensor:
+        """The Q-Former's query outputs -> the LM's soft prompts (the bridge's projection)."""
+        return self.projection(query_states.to(self.projection.weight.dtype))
 
     def get_query_states(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
                          qformer_attention_mask: torch.Tensor | None = None,
@@ -216,25 +219,29 @@ class MMBridgeModel(PreTrainedModel):
     def region_features(self, pixel_values: torch.Tensor, region_image_index: torch.Tensor,
                         region_masks: torch.Tensor, vision_features: torch.Tensor | None = None,
                         qformer_input_ids: torch.Tensor | None = None,
-                        qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        qformer_attention_mask: torch.Tensor | None = None,
+                        query_states: torch.Tensor | None = None) -> torch.Tensor:
         """Visual prompts -> one input embedding per region: (R, llm_hidden). `vision_features` (per image):
         the frozen ViT's, if already computed (the region encoder may pool them); `qformer_input_ids` /
         `qformer_attention_mask` (per image): the instructions an instruction-aware Q-Former reads, for a
-        head that reads the regions from its queries (`ActConfig.region_from_queries`)."""
+        head that reads the regions from its queries (`ActConfig.region_from_queries`); `query_states` (per
+        image): those queries' outputs, if already computed (`get_query_states`)."""
         head = self.region_head()
         if head is None:
             raise ValueError("the prompt marks a region, but this model has no head that reads visual prompts")
         if head.config.region_from_queries:
             index = region_image_index
-            if vision_features is None:
-                vision_features = self.vision(pixel_values[index])
+            if query_states is not None:
+                queries = query_states[index]
             else:
-                vision_features = vision_features[index]
-            queries = self.get_query_states(
-                pixel_values[index], None if qformer_input_ids is None else qformer_input_ids[index],
-                None if qformer_attention_mask is None else qformer_attention_mask[index], vision_features)
-            soft_prompts = self.projection(queries.to(self.projection.weight.dtype))
-            return head.region_encoder(soft_prompts, self.qformer.objects(queries), region_masks)
+                if vision_features is None:
+                    vision_features = self.vision(pixel_values[index])
+                else:
+                    vision_features = vision_features[index]
+                queries = self.get_query_states(
+                    pixel_values[index], None if qformer_input_ids is None else qformer_input_ids[index],
+                    None if qformer_attention_mask is None else qformer_attention_mask[index], vision_features)
+            return head.region_encoder(self.project_queries(queries), self.qformer.objects(queries), region_masks)
         if getattr(head, "reads_patches", False):
             if vision_features is None:
                 vision_features = self.vision(pixel_values)
@@ -269,8 +276,15 @@ class MMBridgeModel(PreTrainedModel):
         if region_features is None and region_masks is not None and len(region_masks):
             if vision_features is None and image_features is None:
                 vision_features = self.vision(pixel_values)  # once: for the regions and the soft prompts
+            query_states = None
+            head = self.region_head()
+            if image_features is None and head is not None and head.config.region_from_queries:
+                # once: the soft prompts and the regions read the same query outputs
+                query_states = self.get_query_states(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                                     vision_features)
+                image_features = self.project_queries(query_states)
             region_features = self.region_features(pixel_values, region_image_index, region_masks, vision_features,
-                                                   qformer_input_ids, qformer_attention_mask)
+                                                   qformer_input_ids, qformer_attention_mask, query_states)
         inputs_embeds = self._embed_images(input_ids, pixel_values, image_features, qformer_input_ids,
                                            qformer_attention_mask, vision_features)
         return self._scatter_regions(input_ids, inputs_embeds, region_features)
