@@ -118,6 +118,30 @@ def test_chat_kv_reuse_equals_full_reencoding(tiny_pipeline, images, turns):
     assert stateless.token_ids == a.token_ids
 
 
+def test_a_chat_turn_prints_no_transformers_warning(tiny_pipeline, images, caplog):
+    """Bug: every `mmbridge chat` answer printed transformers' warning about generate() arguments passed next to
+    a generation_config (the session passed `cache_implementation=None` that way)."""
+    session = tiny_pipeline.chat(max_new_tokens=4)
+    with caplog.at_level("WARNING"):
+        session.ask("What is this?", images=[images[0]])
+        session.ask("And the colors?")
+    assert not [r for r in caplog.records if "generation_config" in r.getMessage()]
+
+
+def test_a_chat_session_keeps_its_own_cache_under_static_decoding(tiny_model_dir, tiny_pipeline, images):
+    """With a static KV cache configured for batched decoding, a chat session still decodes on its own
+    (reused) cache — transformers refuses a cache_implementation next to a given cache — and answers as the
+    dynamic one does."""
+    from mmbridge.generation import MMBridgePipeline
+    from mmbridge.generation.decode_options import apply_decode_options
+
+    static = MMBridgePipeline.from_pretrained(tiny_model_dir)
+    apply_decode_options(static.model, kv_cache="static")
+    a, b = static.chat(max_new_tokens=4), tiny_pipeline.chat(max_new_tokens=4)
+    for text, imgs in [("What is this?", [images[0]]), ("And the colors?", [])]:
+        assert a.ask(text, images=imgs).token_ids == b.ask(text, images=imgs).token_ids
+
+
 def test_chat_turn_only_runs_new_tokens(tiny_pipeline, images):
     session = tiny_pipeline.chat(max_new_tokens=5)
     first = session.ask("What is this?", images=[images[0]])

@@ -490,10 +490,15 @@ class ChatSession:
                               logits_to_keep=1)  # only the cache is wanted: skip the prefix's logits
                 pad = pipeline.processor.tokenizer.pad_token_id
                 text_ids = ids.masked_fill(ids == model.config.image_token_index, pad)
+                # The session's own cache, even where a static one is configured. generate() fills a config's
+                # unset fields from the model's, so only an argument overrides a static default — and transformers
+                # warns about arguments next to a generation_config, so it is passed only then.
+                config.cache_implementation = None
+                static = {"cache_implementation": None} if model.llm.model.generation_config.cache_implementation \
+                    else {}
                 out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),
                                                past_key_values=cache, generation_config=config, streamer=streamer,
-                                               cache_implementation=None,  # the session's cache, even if static is set
-                                               tokenizer=pipeline.processor.tokenizer,
+                                               tokenizer=pipeline.processor.tokenizer, **static,
                                                logits_processor=pipeline._logits_processors())
                 holder["new"], self._cache = out[0, len(target):].tolist(), cache
 

@@ -107,7 +107,7 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
     ask about a marked region in words: `region_answer_chats`) and `out/see.json` (see chats of `see_turns`
     questions about the same scenes), images under `out/images/`.
     The refusals are their own file because only a stage that trains the LLM can learn them: the frozen LM
-    has never written "I can only find circles, …" (~15 nats per token), and in act stage 1 (LLM and LoRA
+    has never written the refusal sentence (~15 nats per token), and in act stage 1 (LLM and LoRA
     frozen) that loss — most of the batch's answer tokens — could only flow into what does train before it in
     the chat: the routing rows and the `<region>` embedding, which grew to norm 735 steering the LM towards
     the refusal's list of colours (run d5: "What shape is <region>?" answered with a colour, 11 %).

@@ -109,11 +109,14 @@ def plural(word: str) -> str:
 
 def unknown_answer(kind: str) -> str:
     """The text answer to a request for a class the world lacks (no route): what the model can find instead.
-    One fixed sentence per kind, short: the frozen LM has never written it (15 nats per token on the shipped
-    see-model before training), so stage 2's LoRA learns it, and a short answer is learnt sooner."""
+    One fixed sentence per kind, in the words of the world's own text (its captions and questions), which
+    the frozen LM's tokenizer holds as whole words: "I can only find circles, …" was 35 pieces of words it had
+    never written ("I", "c", "an ", …; `p("I")` 1e-5 after act stage 2), and the shipped model refused none of
+    the training requests (run g1)."""
     if kind == "color":
-        return f"I can only find {', '.join(list(COLORS)[:-1])} and {list(COLORS)[-1]} shapes."
-    return f"I can only find {', '.join(PLURAL[s] for s in SHAPES[:-1])} and {PLURAL[SHAPES[-1]]}."
+        return (f"There is no shape of that color here. Each shape is {', '.join(list(COLORS)[:-1])} or "
+                f"{list(COLORS)[-1]}.")
+    return f"There is no shape of that kind here. Each shape is a {', '.join(SHAPES[:-1])} or {SHAPES[-1]}."
 
 
 def rle(mask: np.ndarray) -> dict:
