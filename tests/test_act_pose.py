@@ -76,6 +76,20 @@ def test_oks_and_matching_on_a_hand_made_case():
     assert len(rows) == len(cols) == 0
 
 
+def test_oks_nms_drops_a_second_copy_of_a_person_only():
+    """`pose_duplicates` (decoding `[POSE]` with `duplicate_oks`): of two queries on one figure the lower-scored is
+    dropped; a person elsewhere, whatever its score, and a lone query are kept."""
+    from mmbridge.modeling.act.head import pose_duplicates
+
+    torch.manual_seed(0)
+    person = torch.rand(K, 2) * 0.3 + 0.1
+    keypoints = torch.stack([person + 0.002, torch.rand(K, 2) * 0.3 + 0.6, person])[None]  # q0 ~ q2; q1 elsewhere
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.4], [0.6, 0.6, 0.9, 0.9], [0.1, 0.1, 0.4, 0.4]]])
+    scores = torch.tensor([[0.3, 0.2, 0.8]])
+    assert pose_duplicates(keypoints, boxes, scores, 0.9, keypoint_sigmas(K)).tolist() == [[True, False, False]]
+    assert pose_duplicates(keypoints[:, :1], boxes[:, :1], scores[:, :1], 0.9, keypoint_sigmas(K)).tolist() == [[False]]
+
+
 def test_pose_route_components_and_losses():
     model, processor = with_pose_head()
     config = model.config.head_configs["act"]

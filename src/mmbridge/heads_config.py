@@ -185,6 +185,9 @@ class ActConfig(HeadConfig):
     mask_box_margin: float = 0.1
     # decoding: a detection whose box overlaps a higher-scored one's at IoU >= this is dropped (NMS); None: off
     duplicate_iou: float | None = None
+    # decoding `[POSE]`: a person whose keypoints match a higher-scored one's at OKS >= this is dropped (OKS-NMS;
+    # 0.9 as pose evaluations run it); None: off
+    duplicate_oks: float | None = None
     # a frozen text tower's config (CLIP's: the foundation's, trained against the ViT) that also reads the
     # request's words for the decoder — category text embeddings grounded in images; None: the LLM's alone
     text_encoder: dict | None = None
