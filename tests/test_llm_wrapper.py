@@ -104,12 +104,12 @@ def test_lm_turn_weighs_every_answer_turn_alike(images):
               {"role": "assistant", "content": "2"}]]
     batch = processor(chats, images=images[:2], return_labels=True)
     with torch.no_grad():
-        out = model(**batch, loss_names=["lm", "lm_turn"])
-        assert "lm_turn" not in model(**batch).losses  # opt-in: the default total is unchanged
+        out = model(**batch, loss_names=["lm", "lm_turn", "lm_first"])
+        assert not {"lm_turn", "lm_first"} & set(model(**batch).losses)  # opt-in: the default total is unchanged
         targets = batch["labels"][:, 1:]
         tokens = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
                                  reduction="none")
-        turns = []  # by hand: runs of labelled positions, row by row
+        turns, firsts = [], []  # by hand: runs of labelled positions, row by row
         for row in range(len(targets)):
             run = []
             for t in range(targets.shape[1]):
@@ -117,11 +117,15 @@ def test_lm_turn_weighs_every_answer_turn_alike(images):
                     run.append(tokens[row, t])
                 elif run:
                     turns.append(torch.stack(run).mean())
+                    firsts.append(run[0])
                     run = []
             if run:
                 turns.append(torch.stack(run).mean())
+                firsts.append(run[0])
     assert len(turns) == 3
     assert torch.allclose(out.losses["lm_turn"], torch.stack(turns).mean(), atol=1e-5)
+    # `lm_first`: each turn's first token alone (the one that decides a route or words), over turns
+    assert torch.allclose(out.losses["lm_first"], torch.stack(firsts).mean(), atol=1e-5)
     assert torch.allclose(out.losses["lm"], tokens[targets != -100].mean(), atol=1e-5)
     assert not torch.allclose(out.losses["lm"], out.losses["lm_turn"], atol=1e-3)
     with pytest.raises(ValueError, match="no answer turn"):

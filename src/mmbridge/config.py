@@ -18,8 +18,11 @@ from mmbridge.heads_config import ActConfig, DrawConfig, HeadConfig, build_head_
 COMPONENTS = ("vision", "qformer", "projection", "llm")
 #: Losses the base model reports: the LM's, and BLIP-2 stage 1's on a Q-Former with a text side.
 #: `lm_turn` is the LM's loss with every answer turn weighted alike; computed only when a stage asks for it.
-BASE_LOSSES = ("lm", "lm_turn")
+#: `lm_first` is the LM's loss on each answer turn's first token alone (the token that decides what kind of answer
+#: follows: a routing token or words); computed only when a stage asks for it.
+BASE_LOSSES = ("lm", "lm_turn", "lm_first")
 LM_TURN_LOSS = "lm_turn"
+LM_FIRST_LOSS = "lm_first"
 QFORMER_LOSSES = ("itc", "itm", "itg")
 #: Losses on the image side alone (the LLM need not run for them): stage 1's and the object set loss.
 OBJECT_LOSS = "objects"
@@ -185,5 +188,5 @@ class MMBridgeConfig(PreTrainedConfig):
         return (*names, *(n for head in self.head_configs.values() for n in head.loss_names))
 
 
-__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "LM_TURN_LOSS", "QFORMER_LOSSES",
+__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "LM_TURN_LOSS", "LM_FIRST_LOSS", "QFORMER_LOSSES",
            "OBJECT_LOSS", "IMAGE_LOSSES", "DrawConfig", "ActConfig", "HeadConfig"]

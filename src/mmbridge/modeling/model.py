@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from mmbridge.config import IMAGE_LOSSES, LM_TURN_LOSS, OBJECT_LOSS, QFORMER_LOSSES, MMBridgeConfig
+from mmbridge.config import IMAGE_LOSSES, LM_FIRST_LOSS, LM_TURN_LOSS, OBJECT_LOSS, QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection, embedding_rms
 from mmbridge.modeling.components import load_component
 from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
@@ -408,6 +408,8 @@ class MMBridgeModel(PreTrainedModel):
         * `lm` — next-token loss over `labels` (the processor masks prompt and image positions with -100);
         * `lm_turn` — the same with every answer turn weighted alike (`turn_mean_lm_loss`); only when
           `loss_names` asks for it;
+        * `lm_first` — the loss of each answer turn's first token alone, averaged over turns (`turn_mean_lm_loss`
+          with `first_only`): the token that decides a route or words; only when `loss_names` asks for it;
         * `itc` / `itm` / `itg` — BLIP-2 stage 1 on `qformer_text_ids` (CLS + text + EOS, one row per
           image, as the processor returns with `return_qformer_text=True`); the LLM does not run when
           only these are asked for; `qformer_text_rows` (indices into the batch's images) pairs the texts
@@ -419,7 +421,7 @@ class MMBridgeModel(PreTrainedModel):
         """
         wanted = set(self.config.loss_names if loss_names is None else loss_names)
         if loss_names is None:
-            wanted.discard(LM_TURN_LOSS)  # the default total stays `lm` + the rest, as before it existed
+            wanted -= {LM_TURN_LOSS, LM_FIRST_LOSS}  # the default total stays `lm` + the rest, as before they existed
         unknown = wanted - set(self.config.loss_names)
         if unknown:
             raise ValueError(f"this model cannot compute loss(es) {sorted(unknown)}; "
@@ -472,6 +474,8 @@ class MMBridgeModel(PreTrainedModel):
                 losses["lm"] = llm_out.loss
             if LM_TURN_LOSS in wanted and labels is not None:
                 losses[LM_TURN_LOSS] = turn_mean_lm_loss(llm_out.logits, labels)
+            if LM_FIRST_LOSS in wanted and labels is not None:
+                losses[LM_FIRST_LOSS] = turn_mean_lm_loss(llm_out.logits, labels, first_only=True)
             if need_heads:  # head_targets: route trigger -> one target per occurrence, in reading order
                 hidden = llm_out.hidden_states[-1]
                 for name, trigger, rows, positions in self.head_occurrences(input_ids):
@@ -667,12 +671,13 @@ def _local_dir(path) -> Path:
     return path
 
 
-def turn_mean_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def turn_mean_lm_loss(logits: torch.Tensor, labels: torch.Tensor, first_only: bool = False) -> torch.Tensor:
     """Next-token cross-entropy averaged over each answer turn's tokens (a turn: a run of labelled positions),
     then over the batch's turns — so that a one-word answer ("red") weighs what a sentence does. The usual
     per-token mean (`lm`) lets a few long answers outweigh many short ones (run f1: the one-token region answers
-    were 4.5 % of act stage 2's answer tokens, and the LoRA did not learn to read the region). Written by hand:
-    transformers' causal-LM loss reduces per token only."""
+    were 4.5 % of act stage 2's answer tokens, and the LoRA did not learn to read the region). `first_only`:
+    each turn's first token alone — the one that decides between a routing token and words, 1/27 of a refusal
+    sentence's turn mean (runs g2 / g3). Written by hand: transformers' causal-LM loss reduces per token only."""
     targets = labels[:, 1:]
     answer = targets != -100
     if not answer.any():
@@ -680,6 +685,8 @@ def turn_mean_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                              reduction="none").view_as(targets)
     starts = answer & ~F.pad(answer[:, :-1], (1, 0), value=False)  # a row's first labelled position starts a turn
+    if first_only:
+        return tokens[starts].mean()
     turn = starts.flatten().long().cumsum(0).view_as(answer) - 1
     count = int(starts.sum())
     sums = tokens.new_zeros(count).index_add(0, turn[answer], tokens[answer])
