@@ -88,6 +88,7 @@ def test_oks_nms_drops_a_second_copy_of_a_person_only():
     scores = torch.tensor([[0.3, 0.2, 0.8]])
     assert pose_duplicates(keypoints, boxes, scores, 0.9, keypoint_sigmas(K)).tolist() == [[True, False, False]]
     assert pose_duplicates(keypoints[:, :1], boxes[:, :1], scores[:, :1], 0.9, keypoint_sigmas(K)).tolist() == [[False]]
+    assert pose_duplicates(keypoints[:0], boxes[:0], scores[:0], 0.9, keypoint_sigmas(K)).shape == (0, 3)
 
 
 def test_pose_route_components_and_losses():

@@ -64,6 +64,8 @@ def duplicates(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.T
     request's few queries; written here because torchvision is not a dependency). The queries start at the
     top patches, and two patches of one object can both keep it (run e2: 107 of 143 false positives on val
     at the serving threshold were a second box on an object already found)."""
+    if not len(boxes):
+        return torch.zeros_like(scores, dtype=torch.bool)
     return _suppressed(torch.stack([box_iou(row, row)[0] for row in boxes]), scores, iou)
 
 
@@ -73,6 +75,8 @@ def pose_duplicates(keypoints: torch.Tensor, boxes: torch.Tensor, scores: torch.
     evaluations run it; the kept person's box area is OKS's scale). (n, q, K, 2) keypoints, (n, q, 4) corner
     boxes. Several queries find the same figure (run g1: 7.7 people per one-figure image at score 0.05, their
     poses alike), and every copy is a false positive to COCOeval (keypoint AP 0.29; OKS-NMS at 0.9: 0.40)."""
+    if not len(boxes):
+        return torch.zeros_like(scores, dtype=torch.bool)
     area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=1e-6)
     every = torch.ones(keypoints.shape[1:3], device=keypoints.device)
     similarity = torch.stack([oks(kp, kp, every, a, sigmas) for kp, a in zip(keypoints, area)])  # [p, g]: g's scale
