@@ -188,5 +188,5 @@ class MMBridgeConfig(PreTrainedConfig):
         return (*names, *(n for head in self.head_configs.values() for n in head.loss_names))
 
 
-__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "LM_TURN_LOSS", "LM_FIRST_LOSS", "QFORMER_LOSSES",
-           "OBJECT_LOSS", "IMAGE_LOSSES", "DrawConfig", "ActConfig", "HeadConfig"]
+__all__ = ["MMBridgeConfig", "COMPONENTS", "DEFAULT_TRAINABLE", "BASE_LOSSES", "LM_TURN_LOSS", "LM_FIRST_LOSS",
+           "QFORMER_LOSSES", "OBJECT_LOSS", "IMAGE_LOSSES", "DrawConfig", "ActConfig", "HeadConfig"]
