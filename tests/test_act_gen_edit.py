@@ -40,14 +40,14 @@ def sd_dir(tmp_path_factory):
     return directory
 
 
-def with_gen_edit(sd_dir, seed=0, **kw):
+def with_gen_edit(sd_dir, seed=0, tasks=("gen", "edit"), **kw):
     model, processor = build_tiny(seed=seed)
     torch.manual_seed(seed)  # the heads' weights, whatever ran before
     draw = DrawConfig(pipeline_path=str(sd_dir), mapper_hidden_size=32, mapper_layers=(1, 1), mapper_heads=2,
                       num_inference_steps=3)
     model.add_head(draw, processor.tokenizer)
     processor.register_head(draw)
-    act = ActConfig(tasks=["gen", "edit"], queries_per_generation_task=QUERIES, visual_prompts=False,
+    act = ActConfig(tasks=list(tasks), queries_per_generation_task=QUERIES, visual_prompts=False,
                     edit_num_inference_steps=3, **kw)
     model.add_head(act, processor.tokenizer)
     processor.register_head(act)
@@ -136,6 +136,23 @@ def test_edit_target_needs_its_source(sd_dir):
     with pytest.raises(ValueError, match="'source' image"):
         model(**processor([turns], return_labels=True))
 
+
+def test_llava_edit_records_load_the_source_and_the_result(tmp_path):
+    from mmbridge.train.data import LlavaJsonDataset
+
+    edit = edit_pair("train", 2)
+    edit["before"].render().save(tmp_path / "before.png")
+    edit["after"].render().save(tmp_path / "after.png")
+    record = {"id": "e", "image": "before.png",
+              "conversations": [{"from": "human", "value": "<image>\n" + edit["instruction"]},
+                                {"from": "gpt", "value": "[EDIT]"}],
+              "targets": {"[EDIT]": [{"image": "after.png", "source": "before.png"}]}}
+    (tmp_path / "edits.json").write_text(json.dumps([record]))
+    messages = LlavaJsonDataset(str(tmp_path / "edits.json"))[0]
+    target = messages[1]["content"][0]["target"]
+    assert messages[1]["content"][0]["head"] == "[EDIT]"
+    assert list(target["source"].getdata()) == list(edit["before"].render().getdata())
+    assert list(target["image"].getdata()) == list(edit["after"].render().getdata())
 
 @pytest.fixture(scope="module")
 def trained(sd_dir, tmp_path_factory):
@@ -304,3 +321,62 @@ def test_the_openai_client_gets_the_edited_image(trained):
     assert got.convert("RGB").tobytes() == expected.tobytes()
     [part] = [p for p in typed["choices"][0]["message"]["parts"] if p["type"] == "image"]
     assert part["route"] == "[EDIT]" and part["head"] == "act"
+
+
+def test_a_trained_act_head_gains_the_edit_route(sd_dir, tmp_path):
+    """`extend_head`: the shipped act head learns [EDIT] later; what it had (weights, token ids) stays."""
+    from mmbridge.modeling import MMBridgeModel
+    from mmbridge.processing import MMBridgeProcessor
+
+    model, processor = with_gen_edit(sd_dir, tasks=["det", "gen"], decoder_hidden_size=16, decoder_layers=1,
+                                     decoder_heads=2, num_object_queries=4, mask_size=8)  # no [EDIT] ...
+    with pytest.raises(ValueError, match="reshape"):
+        model.extend_head("act", processor.tokenizer, decoder_hidden_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = dict(model.config.added_tokens)
+    head = model.extend_head("act", processor.tokenizer, tasks=["det", "gen", "edit"])  # ... and give it one
+    processor.register_head(model.config.head_configs["act"])
+    assert model.act is head and hasattr(head, "editor") and model.config.trainable["act.editor"]
+    assert {k: v for k, v in model.config.added_tokens.items() if k in ids} == ids  # old rows keep their ids
+    assert "[EDIT]" in model.config.added_tokens
+    after = model.state_dict()
+    kept = [k for k in before if "embed" not in k and "lm_head" not in k]
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = MMBridgeModel.from_pretrained(tmp_path)
+    assert "[EDIT]" in MMBridgeProcessor.from_pretrained(tmp_path).heads["act"]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items() if "editor" in k)
+
+
+def test_the_recipe_gives_a_drawing_act_model_the_edit_route(sd_dir, tmp_path):
+    """`stages=[..., act_stage2, act_edit, export]`: edit pairs written, the act head extended, the editor trained
+    (`recipes/shapes_act_edit.yaml`); a model that cannot draw gets a clear error."""
+    from mmbridge.config import MMBridgeConfig
+    from mmbridge.modeling import MMBridgeModel
+    from mmbridge.pretrain.recipe import RECIPES_DIR, ActStage, ConfigError, Recipe, RecipeConfig, TrainerStage
+
+    stage2 = tmp_path / "act" / "stage2" / "model"
+    edit_json = tmp_path / "act" / "data" / "edit.json"
+    short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0",
+             f"data.datasets.1.path={edit_json}", f"data.datasets.2.path={edit_json}"]  # no act / see chats here
+    cfg = RecipeConfig(name="edit-test", stages=["act_stage2", "act_edit", "export"], threads=1, see_scenes=0,
+                       base_dir=str(RECIPES_DIR), act=ActStage(edit_pairs=4),
+                       act_edit=TrainerStage("shapes_act_edit.yaml", short))
+    model, processor = build_tiny(seed=0)
+    model.save_pretrained(stage2)
+    processor.save_pretrained(stage2)
+    with pytest.raises(ConfigError, match="draw stages first"):
+        Recipe(cfg, tmp_path, log=lambda _: None)._act_edit()
+
+    model, processor = with_gen_edit(sd_dir, tasks=["gen"])
+    model.save_pretrained(stage2)
+    processor.save_pretrained(stage2)
+    result = Recipe(cfg, tmp_path, log=lambda _: None)._act_edit()
+    assert result["steps"] == 2 and result["data"]["edit_chats"] == 4
+    assert json.loads(edit_json.read_text())[0]["targets"]["[EDIT]"][0]["source"].startswith("images/edit-train-")
+    trained = tmp_path / "act" / "edit" / "model"
+    assert "[EDIT]" in MMBridgeConfig.from_pretrained(trained).head_configs["act"].routes
+    start = MMBridgeModel.from_pretrained(tmp_path / "act" / "edit" / "base").act.editor.state_dict()
+    after = MMBridgeModel.from_pretrained(trained).act.editor.state_dict()
+    assert any(not torch.equal(start[k], after[k]) for k in start)

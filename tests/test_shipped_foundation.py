@@ -90,3 +90,14 @@ def test_shipped_generator_draws_what_is_asked(tmp_path, capsys):
     assert summary["drawn"] == 20, summary
     assert summary["per_attribute"]["count"] >= MIN_GENERATOR_COUNT_20, summary
     assert summary["per_attribute"]["color"] >= MIN_GENERATOR_COLOUR_20, summary
+
+
+def test_refusals_are_whole_words_of_the_shipped_tokenizer(foundation):
+    # a word the world's tokenizer splits into letters is one the frozen LM never wrote: run g7's "no such shape
+    # here." came out as "no s shape here." — every piece of a refusal must be a whole word or punctuation
+    from mmbridge.data.shapes.act import unknown_answer
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(foundation / "tokenizer")
+    for kind in ("shape", "color", "thing"):
+        pieces = tokenizer.tokenize(unknown_answer(kind))
+        assert all(p.endswith("Ġ") or p.rstrip("Ġ") in ".," for p in pieces), pieces

@@ -9,6 +9,8 @@ llm), which is what freezing, trainable-only checkpoints and importers key on.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -112,6 +114,34 @@ class MMBridgeModel(PreTrainedModel):
         head = build_head(self.config.head_configs[name], self.config)
         self.add_module(name, head.to(self.device))
         self.head_names.append(name)
+        self._bind_heads()
+        self.apply_trainable_policy()
+        return head
+
+    def extend_head(self, name: str, tokenizer, **changes) -> OutputHead:
+        """Give a trained head more to do (the act head a new task: `tasks=[..., "edit"]`): its config with
+        `changes`, the new config's tokens added (rows added before keep theirs), the head rebuilt and
+        every weight it had copied in; what is new starts as a fresh head's does. Changes that reshape a
+        weight the head already has are refused."""
+        if name not in self.config.head_configs:
+            raise ValueError(f"this model has no head named {name!r}; heads: {self.head_names}")
+        old = getattr(self, name)
+        head_config = dataclasses.replace(self.config.head_configs[name], **changes).for_model(self.config)
+        trial = copy.deepcopy(self.config)  # the model's config changes only once the new head fits
+        trial.heads = {**trial.heads, name: head_config.to_dict()}
+        trial.component_paths = {**head_config.component_paths, **trial.component_paths}
+        head = build_head(trial.head_configs[name], trial).to(self.device)
+        new_weights = head.state_dict()
+        reshaped = [k for k, v in old.state_dict().items() if k not in new_weights or new_weights[k].shape != v.shape]
+        if reshaped:
+            raise ValueError(f"extending head {name!r} with {changes} would drop or reshape its trained weights "
+                             f"{reshaped[:5]}; train a new head instead")
+        self.llm.add_special_tokens(head_config.tokens, tokenizer, self.config)
+        self.config.heads = trial.heads
+        self.config.trainable = {**head_config.components, **self.config.trainable}
+        self.config.component_paths = trial.component_paths
+        head.load_state_dict(old.state_dict(), strict=False)
+        setattr(self, name, head)
         self._bind_heads()
         self.apply_trainable_policy()
         return head

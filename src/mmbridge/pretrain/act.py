@@ -70,6 +70,22 @@ def add_act_head(model_dir: str | Path, out: str | Path, text_encoder: str | Pat
     return Path(out)
 
 
+def extend_act_head(model_dir: str | Path, out: str | Path, *tasks: str, **act_settings) -> Path:
+    """`model_dir`, whose act head is trained, -> `out`: the same model with the act head's `tasks` added
+    (`MMBridgeModel.extend_head`; e.g. "edit" after the draw head exists) and `act_settings` changed."""
+    from mmbridge.modeling import MMBridgeModel
+    from mmbridge.processing import MMBridgeProcessor
+
+    model = MMBridgeModel.from_pretrained(model_dir)
+    processor = MMBridgeProcessor.from_pretrained(model_dir)
+    have = model.config.head_configs["act"].tasks
+    model.extend_head("act", processor.tokenizer, tasks=[*have, *(t for t in tasks if t not in have)], **act_settings)
+    processor.register_head(model.config.head_configs["act"])
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
 def act_record(key: str, image: str, requests: list[dict]) -> dict:
     """One LLaVA record: a chat of `requests` (data.shapes.act) about one image, with `targets` per routing
     token and `regions` per `<region>` in reading order."""
@@ -148,3 +164,30 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
         write_llava([act_record(f"pose-{key}", image, [req]) for key, image, req, _ in poses], str(out / "pose.json"))
     return {"scenes": num_scenes, "act_chats": len(act), "refusal_chats": len(refusals),
             "act_requests": sum(tasks.values()), "tasks": tasks, "see_chats": len(see), "pose_chats": len(poses)}
+
+
+def write_edit_data(out: str | Path, num_pairs: int, split: str = "train", seed: int = 0,
+                    first_pair: int = 0) -> dict:
+    """`out/edit.json`: one `[EDIT]` chat per edit pair of `split` (`data.shapes.edits.edit_pair`, pairs
+    `first_pair` … `first_pair + num_pairs - 1`): the user sends the scene and the instruction, the answer is
+    the route, its target the edited scene and its source (`"targets": {"[EDIT]": [{"image", "source"}]}`),
+    images under `out/images/`. An instruction the world cannot do needs no training turn: the `[EDIT]`
+    route answers it in words (`data.shapes.edit_eval.edit_instruction_issue`)."""
+    from mmbridge.data.formats.llava import to_llava, write_llava
+    from mmbridge.data.shapes.edits import edit_pair
+    from mmbridge.data.shapes.world import png_bytes, render
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records, kinds = [], {}
+    for i in range(first_pair, first_pair + num_pairs):
+        edit = edit_pair(split, i, seed)
+        kinds[edit["kind"]] = kinds.get(edit["kind"], 0) + 1
+        source, result = f"images/edit-{split}-{i:06d}-0.png", f"images/edit-{split}-{i:06d}-1.png"
+        (out / source).write_bytes(png_bytes(render(edit["before"])))
+        (out / result).write_bytes(png_bytes(render(edit["after"])))
+        record = to_llava(f"edit-{split}-{i:06d}", source, [{"role": "user", "content": edit["instruction"]},
+                                                           {"role": "assistant", "content": "[EDIT]"}])
+        records.append({**record, "targets": {"[EDIT]": [{"image": result, "source": source}]}})
+    write_llava(records, str(out / "edit.json"))
+    return {"edit_chats": len(records), "kinds": kinds}

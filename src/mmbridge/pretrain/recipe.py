@@ -42,7 +42,7 @@ BRIDGE_STAGES = ("compose", "data", "stage1", "stage2", "stage3", "export")
 STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
 #: VisionLLM v2's act head on the see-model (pretrain/act.py, docs/recipe.md "Act"): run only when listed in
 #: `stages` (between stage3 and export); with them, `export` exports the act model.
-ACT_STAGES = ("act_data", "act_stage1", "act_stage2")
+ACT_STAGES = ("act_data", "act_stage1", "act_stage2", "act_edit")
 #: MiniGPT-5's draw head on the see-model (pretrain/draw.py, docs/recipe.md "Draw"), on the foundation's
 #: generator: run only when listed (after stage3; the act stages then start from the draw model).
 DRAW_STAGES = ("draw_data", "draw_stage1", "draw_stage2")
@@ -114,6 +114,7 @@ class ActStage:
     eval_pose_figures: int = 250  # test split: OUT/act/eval/coco_pose_test.json
     head: dict = field(default_factory=dict)
     text_encoder: bool = True  # the foundation's CLIP text tower reads the requests' words (when it has one)
+    edit_pairs: int = 8000  # act_edit: train-split edit pairs (act/data/edit.json)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class RecipeConfig:
     act: ActStage = field(default_factory=ActStage)
     act_stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage1.yaml"))
     act_stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage2.yaml"))
+    act_edit: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_edit.yaml"))
     #: Which stages this recipe runs, in RUN_ORDER (default: STAGES, all of them but the act stages).
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     #: Where the bridge stages find the frozen stage-0 models: a directory written by a foundation run
@@ -608,10 +610,34 @@ class Recipe:
         return self._trainer_stage(self.cfg.act_stage2, self.out / "act" / "stage1" / "model",
                                    self.out / "act" / "stage2", overrides)
 
+    def _act_edit(self) -> dict:
+        """The act head gains `[EDIT]` (`MMBridgeModel.extend_head`: the stage-2 model's weights as they were,
+        the routing token, its queries and an editing UNet initialised from the draw UNet) and trains it on
+        `edit.json` with the act and see chats (`recipes/shapes_act_edit.yaml`). Needs the draw head: the editor
+        edits in its generator's latent space."""
+        from mmbridge.config import MMBridgeConfig
+        from mmbridge.pretrain.act import extend_act_head, write_edit_data
+
+        data, base = self.out / "act" / "data", self.out / "act" / "edit" / "base"
+        stage2 = self.out / "act" / "stage2" / "model"
+        if "draw" not in MMBridgeConfig.from_pretrained(stage2).head_configs:
+            raise ConfigError("act_edit edits in the draw head's latent space: run the draw stages first "
+                              "(or start from a see_model that draws)")
+        written = None
+        if not (data / "edit.json").is_file():
+            written = write_edit_data(data, self.cfg.act.edit_pairs, seed=self.cfg.seed)
+        if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
+            torch.manual_seed(self.cfg.seed)
+            extend_act_head(stage2, base, "edit")
+        result = self._trainer_stage(self.cfg.act_edit, base, self.out / "act" / "edit", [
+            f"data.datasets.0.path={data / 'edit.json'}", f"data.datasets.1.path={data / 'act.json'}",
+            f"data.datasets.2.path={data / 'see.json'}"])
+        return {**result, **({"data": written} if written else {})}
+
     def _export(self) -> dict:
         """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts.
-        With the act stages in `stages`, the act model (act/stage2/model), else the draw model with the draw
-        stages, else the see-model (stage3/model)."""
+        With the act stages in `stages`, the act model (act/edit/model with `act_edit`, else act/stage2/model),
+        else the draw model with the draw stages, else the see-model (stage3/model)."""
         from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.shapes import frozen_parts_identical
@@ -620,7 +646,8 @@ class Recipe:
         if final.exists():
             shutil.rmtree(final)
         acts = "act_stage2" in self.cfg.stages
-        shutil.copytree(self.out / "act" / "stage2" / "model" if acts else self._see_model(), final)
+        act_model = self.out / "act" / ("edit" if "act_edit" in self.cfg.stages else "stage2") / "model"
+        shutil.copytree(act_model if acts else self._see_model(), final)
         config = MMBridgeConfig.from_pretrained(final)
         for sub in (config.vision_config, config.qformer_config, config.text_config):
             sub._name_or_path = ""  # where stage 0 happened to write its parts means nothing elsewhere

@@ -57,6 +57,8 @@ OPTIONAL_MODEL_INPUTS = ("qformer_input_ids", "qformer_attention_mask", "qformer
 #: A reader that skips this many samples in a row without one good sample stops with an error
 #: instead of spinning forever on a dataset that is corrupt through and through.
 MAX_CONSECUTIVE_SKIPS = 10_000
+#: keys of a head target that name an image file in a LLaVA record: a drawing ("image"), an edit's source
+TARGET_IMAGE_KEYS = ("image", "source")
 
 
 class SampleError(ValueError):
@@ -289,11 +291,15 @@ class LlavaJsonDataset(Dataset):
         well_formed = isinstance(targets, dict) and all(isinstance(v, list) for v in targets.values())
         if targets is not None and not well_formed:
             raise SampleError("'targets' must map a head's trigger token to a list of targets")
-        if targets:  # a target that names an image file (a drawing target) gets the image, like "image" does
-            targets = {trigger: [{**t, "image": load_image(self.image_root / t["image"])}
-                                 if isinstance(t, dict) and isinstance(t.get("image"), str) else t for t in items]
-                       for trigger, items in targets.items()}
+        if targets:  # image files a target names (a drawing, an edit's result and source) are loaded like "image"
+            targets = {trigger: [self._load_target_images(t) for t in items] for trigger, items in targets.items()}
         return llava_to_messages(record.get("conversations"), images, targets, record.get("regions"))
+
+    def _load_target_images(self, target):
+        if not isinstance(target, dict):
+            return target
+        return {**target, **{key: load_image(self.image_root / target[key]) for key in TARGET_IMAGE_KEYS
+                             if isinstance(target.get(key), str)}}
 
 
 class LlavaJsonSource:

@@ -29,6 +29,7 @@ numpy + Pillow only (the data layer): the recipe (`pretrain/act.py`) writes file
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 
@@ -43,26 +44,34 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "di
           "cross": "crosses"}
 
 # {one}: a category in the singular ("red shape"), {many}: the plural ("red shapes"); {expr}: a referring
-# expression ("the small shape left of the blue square"). The two sets of a task share no template.
+# expression ("the small shape left of the blue square"). The two sets of a task share no template, and no
+# training template is written the way a held-out one is (`REQUEST_FORMS` below; a test checks both).
 PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "det": {
         "train": ("Find every {one}.", "Detect all {many}.", "Where are the {many}?", "Locate all {many}.",
                   "Find all {many} in the image.", "Detect every {one}.", "Show me the {many}.",
                   "Give me the boxes of all {many}.", "Mark every {one} with a box.",
-                  "Find the {many}.", "Detect the {many} in this picture."),
+                  "Find the {many}.", "Detect the {many} in this picture.", "Identify all {many}.",
+                  "Draw a box around each {one}.", "Pick out the {many}.", "Look for every {one}.",
+                  "Box every {one}.", "Where is each {one} in the image?", "Spot the {many} in the picture."),
         "heldout": ("Can you find the {many}?", "Put boxes around the {many}.", "I am looking for every {one}.",
                     "Spot all {many}.", "Please detect each {one}."),
     },
     "seg": {
         "train": ("Segment every {one}.", "Segment all {many}.", "Give me the masks of the {many}.",
                   "Outline every {one}.", "Find the exact pixels of all {many}.", "Segment the {many}.",
-                  "Give me a mask for each {one}.", "Which pixels are {many}? Segment them."),
+                  "Give me a mask for each {one}.", "Which pixels are {many}? Segment them.",
+                  "Mask every {one}.", "Cut every {one} out of the image.", "Draw the outline of each {one}.",
+                  "Separate the {many} from the background.", "Make a segmentation mask of the {many}.",
+                  "Extract the pixels of every {one}.", "Give me the segmentation of all {many}."),
         "heldout": ("Cut out the {many}.", "Produce a segmentation of every {one}.", "Mask all {many}.",
                     "Can you segment each {one}?"),
     },
     "grd": {
         "train": ("Find {expr}.", "Where is {expr}?", "Locate {expr}.", "Point out {expr}.", "Show me {expr}.",
-                  "Put a box around {expr}.", "Which object is {expr}? Find it."),
+                  "Put a box around {expr}.", "Which object is {expr}? Find it.", "Identify {expr}.",
+                  "Spot {expr} in the image.", "Mark {expr} with a box.", "Pick out {expr}.",
+                  "Where can I find {expr}?", "Draw a box around {expr}."),
         "heldout": ("Can you spot {expr}?", "Highlight {expr}.", "Give me the box of {expr}.",
                     "I need the location of {expr}."),
     },
@@ -76,7 +85,9 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
         "train": ("Find the pose of every figure.", "Find the pose of the figure.", "Estimate the pose of the "
                   "stick figure.", "Detect the keypoints of the figure.", "Where are the joints of the figure?",
                   "Show me the skeleton of the stick figure.", "Mark the body keypoints.",
-                  "What pose is the person in? Find the keypoints."),
+                  "What pose is the person in? Find the keypoints.", "Locate the joints of the figure.",
+                  "Draw the skeleton of the person.", "Estimate the keypoints of the stick figure.",
+                  "Find the body joints of the person."),
         "heldout": ("Can you estimate the figure's pose?", "Give me the keypoints of the person.",
                     "Trace the skeleton of this figure.", "Locate every joint of the stick figure."),
     },
@@ -87,6 +98,32 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
                     "Spot all objects matching the {attr} of <region>."),
     },
 }
+# People ask the same thing as an order, a plea or a question: each imperative training template is also
+# trained in these forms ("Please locate all {many}.", "Could you outline every {one}?"). Run g4, trained on
+# the bare orders alone, routed 35 % of the held-out detection phrasings right. A form that would write a
+# held-out template is left out, so the held-out routing number still measures sentences never trained.
+REQUEST_FORMS = ("Please {}.", "Can you {}?", "Could you {}?", "I want you to {}.", "I would like you to {}.")
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A template as a regex over the requests it writes: each placeholder matches any text."""
+    return re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)))
+
+
+def _writes_heldout(template: str) -> bool:
+    """Whether `template` can write a request that a held-out template (of any task) writes too."""
+    text = re.sub(r"\{\w+\}", "the X", template)
+    return any(_template_pattern(h).fullmatch(text) for sets in PHRASINGS.values() for h in sets["heldout"])
+
+
+def _with_request_forms(sets: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    orders = [t for t in sets["train"] if t.endswith(".") and not t.startswith(("What", "Which", "Where"))]
+    forms = [form.format(t[0].lower() + t[1:-1]) for t in orders for form in REQUEST_FORMS]
+    return {"train": tuple(dict.fromkeys([*sets["train"], *(f for f in forms if not _writes_heldout(f))])),
+            "heldout": sets["heldout"]}
+
+
+PHRASINGS = {task: sets if task == "region_vqa" else _with_request_forms(sets) for task, sets in PHRASINGS.items()}
 # A class the world lacks: shapes, colours and things it never has (docs/world.md lists what it has).
 UNKNOWN = {
     "train": {"shape": ("hexagon", "star", "pentagon", "heart", "oval"), "color": ("pink", "brown", "black"),
@@ -109,14 +146,13 @@ def plural(word: str) -> str:
 
 def unknown_answer(kind: str) -> str:
     """The text answer to a request for a class the world lacks (no route): what the model can find instead.
-    One fixed sentence per kind, in the words of the world's own text (its captions and questions), which
-    the frozen LM's tokenizer holds as whole words: "I can only find circles, …" was 35 pieces of words it had
-    never written ("I", "c", "an ", …; `p("I")` 1e-5 after act stage 2), and the shipped model refused none of
-    the training requests (run g1)."""
+    One fixed sentence per kind, made only of words the frozen LM's tokenizer holds whole (the world's own
+    text): "I can only find circles, …" was 35 pieces of words it had never written (`p("I")` 1e-5 after act
+    stage 2, run g1), and "no such shape here." came out as "no s shape here." ("such" is four pieces, run g7)."""
     if kind == "color":
-        return (f"There is no shape of that color here. Each shape is {', '.join(list(COLORS)[:-1])} or "
-                f"{list(COLORS)[-1]}.")
-    return f"There is no shape of that kind here. Each shape is a {', '.join(SHAPES[:-1])} or {SHAPES[-1]}."
+        colors = list(COLORS)
+        return f"There is no shape of the color here. A shape here is {', '.join(colors[:-1])} or {colors[-1]}."
+    return f"There is no shape of the kind here. A shape here is a {', '.join(SHAPES[:-1])} or {SHAPES[-1]}."
 
 
 def rle(mask: np.ndarray) -> dict:
