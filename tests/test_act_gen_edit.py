@@ -380,3 +380,17 @@ def test_the_recipe_gives_a_drawing_act_model_the_edit_route(sd_dir, tmp_path):
     start = MMBridgeModel.from_pretrained(tmp_path / "act" / "edit" / "base").act.editor.state_dict()
     after = MMBridgeModel.from_pretrained(trained).act.editor.state_dict()
     assert any(not torch.equal(start[k], after[k]) for k in start)
+
+
+def test_the_demo_edits_scores_and_saves(trained, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mmbridge.commands.demo import EDIT_PAIRS, _edit
+
+    pipe = MMBridgePipeline(trained["model"], trained["processor"])
+    _edit(pipe, SimpleNamespace(out=str(tmp_path), max_new_tokens=QUERIES + 4))
+    printed = capsys.readouterr().out
+    assert f"of {len(EDIT_PAIRS)} edits right (read back by the world reader)." in printed
+    assert printed.count("  you:   ") == len(EDIT_PAIRS) + 1
+    chat = (tmp_path / "edit" / "chat.md").read_text()
+    assert chat.count("**you:**") == len(EDIT_PAIRS) + 1 and list((tmp_path / "edit").glob("turn*.png"))

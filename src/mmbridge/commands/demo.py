@@ -2,7 +2,8 @@
 for a model with a draw head, a few drawings saved beside a markdown page and checked by the world reader;
 for a model with an act head, detections, masks and a grounded box on each sample, saved as overlay PNGs
 and scored against the scene's true boxes, and (with a `[POSE]` route) the keypoints of the bundled stick
-figures, scored by OKS against their true keypoints."""
+figures, scored by OKS against their true keypoints; (with an `[EDIT]` route) edits of two test scenes of the
+world, read back and scored, and an edit the world cannot do."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def run(args) -> int:
     _draw(pipeline, args)
     _act(pipeline, args, samples)
     _pose(pipeline, args)
+    _edit(pipeline, args)
     return 0
 
 
@@ -233,3 +235,50 @@ def _pose(pipeline, args) -> None:
         print(f"-- {figure['image']}  (truth: {figure['caption']})\n  you:   {POSE_REQUEST}\n"
               f"  model: {result.text or '[POSE]'}   [{'right' if ok else 'wrong'}: {verdict}]  {overlay}")
     print(f"{right} of {len(figures)} poses right (OKS >= 0.5).")
+
+
+#: The world's test edit pairs the demo asks a model with an `[EDIT]` route to make, and one it cannot make.
+EDIT_PAIRS, IMPOSSIBLE_EDIT = (0, 1), "Make the shapes transparent."
+
+
+def _edit(pipeline, args) -> None:
+    """`EDIT_PAIRS` (`data.shapes.edits.edit_pair("test", i)`): the source scene and the instruction sent, the
+    edited image saved under `--out/edit` and read back by the world reader (right: the requested objects and
+    nothing else changed, `data.shapes.edit_eval.edit_score`); then `IMPOSSIBLE_EDIT`, answered in words."""
+    from pathlib import Path
+
+    from mmbridge.commands.outputs import OutputWriter
+    from mmbridge.data.shapes.annotations import short_caption
+    from mmbridge.data.shapes.edit_eval import edit_score
+    from mmbridge.data.shapes.edits import edit_pair
+    from mmbridge.data.shapes.reader import read_image
+
+    if not any("[EDIT]" in h.routes for h in pipeline.model.config.head_configs.values() if h.kind == "act"):
+        return
+    out = Path(args.out) / "edit"
+    print()
+    print(f"== editing (images and chat.md under {out})")
+    writer, right = OutputWriter(out), 0
+    edits = [edit_pair("test", i) for i in EDIT_PAIRS]
+    asks = [(e["before"], e["instruction"]) for e in edits] + [(edits[0]["before"], IMPOSSIBLE_EDIT)]
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                     for _, text in asks]
+    results = pipeline.generate(conversations, images=[scene.render() for scene, _ in asks],
+                                max_new_tokens=args.max_new_tokens, do_sample=False)
+    for n, ((scene, text), result) in enumerate(zip(asks, results)):
+        saved = writer.write(text, result, scene.render())
+        edited = [(path, part) for path, part in zip(saved, [p for p in result.parts if p.type != "text"])
+                  if part.type == "image"]
+        print(f"-- {short_caption(scene)}\n  you:   {text}")
+        if n == len(edits):
+            print(f"  model: {result.text or '(an image)'}")
+            continue
+        if not edited:
+            print(f"  model: {result.text}   [wrong: no image]")
+            continue
+        path, part = edited[0]
+        score = edit_score(read_image(part.image), edits[n])
+        right += bool(score["correct"])
+        names = ", ".join(o.name for o in read_image(part.image).objects) or "nothing readable"
+        print(f"  image: {path}   [{'right' if score['correct'] else 'wrong'}: read {names}]")
+    print(f"{right} of {len(edits)} edits right (read back by the world reader).")
