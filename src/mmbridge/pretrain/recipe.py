@@ -544,7 +544,7 @@ class Recipe:
     def _pose_overrides(self, stage: TrainerStage, weight: float, appended: int = 0) -> list[str]:
         """The stick figures' `[POSE]` requests appended to a stage's mix (at `weight`; after the `appended`
         datasets other overrides add) and the keypoint decoder to what it trains: ~1 sample in 8 in stage 1
-        (0.15 against act.json's 1), 1 in 22 in stage 2 (0.25 against act 2, see 1, region 1, refusals 0.3,
+        (0.15 against act.json's 1), 1 in 22 in stage 2 (0.25 against act 2, see 1, region 1, refusals 1,
         draw 1). At 1 in 4 and 1 in 9 (run d2) the other act tasks lost much (box AP 0.25 -> 0.11, region VQA
         62 -> 46 %)."""
         if not self._act_poses():
@@ -598,7 +598,7 @@ class Recipe:
             extra.append({"name": "region_vqa", "type": "llava_json", "weight": 1,
                           "path": str(data / "region_vqa.json")})
         if json.loads((data / "refusals.json").read_text()):  # nor for an unknown class
-            extra.append({"name": "refusals", "type": "llava_json", "weight": 0.3, "path": str(data / "refusals.json")})
+            extra.append({"name": "refusals", "type": "llava_json", "weight": 1, "path": str(data / "refusals.json")})
         if "draw_stage2" in self.cfg.stages:
             extra.append({"name": "draw", "type": "llava_json", "weight": 1,
                           "path": str(self.out / "draw" / "data" / "draw_stage1.json")})

@@ -145,14 +145,13 @@ def plural(word: str) -> str:
 
 
 def unknown_answer(kind: str) -> str:
-    """The text answer to a request for a class the world lacks (no route): what the model can find instead.
-    One fixed sentence per kind, made only of words the frozen LM's tokenizer holds whole (the world's own
-    text): "I can only find circles, …" was 35 pieces of words it had never written (`p("I")` 1e-5 after act
-    stage 2, run g1), and "no such shape here." came out as "no s shape here." ("such" is four pieces, run g7)."""
-    if kind == "color":
-        colors = list(COLORS)
-        return f"There is no shape of the color here. A shape here is {', '.join(colors[:-1])} or {colors[-1]}."
-    return f"There is no shape of the kind here. A shape here is a {', '.join(SHAPES[:-1])} or {SHAPES[-1]}."
+    """The text answer to a request for a class the world lacks (no route). Made only of words the frozen LM's
+    tokenizer holds whole (the world's own text): "I can only find circles, …" was 35 pieces of words it had
+    never written (`p("I")` 1e-5 after act stage 2, run g1), and "no such shape here." came out as "no s shape
+    here." ("such" is four pieces, run g7). One sentence: run h1's second one, "A shape here is a circle, square,
+    …", read like a caption, and 11 of 200 captions ran into it ("A small orange circle and a with with is no
+    shape of the is")."""
+    return f"There is no shape of the {'color' if kind == 'color' else 'kind'} here."
 
 
 def rle(mask: np.ndarray) -> dict:
