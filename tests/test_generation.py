@@ -195,3 +195,29 @@ def test_the_image_placeholder_is_never_generated(tiny_pipeline, images, monkeyp
     for question in QUESTIONS:
         result = tiny_pipeline.generate(ask(question), images=images[:1], max_new_tokens=24)[0]
         assert processor.image_token_id not in result.token_ids
+
+
+@pytest.mark.parametrize("mid_answer", [True, False])
+def test_routes_that_open_answers_are_not_generated_mid_answer(mid_answer):
+    from mmbridge.generation import MMBridgePipeline
+    from mmbridge.generation.pipeline import RoutesOpenAnswers
+    from mmbridge.heads_config import ActConfig
+    from mmbridge.testing import build_tiny
+
+    model, processor = build_tiny(seed=0)
+    config = ActConfig(tasks=["det"], decoder_hidden_size=16, decoder_layers=1, decoder_heads=2, num_object_queries=4,
+                       mask_size=8, visual_prompts=False, route_mid_answer=mid_answer)
+    model.add_head(config, processor.tokenizer)
+    processor.register_head(config)
+    pipe = MMBridgePipeline(model, processor)
+    added = model.config.added_tokens
+    trigger, first_slot = added["[DET]"], added["[DET_Q0]"]
+    processors = pipe._logits_processors(prompt_length=3)
+    assert any(isinstance(p, RoutesOpenAnswers) for p in processors) is not mid_answer
+    vocab = model.config.text_config.vocab_size
+    opening = processors(torch.tensor([[5, 6, 7]]), torch.zeros(1, vocab))  # the answer's first token
+    assert opening[0, trigger] == 0
+    later = processors(torch.tensor([[5, 6, 7, 8]]), torch.zeros(1, vocab))  # after a word of text
+    assert bool(later[0, trigger] == 0) is mid_answer
+    forced = processors(torch.tensor([[5, 6, 7, trigger]]), torch.zeros(1, vocab))  # a route's slots stay forced
+    assert forced[0, first_slot] == 0 and forced[0].isinf().sum() == vocab - 1

@@ -162,6 +162,10 @@ class ActConfig(HeadConfig):
     queries_per_task: int = 4
     queries_per_generation_task: int = 64  # [GEN] / [EDIT]
     shared_queries: bool = False  # the seed's ablation: one table for every task instead of one per task
+    # whether a routing token may follow text in an answer ("Here they are: [DET]"); False where every training
+    # answer opens with its route (the ShapesWorld act data): generation then cannot route mid-sentence (run h1
+    # routed 4 of 200 captions to [DET] after "A large yellow triangle, ")
+    route_mid_answer: bool = True
     # the DETR-style decoder behind [DET] / [SEG] / [GRD]
     decoder_hidden_size: int = 256
     decoder_layers: int = 3

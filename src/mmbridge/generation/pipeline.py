@@ -126,6 +126,20 @@ class HeadSlotForcer(LogitsProcessor):
         return scores
 
 
+class RoutesOpenAnswers(LogitsProcessor):
+    """Routing tokens of heads whose routes only open an answer (`ActConfig.route_mid_answer` false) are
+    suppressed once the answer has a token. `prompt_length`: how many of the ids `generate` passes are the
+    prompt's (0 when it generates from embeddings and passes only the new tokens)."""
+
+    def __init__(self, trigger_ids: list[int], prompt_length: int = 0):
+        self.trigger_ids, self.prompt_length = trigger_ids, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.prompt_length:
+            scores[:, self.trigger_ids] = float("-inf")
+        return scores
+
+
 class MMBridgePipeline:
     """Model + processor -> answers. Components are passed in, as in diffusers pipelines."""
 
@@ -137,6 +151,8 @@ class MMBridgePipeline:
         routes = {t: s for head in model.config.head_configs.values() for t, s in head.routes.items()}
         self.trigger_ids = {ids[t] for t in routes}
         self.slot_forcer = HeadSlotForcer({ids[t]: [ids[s] for s in slots] for t, slots in routes.items()})
+        self.opening_triggers = sorted(ids[t] for head in model.config.head_configs.values()
+                                       if not getattr(head, "route_mid_answer", True) for t in head.routes)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, quantize: str | None = None,
@@ -157,8 +173,13 @@ class MMBridgePipeline:
     def _options(self, options: SamplingOptions | None, kwargs: dict) -> SamplingOptions:
         return SamplingOptions(**kwargs) if options is None else options
 
-    def _logits_processors(self) -> LogitsProcessorList:
-        return LogitsProcessorList([self.slot_forcer] if self.trigger_ids else [])
+    def _logits_processors(self, prompt_length: int = 0) -> LogitsProcessorList:
+        """The slot forcer, and the suppression of opening-only routes after an answer's first token.
+        `prompt_length`: as `RoutesOpenAnswers` takes it."""
+        processors = [self.slot_forcer] if self.trigger_ids else []
+        if self.opening_triggers:  # before the forcer: a trigger's forced slots are never suppressed
+            processors.insert(0, RoutesOpenAnswers(self.opening_triggers, prompt_length))
+        return LogitsProcessorList(processors)
 
     def _decode_heads(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_ids: torch.Tensor,
                       images: Callable[[], tuple[torch.Tensor | None, ...]]) -> list[list[tuple[int, str, str, dict]]]:
@@ -499,7 +520,7 @@ class ChatSession:
                 out = model.llm.model.generate(input_ids=text_ids, attention_mask=torch.ones_like(ids),
                                                past_key_values=cache, generation_config=config, streamer=streamer,
                                                tokenizer=pipeline.processor.tokenizer, **static,
-                                               logits_processor=pipeline._logits_processors())
+                                               logits_processor=pipeline._logits_processors(len(target)))
                 holder["new"], self._cache = out[0, len(target):].tolist(), cache
 
         yield from pipeline._stream_text(run, options)
