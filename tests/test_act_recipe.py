@@ -236,8 +236,9 @@ def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_pa
 
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tmp_path):
-    """`mmbridge train shapes ... stages=[..., act_data, act_stage1, act_stage2, export]`: on a stage-3 model
-    the act head is added, trained in two trainer stages, and exported; a second run skips them all."""
+    """`mmbridge train shapes ... stages=[..., act_data, act_stage1, act_stage2, act_pose, export]`: on a stage-3
+    model the act head is added, trained in two trainer stages and its pose decoder alone in a third, and
+    exported; a second run skips them all."""
     import torch
 
     from mmbridge.config import MMBridgeConfig
@@ -248,15 +249,17 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     make_base_model(tmp_path / "base", init_std=0.02, object_attributes=ATTRIBUTES)
     make_base_model(tmp_path / "stage3" / "model", init_std=0.02, object_attributes=ATTRIBUTES)
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
-    stages = ["act_data", "act_stage1", "act_stage2", "export"]
+    stages = ["act_data", "act_stage1", "act_stage2", "act_pose", "export"]
     cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
                        act=ActStage(train_scenes=6, see_turns=2, eval_scenes=3, head=TINY_ACT, pose_figures=4,
                                     eval_pose_figures=2),
                        act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
-                       act_stage2=TrainerStage("shapes_act_stage2.yaml", short))
+                       act_stage2=TrainerStage("shapes_act_stage2.yaml", short),
+                       act_pose=TrainerStage("shapes_act_pose.yaml", short))
     assert [s for s in RUN_ORDER if s in stages] == stages
     report = Recipe(cfg, tmp_path, log=lambda _: None).run()
     assert report["stages"]["act_stage1"]["steps"] == 2 and report["stages"]["act_stage2"]["steps"] == 2
+    assert report["stages"]["act_pose"]["steps"] == 2  # the keypoint decoder alone, on stage 2's model
     assert report["stages"]["act_data"]["eval"]["files"]["route"] == "route_test.jsonl"
     exported = MMBridgeConfig.from_pretrained(tmp_path / "model")
     assert "act" in exported.head_configs and exported.llm_lora

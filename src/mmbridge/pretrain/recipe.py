@@ -42,7 +42,7 @@ BRIDGE_STAGES = ("compose", "data", "stage1", "stage2", "stage3", "export")
 STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
 #: VisionLLM v2's act head on the see-model (pretrain/act.py, docs/recipe.md "Act"): run only when listed in
 #: `stages` (between stage3 and export); with them, `export` exports the act model.
-ACT_STAGES = ("act_data", "act_stage1", "act_stage2", "act_edit")
+ACT_STAGES = ("act_data", "act_stage1", "act_stage2", "act_pose", "act_edit")
 #: MiniGPT-5's draw head on the see-model (pretrain/draw.py, docs/recipe.md "Draw"), on the foundation's
 #: generator: run only when listed (after stage3; the act stages then start from the draw model).
 DRAW_STAGES = ("draw_data", "draw_stage1", "draw_stage2")
@@ -157,6 +157,7 @@ class RecipeConfig:
     act: ActStage = field(default_factory=ActStage)
     act_stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage1.yaml"))
     act_stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage2.yaml"))
+    act_pose: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_pose.yaml"))
     act_edit: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_edit.yaml"))
     #: Which stages this recipe runs, in RUN_ORDER (default: STAGES, all of them but the act stages).
     stages: list[str] = field(default_factory=lambda: list(STAGES))
@@ -610,6 +611,23 @@ class Recipe:
         return self._trainer_stage(self.cfg.act_stage2, self.out / "act" / "stage1" / "model",
                                    self.out / "act" / "stage2", overrides)
 
+    def _act_model(self, before: str | None = None) -> Path:
+        """The act model the stages listed so far end with (before stage `before`): act_edit's, act_pose's or
+        act stage 2's."""
+        listed = [s for s in ("act_stage2", "act_pose", "act_edit") if s in self.cfg.stages
+                  and (s != "act_pose" or self._act_poses())]
+        if before is not None:
+            listed = listed[:listed.index(before)]
+        return self.out / "act" / {"act_stage2": "stage2", "act_pose": "pose", "act_edit": "edit"}[listed[-1]] / "model"
+
+    def _act_pose(self) -> dict:
+        """The keypoint decoder alone on the stick figures (`recipes/shapes_act_pose.yaml`): in stage 2's mix it
+        is undertrained, and training it alone moves nothing else."""
+        if not self._act_poses():
+            return {"skipped": "the act head has no [POSE] route or no stick figures"}
+        return self._trainer_stage(self.cfg.act_pose, self._act_model("act_pose"), self.out / "act" / "pose",
+                                   [f"data.datasets.0.path={self.out / 'act' / 'data' / 'pose.json'}"])
+
     def _act_edit(self) -> dict:
         """The act head gains `[EDIT]` (`MMBridgeModel.extend_head`: the stage-2 model's weights as they were,
         the routing token, its queries and an editing UNet initialised from the draw UNet) and trains it on
@@ -619,7 +637,7 @@ class Recipe:
         from mmbridge.pretrain.act import extend_act_head, write_edit_data
 
         data, base = self.out / "act" / "data", self.out / "act" / "edit" / "base"
-        stage2 = self.out / "act" / "stage2" / "model"
+        stage2 = self._act_model("act_edit")
         if "draw" not in MMBridgeConfig.from_pretrained(stage2).head_configs:
             raise ConfigError("act_edit edits in the draw head's latent space: run the draw stages first "
                               "(or start from a see_model that draws)")
@@ -636,8 +654,8 @@ class Recipe:
 
     def _export(self) -> dict:
         """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts.
-        With the act stages in `stages`, the act model (act/edit/model with `act_edit`, else act/stage2/model),
-        else the draw model with the draw stages, else the see-model (stage3/model)."""
+        With the act stages in `stages`, the last act model (act/edit, act/pose or act/stage2), else the draw
+        model with the draw stages, else the see-model (stage3/model)."""
         from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.shapes import frozen_parts_identical
@@ -646,8 +664,7 @@ class Recipe:
         if final.exists():
             shutil.rmtree(final)
         acts = "act_stage2" in self.cfg.stages
-        act_model = self.out / "act" / ("edit" if "act_edit" in self.cfg.stages else "stage2") / "model"
-        shutil.copytree(act_model if acts else self._see_model(), final)
+        shutil.copytree(self._act_model() if acts else self._see_model(), final)
         config = MMBridgeConfig.from_pretrained(final)
         for sub in (config.vision_config, config.qformer_config, config.text_config):
             sub._name_or_path = ""  # where stage 0 happened to write its parts means nothing elsewhere
