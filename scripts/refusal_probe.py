@@ -3,7 +3,8 @@
 Two numbers (docs/recipe.md, "Refusals (runs g2 / g3)", has them for runs g1-g6):
 * generated: `--n` requests built as the act data builds its `unknown` ones (`UNKNOWN[split]` words in the det / seg
   `PHRASINGS[split]`, split `train` or `heldout`) on the first `--n` images of `--images`; counted refused when
-  the answer has no routing part and its text is the refusal (`unknown_answer`'s first words);
+  the answer has no routing part and its text is the refusal (`unknown_answer`'s first words), and counted apart
+  when it is the whole refusal sentence, word for word;
 * teacher-forced: over the first 48 two-turn chats of `--refusals` (a `refusals.json` of `write_act_data`), how
   often the refusal's first token is the argmax, and its mean probability.
 
@@ -40,10 +41,12 @@ def generated(pipe: MMBridgePipeline, images: list[Path], split: str) -> dict:
         requests.append([{"role": "user", "content": [{"type": "image", "image": str(image)},
                                                       {"type": "text", "text": text}]}])
     opening = " ".join(unknown_answer("shape").split()[:4])  # "There is no shape"
+    sentences = {unknown_answer(kind) for kind in ("shape", "color")}
     counts = collections.Counter()
     for answer in pipe.generate(requests, max_new_tokens=24):
         routed = [p for p in answer.parts if p.type != "text"]
         counts["routed" if routed else "refused" if answer.text.startswith(opening) else "other words"] += 1
+        counts["refused, the whole sentence"] += answer.text.strip() in sentences and not routed
     return dict(counts)
 
 
