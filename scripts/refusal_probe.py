@@ -3,8 +3,8 @@
 Two numbers (docs/recipe.md, "Refusals (runs g2 / g3)", has them for runs g1-g6):
 * generated: `--n` requests built as the act data builds its `unknown` ones (`UNKNOWN[split]` words in the det / seg
   `PHRASINGS[split]`, split `train` or `heldout`) on the first `--n` images of `--images`; counted refused when
-  the answer has no routing part and its text is the refusal (`unknown_answer`'s first words), and counted apart
-  when it is the whole refusal sentence, word for word;
+  the answer has no routing part and its text starts with the refusal's first words, and counted apart when it
+  is the whole refusal sentence (`UNKNOWN_ANSWER`), word for word;
 * teacher-forced: over the first 48 two-turn chats of `--refusals` (a `refusals.json` of `write_act_data`), how
   often the refusal's first token is the argmax, and its mean probability.
 
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mmbridge.data.formats.llava import to_messages
-from mmbridge.data.shapes.act import PHRASINGS, UNKNOWN, plural, unknown_answer
+from mmbridge.data.shapes.act import PHRASINGS, UNKNOWN, UNKNOWN_ANSWER, plural
 from mmbridge.generation import MMBridgePipeline
 from mmbridge.models import resolve_model_path
 
@@ -40,13 +40,12 @@ def generated(pipe: MMBridgePipeline, images: list[Path], split: str) -> dict:
         text = rng.choice(PHRASINGS[rng.choice(("det", "seg"))][split]).format(one=one, many=many)
         requests.append([{"role": "user", "content": [{"type": "image", "image": str(image)},
                                                       {"type": "text", "text": text}]}])
-    opening = " ".join(unknown_answer("shape").split()[:4])  # "There is no shape"
-    sentences = {unknown_answer(kind) for kind in ("shape", "color")}
+    opening = " ".join(UNKNOWN_ANSWER.split()[:3])  # "There is no"
     counts = collections.Counter()
     for answer in pipe.generate(requests, max_new_tokens=24):
         routed = [p for p in answer.parts if p.type != "text"]
         counts["routed" if routed else "refused" if answer.text.startswith(opening) else "other words"] += 1
-        counts["refused, the whole sentence"] += answer.text.strip() in sentences and not routed
+        counts["refused, the whole sentence"] += answer.text.strip() == UNKNOWN_ANSWER and not routed
     return dict(counts)
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmbridge.data.shapes.act import ATTRIBUTES, PHRASINGS, UNKNOWN, make_request, rle, scene_requests
+from mmbridge.data.shapes.act import (
+    ATTRIBUTES,
+    PHRASINGS,
+    UNKNOWN,
+    UNKNOWN_ANSWER,
+    make_request,
+    rle,
+    scene_requests,
+)
 from mmbridge.data.shapes.act_eval import write_act_eval
 from mmbridge.data.shapes.world import make_scene
 from mmbridge.pretrain.act import add_act_head, write_act_data
@@ -57,7 +65,7 @@ def test_requests_target_what_they_name():
         assert "<region>" in region["request"] and region["route"] is None
         assert region["answer"] == getattr(scene.objects[region["object"]], region["type"])
         unknown = make_request(scene, "unknown", rng)
-        assert unknown["route"] is None and unknown["answer"].startswith("There is no shape of the ")
+        assert unknown["route"] is None and unknown["answer"] == UNKNOWN_ANSWER
         assert "[" not in unknown["answer"]
     # "Find every red shape" -> every red object; a category missing from the scene -> no boxes
     scene = make_scene("train", 3)
@@ -95,8 +103,8 @@ def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
     refusals = json.loads((tmp_path / "refusals.json").read_text())
     assert len(records) == counts["act_chats"] and len(refusals) == counts["refusal_chats"] >= 1
     # act stage 1 (LLM frozen) reads act.json alone: no answer there may be one the frozen LM cannot learn
-    assert not any(t["value"].startswith("There is no shape of the") for r in records for t in r["conversations"])
-    assert all(any(t["value"].startswith("There is no shape of the") for t in r["conversations"]) for r in refusals)
+    assert not any(t["value"] == UNKNOWN_ANSWER for r in records for t in r["conversations"])
+    assert all(any(t["value"] == UNKNOWN_ANSWER for t in r["conversations"]) for r in refusals)
     for record in records + refusals:
         answers = " ".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
         for trigger, targets in record.get("targets", {}).items():

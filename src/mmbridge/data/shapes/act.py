@@ -63,7 +63,11 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
                   "Give me a mask for each {one}.", "Which pixels are {many}? Segment them.",
                   "Mask every {one}.", "Cut every {one} out of the image.", "Draw the outline of each {one}.",
                   "Separate the {many} from the background.", "Make a segmentation mask of the {many}.",
-                  "Extract the pixels of every {one}.", "Give me the segmentation of all {many}."),
+                  "Extract the pixels of every {one}.", "Give me the segmentation of all {many}.",
+                  # the same verbs with other determiners: with "all" / "each" only in the detection
+                  # phrasings, run h5 routed held-out "Mask all {many}." to [DET] (seg routing 26 %)
+                  "Mask the {many}.", "Mask each {one}.", "Segment each {one}.", "Cut the {many} out.",
+                  "Outline all {many}.", "Give me a segmentation of the {many}."),
         "heldout": ("Cut out the {many}.", "Produce a segmentation of every {one}.", "Mask all {many}.",
                     "Can you segment each {one}?"),
     },
@@ -144,14 +148,17 @@ def plural(word: str) -> str:
     return PLURAL.get(word) or THING_PLURAL.get(word) or word + "s"
 
 
-def unknown_answer(kind: str) -> str:
-    """The text answer to a request for a class the world lacks (no route). Made only of words the frozen LM's
-    tokenizer holds whole (the world's own text): "I can only find circles, …" was 35 pieces of words it had
-    never written (`p("I")` 1e-5 after act stage 2, run g1), and "no such shape here." came out as "no s shape
-    here." ("such" is four pieces, run g7). One sentence: run h1's second one, "A shape here is a circle, square,
-    …", read like a caption, and 11 of 200 captions ran into it ("A small orange circle and a with with is no
-    shape of the is")."""
-    return f"There is no shape of the {'color' if kind == 'color' else 'kind'} here."
+#: The text answer to a request for a class the world lacks (no route): a shape, a colour or a thing alike.
+#: Made only of words the frozen LM *writes* — that appear in the answers and descriptions its stage-0
+#: training put a loss on (a test checks). A word it only ever read (in a question: "color", "kind") or never
+#: saw ("here") has an output row that training only ever pushed down, like every other such row: the rows
+#: are one vector (cosine 1.00 between those of "kind", "here", "color", "What" in the shipped LM), so no
+#: adapter can single one out. Measured on run h3: "There is no shape of the kind
+#: here." kept p("kind") = 0.003 and p("here") = 0.004 under teacher forcing (1 / ~300 such rows) while the
+#: six words before it reached 0.97-0.99, and 40 more steps on refusals alone moved them to 0.007 / 0.014;
+#: "There is no shape." learns its "." to 0.996 in 10 steps. Earlier: "I can only find circles, …" (pieces
+#: of words, run g1), "no such shape here." came out "no s shape here." (run g7).
+UNKNOWN_ANSWER = "There is no shape."
 
 
 def rle(mask: np.ndarray) -> dict:
@@ -287,7 +294,7 @@ def make_request(scene: Scene, task: str, rng: random.Random, split: str = "trai
         one, many = (f"{word} shape", f"{word} shapes") if kind == "color" else (word, plural(word))
         route_task = rng.choice(("det", "seg"))
         text = rng.choice(PHRASINGS[route_task][split]).format(one=one, many=many)
-        return {**base, "request": text, "route": None, "answer": unknown_answer(kind), "target": None,
+        return {**base, "request": text, "route": None, "answer": UNKNOWN_ANSWER, "target": None,
                 "category": many}
     raise ValueError(f"unknown act task {task!r}; tasks: {list(TASK_WEIGHTS)}")
 
