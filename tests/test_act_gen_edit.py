@@ -120,12 +120,27 @@ def test_losses_and_what_trains(sd_dir):
     assert set(batch["head_targets"]) == {"[EDIT]", "[GEN]"}
     model.train()
     out = model(**batch)
-    assert {"lm", "act_gen", "act_gen_caption", "act_edit"} <= set(out.losses)
+    assert {"lm", "act_gen", "act_gen_caption", "act_edit", "act_edit_caption"} <= set(out.losses)
     assert all(torch.isfinite(v) for v in out.losses.values())
     out.loss.backward()
     assert model.act.editor.unet.conv_in.weight.grad[:, 4:].abs().sum() > 0  # the source channels learn
     assert model.act.editor.mapper.out.weight.grad is not None
     assert model.draw.mapper.out.weight.grad is not None  # [GEN] trains the draw head's mapper
+
+
+def test_the_edit_caption_loss_pulls_the_mapper_towards_the_text_encoder(sd_dir):
+    # run h2: a fresh edit mapper's output never moved the UNet; the caption loss says what the UNet reads
+    model, processor = with_gen_edit(sd_dir)
+    edit = edit_pair("train", 3)
+    turns = edit_messages(edit)
+    hidden = torch.randn(1, 1 + QUERIES, model.config.text_config.hidden_size)
+    generator = model.draw.generator
+    expected = generator.caption_embeds([turns[1]["content"][0]["target"]["caption"]])
+    loss = model.act.editor.caption_loss(generator, hidden, [turns[1]["content"][0]["target"]["caption"]])
+    assert torch.allclose(loss, torch.nn.functional.mse_loss(model.act.editor.mapper(hidden), expected))
+    assert "act_edit_caption" in model(**processor([turns], return_labels=True)).losses
+    del turns[1]["content"][0]["target"]["caption"]
+    assert "act_edit_caption" not in model(**processor([turns], return_labels=True)).losses
     assert all(p.grad is None for p in model.draw.generator.parameters())  # the generator stays frozen
 
 
@@ -374,10 +389,14 @@ def test_the_recipe_gives_a_drawing_act_model_the_edit_route(sd_dir, tmp_path):
     processor.save_pretrained(stage2)
     result = Recipe(cfg, tmp_path, log=lambda _: None)._act_edit()
     assert result["steps"] == 2 and result["data"]["edit_chats"] == 4
-    assert json.loads(edit_json.read_text())[0]["targets"]["[EDIT]"][0]["source"].startswith("images/edit-train-")
+    target = json.loads(edit_json.read_text())[0]["targets"]["[EDIT]"][0]
+    assert target["source"].startswith("images/edit-train-") and target["caption"].startswith("A ")
     trained = tmp_path / "act" / "edit" / "model"
     assert "[EDIT]" in MMBridgeConfig.from_pretrained(trained).head_configs["act"].routes
-    start = MMBridgeModel.from_pretrained(tmp_path / "act" / "edit" / "base").act.editor.state_dict()
+    base = MMBridgeModel.from_pretrained(tmp_path / "act" / "edit" / "base")
+    draw_mapper = base.draw.mapper.state_dict()  # the edit mapper starts as the draw head's
+    assert all(torch.equal(v, draw_mapper[k]) for k, v in base.act.editor.mapper.state_dict().items())
+    start = base.act.editor.state_dict()
     after = MMBridgeModel.from_pretrained(trained).act.editor.state_dict()
     assert any(not torch.equal(start[k], after[k]) for k in start)
 

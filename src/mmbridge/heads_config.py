@@ -156,7 +156,7 @@ class ActConfig(HeadConfig):
     loss_names: ClassVar[tuple[str, ...]] = ("act_cls", "act_l1", "act_giou", "act_relevance", "act_attributes",
                                              "act_mask", "act_dice",
                                              "act_keypoints", "act_oks", "act_visibility",
-                                             "act_gen", "act_gen_caption", "act_edit")
+                                             "act_gen", "act_gen_caption", "act_edit", "act_edit_caption")
     name: str = "act"
     tasks: list[str] = field(default_factory=lambda: ["det", "seg", "grd"])
     queries_per_task: int = 4

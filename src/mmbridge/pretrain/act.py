@@ -73,7 +73,8 @@ def add_act_head(model_dir: str | Path, out: str | Path, text_encoder: str | Pat
 
 def extend_act_head(model_dir: str | Path, out: str | Path, *tasks: str, **act_settings) -> Path:
     """`model_dir`, whose act head is trained, -> `out`: the same model with the act head's `tasks` added
-    (`MMBridgeModel.extend_head`; e.g. "edit" after the draw head exists) and `act_settings` changed."""
+    (`MMBridgeModel.extend_head`; e.g. "edit" after the draw head exists) and `act_settings` changed. A new
+    editor's mapper starts from the draw head's mapper."""
     from mmbridge.modeling import MMBridgeModel
     from mmbridge.processing import MMBridgeProcessor
 
@@ -81,6 +82,11 @@ def extend_act_head(model_dir: str | Path, out: str | Path, *tasks: str, **act_s
     processor = MMBridgeProcessor.from_pretrained(model_dir)
     have = model.config.head_configs["act"].tasks
     model.extend_head("act", processor.tokenizer, tasks=[*have, *(t for t in tasks if t not in have)], **act_settings)
+    editor, draw = getattr(model.heads["act"], "editor", None), model.heads.get("draw")
+    if "edit" in tasks and editor is not None and draw is not None:
+        # the edit mapper starts as the trained draw mapper (same shape): it already speaks the UNet's
+        # condition language, where a fresh one's output did not move the UNet at all (run h2)
+        editor.mapper.load_state_dict(draw.mapper.state_dict())
     processor.register_head(model.config.head_configs["act"])
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -171,10 +177,13 @@ def write_edit_data(out: str | Path, num_pairs: int, split: str = "train", seed:
                     first_pair: int = 0) -> dict:
     """`out/edit.json`: one `[EDIT]` chat per edit pair of `split` (`data.shapes.edits.edit_pair`, pairs
     `first_pair` … `first_pair + num_pairs - 1`): the user sends the scene and the instruction, the answer is
-    the route, its target the edited scene and its source (`"targets": {"[EDIT]": [{"image", "source"}]}`),
+    the route, its target the edited scene, its source and the edited scene's short caption (the editor's
+    mapper learns to say it as the generator's text encoder does: `"targets": {"[EDIT]": [{"image", "source",
+    "caption"}]}`),
     images under `out/images/`. An instruction the world cannot do needs no training turn: the `[EDIT]`
     route answers it in words (`data.shapes.edit_eval.edit_instruction_issue`)."""
     from mmbridge.data.formats.llava import to_llava, write_llava
+    from mmbridge.data.shapes.annotations import short_caption
     from mmbridge.data.shapes.edits import edit_pair
     from mmbridge.data.shapes.world import png_bytes, render
 
@@ -189,6 +198,7 @@ def write_edit_data(out: str | Path, num_pairs: int, split: str = "train", seed:
         (out / result).write_bytes(png_bytes(render(edit["after"])))
         record = to_llava(f"edit-{split}-{i:06d}", source, [{"role": "user", "content": edit["instruction"]},
                                                            {"role": "assistant", "content": "[EDIT]"}])
-        records.append({**record, "targets": {"[EDIT]": [{"image": result, "source": source}]}})
+        target = {"image": result, "source": source, "caption": short_caption(edit["after"])}
+        records.append({**record, "targets": {"[EDIT]": [target]}})
     write_llava(records, str(out / "edit.json"))
     return {"edit_chats": len(records), "kinds": kinds}

@@ -20,8 +20,9 @@ an empty `boxes` list (the category is not in the image) trains every query towa
 `[GEN]`'s link states (trigger + 64 queries by default) go through the draw head's mapper into its UNet
 exactly as the vokens do — one generator, two ways to ask — and report `act_gen` (the draw head's LDM
 loss) and `act_gen_caption`; targets as the draw head's, `{"image", "caption"?}`. `[EDIT]` runs the
-InstructPix2Pix editor (`editor.py`, component `editor`) and reports `act_edit`; targets `{"image": the
-edited image, "source": the image to edit}` (PIL / array / (3, H, W) tensor in [0, 1]); at inference
+InstructPix2Pix editor (`editor.py`, component `editor`) and reports `act_edit` and, for targets with a
+`caption` of the edited scene, `act_edit_caption`; targets `{"image": the edited image, "source": the image
+to edit, "caption"?}` (images PIL / array / (3, H, W) tensor in [0, 1]); at inference
 the source is the request's image (`context["images"]`); a request with none decodes `has_image` False.
 """
 
@@ -251,7 +252,7 @@ class ActHead(OutputHead):
             named = {"draw_ldm": "act_gen", "draw_caption": "act_gen_caption"}
             return {named[k]: v for k, v in draw.loss(hidden, targets, draw.config.trigger, context).items()}
         if route == "[EDIT]":
-            return {"act_edit": self._edit_loss(hidden, targets, context)}
+            return self._edit_losses(hidden, targets, context)
         out = self.decoders(hidden, *_decoder_inputs(context), *self._request_text(context),
                             images=_pixels(context), request_ids=context.get("request_ids"))
         device = out["boxes"].device
@@ -388,7 +389,7 @@ class ActHead(OutputHead):
         states = self.text_encoder(input_ids=ids, attention_mask=keep.long()).last_hidden_state
         return states, keep
 
-    def _edit_loss(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> torch.Tensor:
+    def _edit_losses(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> dict[str, torch.Tensor]:
         generator = self._draw_head().generator
         size = generator.image_size
         images = context.get("images")
@@ -401,8 +402,14 @@ class ActHead(OutputHead):
             else:
                 raise ValueError("act: an [EDIT] target needs its 'source' image (the image to edit)")
         edited = torch.stack([image_tensor(t["image"], size) for t in targets]).to(hidden.device)
-        return self.editor.loss(generator, hidden, torch.stack(sources).to(hidden.device), edited,
-                                self.config.edit_condition_dropout)
+        losses = {"act_edit": self.editor.loss(generator, hidden, torch.stack(sources).to(hidden.device), edited,
+                                               self.config.edit_condition_dropout)}
+        captioned = [i for i, t in enumerate(targets) if t.get("caption")]
+        if captioned:
+            caption = self.editor.caption_loss(generator, hidden[captioned], [targets[i]["caption"] for i in captioned])
+            if caption is not None:
+                losses["act_edit_caption"] = caption
+        return losses
 
     @torch.no_grad()
     def _edit_decode(self, hidden: torch.Tensor, context: dict) -> dict[str, torch.Tensor]:
