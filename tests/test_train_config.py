@@ -148,3 +148,14 @@ def test_cli_takes_overrides_before_and_after_options(stage_file, tmp_path, caps
     code = main(["train", str(stage_file()), "schedule.total_steps=5", "--out", str(tmp_path / "r"),
                  "train=[qformer, eyes]", "--max-steps", "2"])
     assert code == 2 and "['eyes']" in capsys.readouterr().err
+
+
+def test_a_partial_mapping_keeps_the_rest_of_its_fields_default_instance():
+    # `act_edit.overrides=[...]` alone failed with "missing required key 'act_edit.config'": the stage's
+    # YAML lives in the recipe's default instance, not in the class
+    from mmbridge.pretrain.recipe import load_recipe
+
+    cfg = load_recipe("shapes", ["act_edit.overrides=[schedule.total_steps=2000]", "act.edit_pairs=16"])
+    assert cfg.act_edit.config == "shapes_act_edit.yaml"
+    assert cfg.act_edit.overrides == ["schedule.total_steps=2000"]
+    assert cfg.act.edit_pairs == 16 and cfg.act.train_scenes == load_recipe("shapes").act.train_scenes

@@ -190,10 +190,24 @@ def _build(cls, raw: Any, where: str):
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
-            kwargs[name] = _check_type(raw[name], hints[name], _join(where, name))
+            kwargs[name] = _check_type(_onto_default(f, raw[name]), hints[name], _join(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {_join(where, name)!r}")
     return cls(**kwargs)
+
+
+def _onto_default(f: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a field whose default is a dataclass instance fills what it leaves out from that
+    instance, not from the class: `act_edit.overrides=[…]` keeps the recipe's `act_edit.config`."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not (isinstance(value, dict) and dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return value
+    return _merged(dataclasses.asdict(default), value)
+
+
+def _merged(base: dict, value: dict) -> dict:
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in value.items()}}
 
 
 def _join(where: str, key: str) -> str:
