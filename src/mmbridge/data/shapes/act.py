@@ -53,7 +53,11 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
                   "Give me the boxes of all {many}.", "Mark every {one} with a box.",
                   "Find the {many}.", "Detect the {many} in this picture.", "Identify all {many}.",
                   "Draw a box around each {one}.", "Pick out the {many}.", "Look for every {one}.",
-                  "Box every {one}.", "Where is each {one} in the image?", "Spot the {many} in the picture."),
+                  "Box every {one}.", "Where is each {one} in the image?", "Spot the {many} in the picture.",
+                  # every verb with more than one determiner, as in "seg": run i1 gave the seg verbs "each" /
+                  # "all" / "the" and held-out "Spot all {many}." / "Please detect each {one}." went to [SEG]
+                  "Box each {one}.", "Find each {one}.", "Locate every {one}.", "Identify the {many}.",
+                  "Detect the {many}.", "Box all {many}."),
         "heldout": ("Can you find the {many}?", "Put boxes around the {many}.", "I am looking for every {one}.",
                     "Spot all {many}.", "Please detect each {one}."),
     },
@@ -64,7 +68,7 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
                   "Mask every {one}.", "Cut every {one} out of the image.", "Draw the outline of each {one}.",
                   "Separate the {many} from the background.", "Make a segmentation mask of the {many}.",
                   "Extract the pixels of every {one}.", "Give me the segmentation of all {many}.",
-                  # the same verbs with other determiners: with "all" / "each" only in the detection
+                  # the same verbs with other determiners: with "all" / "each" mostly in the detection
                   # phrasings, run h5 routed held-out "Mask all {many}." to [DET] (seg routing 26 %)
                   "Mask the {many}.", "Mask each {one}.", "Segment each {one}.", "Cut the {many} out.",
                   "Outline all {many}.", "Give me a segmentation of the {many}."),
