@@ -97,8 +97,8 @@ def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
     from mmbridge.testing import build_tiny
     from mmbridge.train.data import LlavaJsonDataset
 
-    counts = write_act_data(tmp_path, num_scenes=12)
-    assert counts["act_chats"] + counts["refusal_chats"] == counts["see_chats"] == 12
+    counts = write_act_data(tmp_path, num_scenes=24)
+    assert counts["act_chats"] + counts["refusal_chats"] == counts["see_chats"] == 24
     records = json.loads((tmp_path / "act.json").read_text())
     refusals = json.loads((tmp_path / "refusals.json").read_text())
     assert len(records) == counts["act_chats"] and len(refusals) == counts["refusal_chats"] >= 1

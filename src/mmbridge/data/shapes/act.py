@@ -101,7 +101,12 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "region_det": {  # {attr}: shape / color
         "train": ("Find all objects of the same {attr} as <region>.", "Detect every object with the {attr} of "
-                  "<region>.", "Where are the objects that share the {attr} of <region>?"),
+                  "<region>.", "Where are the objects that share the {attr} of <region>?",
+                  # three phrasings were too few: run i4 answered held-out ones with the region's colour or
+                  # shape in words, as a region question (region_det routing 53 %)
+                  "Show me every object with the same {attr} as <region>.", "Mark all objects that share the "
+                  "{attr} of <region>.", "Which objects have the {attr} of <region>? Find them.",
+                  "Locate each object whose {attr} is the {attr} of <region>."),
         "heldout": ("Find everything that has the same {attr} as <region>.",
                     "Spot all objects matching the {attr} of <region>."),
     },
@@ -145,7 +150,7 @@ CANONICAL = {"det": "Find every {one}.", "seg": "Segment every {one}.", "grd": "
              "pose": "Find the pose of every figure.",
              "color": "What color is <region>?", "shape": "What shape is <region>?",
              "size": "What size is <region>?"}
-TASK_WEIGHTS = {"det": 3, "seg": 3, "grd": 3, "region_vqa": 2, "region_det": 1, "unknown": 1}
+TASK_WEIGHTS = {"det": 3, "seg": 3, "grd": 3, "region_vqa": 2, "region_det": 2, "unknown": 1}
 
 
 def plural(word: str) -> str:
