@@ -162,3 +162,21 @@ def test_demo_scores_poses_against_the_bundled_figures_by_oks(tmp_path, capsys):
     # a model without the route: no pose section
     demo._pose(PosePipeline(build_tiny(seed=0)[0]), args)
     assert capsys.readouterr().out == ""
+
+
+def test_demo_asks_for_a_class_the_world_lacks(act_model, capsys):
+    # a routed answer with boxes is wrong (the scene has no hexagons); words or nothing found are right
+    args = types.SimpleNamespace(out="unused", max_new_tokens=8)
+    demo._missing_class(TruthPipeline(act_model[0]), args, demo._samples())
+    printed = capsys.readouterr().out
+    assert "  you:   Find the hexagons." in printed and "[wrong: " in printed
+    assert f"0 of {len(demo.MISSING_CLASS_REQUESTS)} requests for a missing class answered without boxes." in printed
+
+    class Refuses(TruthPipeline):
+        def generate(self, conversations, images, **kwargs):
+            return [GenerationResult([TextPart("There is no shape.")], "stop", 1, 1) for _ in conversations]
+
+    demo._missing_class(Refuses(act_model[0]), args, demo._samples())
+    printed = capsys.readouterr().out
+    assert "  model: There is no shape.   [right: no boxes]" in printed
+    assert "2 of 2 requests for a missing class answered without boxes." in printed

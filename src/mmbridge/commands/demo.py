@@ -74,6 +74,7 @@ def run(args) -> int:
         print(f"  you:   {turn}\n  model: {answer.text}")
     _draw(pipeline, args)
     _act(pipeline, args, samples)
+    _missing_class(pipeline, args, samples)
     _pose(pipeline, args)
     _edit(pipeline, args)
     return 0
@@ -172,6 +173,36 @@ def _act(pipeline, args, samples) -> None:
             answer = result.text or (route if found else "")
             print(f"  you:   {text}\n  model: {answer}   [{'right' if ok else 'wrong'}: {verdict}]  {overlay}")
     print(f"{right} of {asked} act answers right (boxes at IoU >= 0.5).")
+
+
+#: A request for a class ShapesWorld does not have: a clear answer has no boxes (words, or nothing found).
+MISSING_CLASS_REQUESTS = ("Find the hexagons.", "Segment every pink shape.")
+
+
+def _missing_class(pipeline, args, samples) -> None:
+    """`MISSING_CLASS_REQUESTS` on the first sample, for a model that detects: right when the answer holds no
+    box (the shipped model is trained to say so in words; a routed answer that finds nothing is right too)."""
+    from mmbridge.processing import load_image
+
+    routes = {t for h in pipeline.model.config.head_configs.values() if h.kind == "act" for t in h.routes}
+    if not {"[DET]", "[SEG]"} <= routes or not samples:
+        return
+    path, _ = samples[0]
+    image = load_image(str(path))
+    print()
+    print(f"== a class the world lacks, on {path.name}")
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}]
+                     for t in MISSING_CLASS_REQUESTS]
+    results = pipeline.generate(conversations, images=[image] * len(conversations),
+                                max_new_tokens=args.max_new_tokens, do_sample=False)
+    right = 0
+    for text, result in zip(MISSING_CLASS_REQUESTS, results):
+        boxes = sum(len(p.boxes) for p in result.parts if p.type == "detections")
+        right += boxes == 0
+        answer = result.text or " ".join(f"[{p.route} {len(p.boxes)} found]" for p in result.parts
+                                         if p.type == "detections")
+        print(f"  you:   {text}\n  model: {answer}   [{'right: no boxes' if boxes == 0 else f'wrong: {boxes} boxes'}]")
+    print(f"{right} of {len(results)} requests for a missing class answered without boxes.")
 
 
 def _matched(boxes, truth, iou) -> int:
