@@ -14,9 +14,10 @@ from mmbridge.pretrain.recipe import SHIPPED_FOUNDATION
 
 # Measured on the shipped artifact with `mmbridge eval` (docs/recipe.md); the tests allow some slack.
 MIN_VQA_ACCURACY_30_SCENES = 0.85  # measured 0.923 (271 questions; 0.899 on 1,000 scenes)
-MIN_DEMO_RIGHT = 12  # measured 15 of 16
-MIN_DEMO_ACT_RIGHT = 9  # measured 11 of 12 (the act head: docs/recipe.md, "Act", run g4)
-MIN_DEMO_POSES_RIGHT = 1  # measured 2 of 2 (keypoint AP 0.52 on 250 figures, run h5)
+MIN_DEMO_RIGHT = 12  # measured 14 of 16 (run i5q)
+MIN_DEMO_ACT_RIGHT = 9  # measured 11 of 12 (the act head: docs/recipe.md, "Act", run i5q)
+MIN_DEMO_POSES_RIGHT = 1  # measured 2 of 2 (keypoint AP 0.51 on 250 figures, run i5q)
+MIN_DEMO_MISSING_CLASS_RIGHT = 1  # measured 2 of 2 ("There is no shape."; 61 of 80 on the refusal probe, run i5)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_shipped_model_loads_by_name_within_budget():
     act = config.head_configs["act"]  # the act head (VisionLLM v2): detect, segment, ground, visual prompts, pose
     assert set(act.routes) == {"[DET]", "[SEG]", "[GRD]", "[POSE]"} and act.visual_prompts and act.text_encoder
     assert act.selection_attributes and act.selection_vocab_size  # the attribute-factored selection
-    assert act.score_threshold == 0.1  # best F1 on 300 val scenes (docs/recipe.md, "Act", run h5)
+    assert act.score_threshold == 0.25  # best F1 on 300 val scenes (docs/recipe.md, "Act", run i5q: 0.939)
     assert act.region_from_queries  # a <region> is read from the Q-Former query that holds it (runs g1, g4)
     # masks pixel for pixel, cut to their boxes which they tighten, duplicates dropped (runs e2, g4)
     assert act.mask_size == 64 and act.box_refinement and act.masks_in_boxes and act.duplicate_iou == 0.5
@@ -72,6 +73,8 @@ def test_demo_prints_mostly_right_answers(capsys, tmp_path):
     assert asked >= 12 and right >= MIN_DEMO_RIGHT
     act_right, act_asked = map(int, re.search(r"(\d+) of (\d+) act answers right", out).groups())
     assert act_asked == 12 and act_right >= MIN_DEMO_ACT_RIGHT
+    missing_right, missing_asked = map(int, re.search(r"(\d+) of (\d+) requests for a missing class", out).groups())
+    assert missing_asked == 2 and missing_right >= MIN_DEMO_MISSING_CLASS_RIGHT
     poses_right, poses_asked = map(int, re.search(r"(\d+) of (\d+) poses right", out).groups())
     assert poses_asked == 2 and poses_right >= MIN_DEMO_POSES_RIGHT
     # it draws: each request answered with an image saved under --out, read back and marked right or wrong
