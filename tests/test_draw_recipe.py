@@ -111,7 +111,9 @@ def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_e
     act2 = yaml.safe_load((tmp_path / "run" / "act" / "stage2" / "config.yaml").read_text())
     # refusals (text answers the frozen LM of stage 1 cannot learn) only here, when the few scenes asked for any
     refusals = ["refusals"] if report["stages"]["act_data"]["train"]["refusal_chats"] else []
-    assert [d["name"] for d in act2["data"]["datasets"]] == ["act", "see", *refusals, "draw", "pose"]
+    # and the region questions answered in words, when the scenes asked any
+    region = ["region_vqa"] if json.loads((tmp_path / "run" / "act" / "data" / "region_vqa.json").read_text()) else []
+    assert [d["name"] for d in act2["data"]["datasets"]] == ["act", "see", *region, *refusals, "draw", "pose"]
     act1 = yaml.safe_load((tmp_path / "run" / "act" / "stage1" / "config.yaml").read_text())
     assert [d["name"] for d in act1["data"]["datasets"]] == ["act", "pose"]
     assert act2["losses"]["draw_ldm"] == 1.0 and act2["data"]["datasets"][-2]["path"].endswith("draw_stage1.json")
