@@ -42,7 +42,7 @@ def pose_target(figure):
     return {"keypoints": [keypoints], "boxes": [[v / IMAGE_SIZE for v in figure.box]]}
 
 
-def request(figure, answer=True):
+def pose_chat(figure, answer=True):
     user = {"role": "user", "content": [{"type": "image", "image": figure.render()}, {"type": "text", "text": PROMPT}]}
     if not answer:
         return [user]
@@ -99,7 +99,7 @@ def test_pose_route_components_and_losses():
     assert "act.pose_decoder" not in ActConfig(tasks=["det"]).components
     assert "act.decoders" not in ActConfig(tasks=["pose"]).components
     figures = [sample_pose(i) for i in range(2)]
-    batch = processor([request(f) for f in figures], return_labels=True)
+    batch = processor([pose_chat(f) for f in figures], return_labels=True)
     assert set(batch["head_targets"]) == {"[POSE]"}
     out = model(**batch)
     assert {"lm", "act_cls", "act_keypoints", "act_oks", "act_visibility", "act_l1", "act_giou"} <= set(out.losses)
@@ -117,12 +117,36 @@ def test_pose_route_components_and_losses():
         head.loss(hidden, [{"keypoints": [[0.5, 0.5, 2] * 3]}], "[POSE]", {})
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny pose model trained 150 steps on four stick figures."""
-    model, processor = with_pose_head(seed=1)
+def test_heatmap_keypoints_are_the_soft_argmax_of_the_pixel_features():
+    """`pose_heatmaps`: a keypoint is the expected cell centre under softmax(keypoint embedding · pixel feature):
+    a feature that only one cell has, asked for strongly, puts the keypoint at that cell's centre — finer than
+    the patches, and by a differentiable path."""
+    from mmbridge.modeling.act.keypoints import PoseDecoder
+
+    decoder = PoseDecoder(24, 32, 16, 1, 2, 4, K, heatmaps=True, pixel_channels=8)
+    pixels = torch.zeros(1, 16, 8, 8)
+    pixels[0, 0, 3, 5] = 100.0  # one cell (row 3, column 5) has feature 0
+    with torch.no_grad():
+        decoder.keypoint_embed.weight.zero_()
+        decoder.keypoint_embed.bias.zero_()
+        decoder.keypoint_embed.bias[0::16] = 1.0  # every keypoint's embedding asks for feature 0
+    keypoints = decoder._soft_argmax(torch.zeros(1, 4, 16), pixels)
+    assert keypoints.shape == (1, 4, K, 2)
+    assert torch.allclose(keypoints, torch.tensor([5.5 / 8, 3.5 / 8]).expand(1, 4, K, 2), atol=1e-4)
+
+    out = decoder(torch.randn(2, 5, 24), torch.randn(2, 64, 32), images=torch.rand(2, 3, 64, 64))
+    assert out["keypoints"].shape == (2, 4, K, 2) and 0 <= out["keypoints"].min() <= out["keypoints"].max() <= 1
+    with pytest.raises(ValueError, match="pass `images`"):
+        decoder(torch.randn(2, 5, 24), torch.randn(2, 64, 32))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["regressed", "heatmaps"])
+def trained(request):
+    """A tiny pose model trained 150 steps on four stick figures (keypoints regressed, or heatmaps)."""
+    heatmaps = {"pose_heatmaps": True, "mask_pixel_channels": 8} if request.param else {}
+    model, processor = with_pose_head(seed=1, **heatmaps)
     figures = [sample_pose(i) for i in range(4)]
-    batch = processor([request(f) for f in figures], return_labels=True)
+    batch = processor([pose_chat(f) for f in figures], return_labels=True)
     return model, processor, figures, overfit(model, batch, steps=150, lr=3e-3)
 
 
@@ -132,7 +156,7 @@ def test_training_lowers_the_losses_and_the_pipeline_returns_keypoints(trained):
         assert history[-1][name] < history[0][name] / 2, (name, history[0][name], history[-1][name])
 
     pipe = MMBridgePipeline(model, processor)
-    results = pipe.generate([request(f, answer=False) for f in figures], max_new_tokens=8)
+    results = pipe.generate([pose_chat(f, answer=False) for f in figures], max_new_tokens=8)
     parts = [[p for p in r.parts if isinstance(p, KeypointsPart)] for r in results]
     assert all(parts), [r.raw_text for r in results]
     sigmas = keypoint_sigmas(K)
@@ -226,5 +250,5 @@ def test_a_loaded_model_has_the_coco_sigmas(tmp_path):
         assert torch.allclose(loaded.act.keypoint_sigmas, torch.tensor(COCO_KEYPOINT_SIGMAS))
     assert not any("sigma" in k for k in loaded.state_dict())
     loaded.train()
-    loaded(**processor([request(sample_pose(0))], return_labels=True)).loss.backward()
+    loaded(**processor([pose_chat(sample_pose(0))], return_labels=True)).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in loaded.act.pose_decoder.parameters() if p.grad is not None)

@@ -210,6 +210,10 @@ class ActConfig(HeadConfig):
     # embedding, which a frozen LLM reads badly (off by default: models saved before it load unchanged)
     region_from_queries: bool = False
     num_keypoints: int = 17  # [POSE]: keypoints per person (COCO's 17, as ShapesWorld's stick figures)
+    # [POSE]: each keypoint the soft-argmax of a heatmap over a pixel decoder's features (at mask_pixel_stride,
+    # mask_pixel_channels wide) instead of regressed from its query's state (off by default: models saved before
+    # it load unchanged; the ShapesWorld recipe turns it on)
+    pose_heatmaps: bool = False
     # [GEN] / [EDIT]: the draw head whose generator they use ([GEN]: its mapper and UNet as they are;
     # [EDIT]: its VAE and scheduler, and its UNet to initialise the editing UNet from)
     draw_head: str = "draw"

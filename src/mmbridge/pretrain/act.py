@@ -29,6 +29,7 @@ SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd", "pose"], "decoder_hidden_size"
                    "mask_size": 64, "mask_pixel_decoder": True, "mask_pixel_stride": 1, "mask_pixel_channels": 16,
                    "box_refinement": True, "masks_in_boxes": True, "duplicate_iou": 0.5,  # decoding (run e2)
                    "duplicate_oks": 0.9,  # decoding [POSE]: OKS-NMS (run g1: keypoint AP 0.29 -> 0.40)
+                   "pose_heatmaps": True,  # [POSE] keypoints read off the pixel decoder (run j3)
                    "route_mid_answer": False,  # every answer of the act data opens with its route (run h1)
                    # the world's attributes: the decoder's attribute-factored selection (`AttributeSelection`)
                    "selection_attributes": {name: list(values) for name, values in ATTRIBUTES.items()}}

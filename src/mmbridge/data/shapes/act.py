@@ -137,14 +137,22 @@ def _with_request_forms(sets: dict[str, tuple[str, ...]]) -> dict[str, tuple[str
 
 
 PHRASINGS = {task: sets if task == "region_vqa" else _with_request_forms(sets) for task, sets in PHRASINGS.items()}
-# A class the world lacks: shapes, colours and things it never has (docs/world.md lists what it has).
+# A class the world lacks: shapes, colours and things it never has (docs/world.md lists what it has). Many
+# training words, so that what the LM learns is "a category that is not the world's" rather than a dozen
+# spellings: the foundation tokenizer writes most such words as letters ("h e x a g on s"), as it writes some
+# of the world's own plurals and verbs ("cro s s es", "e v er y"). With 12 training words run i5 refused 28 of
+# 40 requests for held-out words, and routed 132 of 640 held-out det requests for real classes to the refusal.
 UNKNOWN = {
-    "train": {"shape": ("hexagon", "star", "pentagon", "heart", "oval"), "color": ("pink", "brown", "black"),
-              "thing": ("car", "dog", "tree", "house")},
+    "train": {"shape": ("hexagon", "star", "pentagon", "heart", "oval", "rhombus", "trapezoid", "ellipse",
+                        "spiral", "cube", "sphere", "cone", "kite", "rectangle", "zigzag", "ring"),
+              "color": ("pink", "brown", "black", "beige", "gold", "silver", "violet", "navy", "teal", "maroon",
+                        "turquoise", "lime", "indigo", "olive"),
+              "thing": ("car", "dog", "tree", "house", "boat", "bird", "chair", "apple", "ball", "phone", "book",
+                        "cup", "lamp", "fish", "horse", "plane", "clock", "key", "shoe", "train")},
     "heldout": {"shape": ("octagon", "crescent", "arrow"), "color": ("gray", "magenta"),
                 "thing": ("cat", "bicycle", "flower")},
 }
-THING_PLURAL = {"cross": "crosses", "bicycle": "bicycles"}
+THING_PLURAL = {"cross": "crosses", "bicycle": "bicycles", "rhombus": "rhombuses", "fish": "fish"}
 #: The canonical request of each task (what `mmbridge eval` asks; a training phrasing).
 CANONICAL = {"det": "Find every {one}.", "seg": "Segment every {one}.", "grd": "Find {expr}.",
              "pose": "Find the pose of every figure.",

@@ -41,7 +41,8 @@ class LinkConditionedDecoder(nn.Module):
                  num_heads: int, num_queries: int, mask_size: int | None, request_window: int = 32,
                  text_hidden_size: int | None = None, pixel_decoder: bool = False,
                  attribute_groups: tuple[int, ...] | None = None, vocab_size: int | None = None,
-                 pixel_stride: int = 2, pixel_channels: int = 64, box_refinement: bool = False):
+                 pixel_stride: int = 2, pixel_channels: int = 64, box_refinement: bool = False,
+                 pixel_features: bool = False):
         from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
 
         super().__init__()
@@ -78,8 +79,9 @@ class LinkConditionedDecoder(nn.Module):
         self.box_head = _mlp(hidden_size, 4)
         self.score_head = nn.Linear(hidden_size, 1)
         self.query_match = nn.Linear(hidden_size, hidden_size)
-        if mask_size is not None:  # None: no mask branch (the pose decoder)
-            self.mask_embed = nn.Linear(hidden_size, hidden_size)
+        if mask_size is not None or pixel_features:  # per-pixel features: masks, or the pose decoder's heatmaps
+            if mask_size is not None:  # None: no mask branch (the pose decoder)
+                self.mask_embed = nn.Linear(hidden_size, hidden_size)
             self.pixel_embed = nn.Linear(vision_hidden_size, hidden_size)
             if pixel_decoder:
                 self.pixel_decoder = PixelDecoder(hidden_size, pixel_channels, pixel_stride)
@@ -179,7 +181,7 @@ class LinkConditionedDecoder(nn.Module):
         if patches is not None:  # each query also keeps its patch's relevance: the densely trained selection
             relevance = out["relevance"].detach() if dense else out["relevance"]
             out["logits"] = out["logits"] + relevance.gather(1, pick[..., 0])
-        if patches is not None and self.mask_size is not None:
+        if patches is not None and hasattr(self, "pixel_embed"):
             pixels = self.pixel_embed(patches) + position  # (n, side*side, d): where, to tell alike objects apart
             pixels = pixels.transpose(1, 2).reshape(n, -1, side, side)
             if hasattr(self, "pixel_decoder"):  # the patch grid sharpened by the image itself
@@ -194,9 +196,11 @@ class LinkConditionedDecoder(nn.Module):
                 fine = (fine + self.positions((n, 1, grid, grid), fine.device, fine.dtype)).flatten(2).transpose(1, 2)
                 hidden = self.refine(hidden, fine)
                 boxes = boxes + self.refine_box(hidden)
-            masks = torch.einsum("nqd,ndhw->nqhw", self.mask_embed(hidden), pixels)
-            out["masks"] = F.interpolate(masks, size=(self.mask_size, self.mask_size), mode="bilinear",
-                                         align_corners=False)
+            out["pixels"] = pixels  # (n, d, h, w)
+            if self.mask_size is not None:
+                masks = torch.einsum("nqd,ndhw->nqhw", self.mask_embed(hidden), pixels)
+                out["masks"] = F.interpolate(masks, size=(self.mask_size, self.mask_size), mode="bilinear",
+                                             align_corners=False)
         out.update(boxes=boxes.sigmoid(), hidden=hidden)
         return out
 

@@ -191,7 +191,8 @@ class ActHead(OutputHead):
         if "[POSE]" in config.routes:
             self.pose_decoder = PoseDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
-                config.decoder_heads, config.num_object_queries, config.num_keypoints)
+                config.decoder_heads, config.num_object_queries, config.num_keypoints, heatmaps=config.pose_heatmaps,
+                pixel_stride=config.mask_pixel_stride, pixel_channels=config.mask_pixel_channels)
         self.matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
         if config.visual_prompts and config.region_from_queries:
             if not model_config.qformer_object_attributes:
@@ -346,7 +347,7 @@ class ActHead(OutputHead):
         if route == "[EDIT]":
             return self._edit_decode(hidden, context)
         if route == "[POSE]":
-            out = self.pose_decoder(hidden, *_decoder_inputs(context))
+            out = self.pose_decoder(hidden, *_decoder_inputs(context), images=_pixels(context))
             scores = out["logits"].sigmoid()
             keypoints, boxes = out["keypoints"].clamp(0, 1), center_to_corners_format(out["boxes"]).clamp(0, 1)
             keep = scores > self.config.score_threshold
@@ -429,7 +430,7 @@ class ActHead(OutputHead):
         return {"image": out, "has_image": has_image}
 
     def _pose_loss(self, hidden: torch.Tensor, targets: list[dict], context: dict) -> dict[str, torch.Tensor]:
-        out = self.pose_decoder(hidden, *_decoder_inputs(context))
+        out = self.pose_decoder(hidden, *_decoder_inputs(context), images=_pixels(context))
         device, k = out["keypoints"].device, self.config.num_keypoints
         people = [_pose_target(t, k, device) for t in targets]
         indices = [match_people(out["keypoints"][i], out["logits"][i], p["keypoints"], p["visible"], p["area"],

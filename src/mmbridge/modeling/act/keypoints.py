@@ -5,9 +5,18 @@ on each query's state a keypoint head regresses K (x, y) positions in [0, 1] of 
 visibility logits, next to the decoder's person score and box. Training matches queries to people by
 OKS (COCO's object keypoint similarity, with COCO's per-keypoint sigmas: what COCOeval scores) plus
 the person score, with scipy's `linear_sum_assignment`.
+
+With `heatmaps`, each keypoint is read off the pixel decoder's fine features instead (stride 2: a 32 x 32
+grid on a 64 px image): the query's state gives one embedding per keypoint, its dot product with every pixel
+feature a heatmap, and the keypoint is the heatmap's soft-argmax (integral regression, Sun et al. 2018) —
+differentiable, and finer than the grid. A position regressed from a query that read 8 px patches is off
+by a pixel or two, and OKS forgives a face keypoint ~1.5 px on a 30 px figure: run i5q, with regression,
+scored keypoint AP50 0.79 but AP 0.51.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -62,23 +71,53 @@ def match_people(keypoints: torch.Tensor, logits: torch.Tensor, target: torch.Te
 
 class PoseDecoder(nn.Module):
     def __init__(self, llm_hidden_size: int, vision_hidden_size: int, hidden_size: int, num_layers: int,
-                 num_heads: int, num_queries: int, num_keypoints: int):
+                 num_heads: int, num_queries: int, num_keypoints: int, heatmaps: bool = False,
+                 pixel_stride: int = 2, pixel_channels: int = 64):
         super().__init__()
         self.decoder = LinkConditionedDecoder(llm_hidden_size, vision_hidden_size, hidden_size, num_layers,
-                                              num_heads, num_queries, mask_size=None)
-        self.keypoint_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(),
-                                           nn.Linear(hidden_size, 2 * num_keypoints))
+                                              num_heads, num_queries, mask_size=None, pixel_decoder=heatmaps,
+                                              pixel_stride=pixel_stride, pixel_channels=pixel_channels,
+                                              pixel_features=heatmaps)
+        if heatmaps:
+            self.keypoint_embed = nn.Linear(hidden_size, num_keypoints * hidden_size)
+        else:
+            self.keypoint_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+                                               nn.Linear(hidden_size, 2 * num_keypoints))
         self.visibility_head = nn.Linear(hidden_size, num_keypoints)
         self.num_keypoints = num_keypoints
 
     def forward(self, link_hidden: torch.Tensor, vision_features: torch.Tensor | None,
-                request_states: torch.Tensor | None = None,
-                request_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                request_states: torch.Tensor | None = None, request_mask: torch.Tensor | None = None,
+                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """-> `boxes` (n, q, 4) cx cy w h, `logits` (n, q) person scores, `keypoints` (n, q, K, 2) x y in
-        [0, 1], `visibility` (n, q, K) logits (inputs as `LinkConditionedDecoder`'s)."""
-        out = self.decoder(link_hidden, vision_features, request_states, request_mask)
+        [0, 1], `visibility` (n, q, K) logits (inputs as `LinkConditionedDecoder`'s; `images` (n, 3, H, W)
+        for the heatmaps' pixel decoder)."""
+        heatmaps = hasattr(self, "keypoint_embed")
+        if heatmaps and vision_features is not None and images is None:
+            raise ValueError("this pose decoder reads keypoints off the image's pixels: pass `images`")
+        out = self.decoder(link_hidden, vision_features, request_states, request_mask,
+                           images=images if heatmaps else None)
         hidden = out["hidden"]
-        keypoints = self.keypoint_head(hidden).sigmoid().view(*hidden.shape[:2], self.num_keypoints, 2)
+        n, q = hidden.shape[:2]
+        if not heatmaps:
+            keypoints = self.keypoint_head(hidden).sigmoid().view(n, q, self.num_keypoints, 2)
+        elif "pixels" in out:
+            keypoints = self._soft_argmax(hidden, out["pixels"])
+        else:  # no image to read: every keypoint at the person's box centre (the head answers "no image")
+            keypoints = out["boxes"][..., None, :2].expand(n, q, self.num_keypoints, 2)
         proposals = {k: v for k, v in out.items() if k.startswith("proposal_")}  # trained by the act head
         return {"boxes": out["boxes"], "logits": out["logits"], "keypoints": keypoints,
                 "visibility": self.visibility_head(hidden), **proposals}
+
+    def _soft_argmax(self, hidden: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, q, d) query states, (n, d, h, w) pixel features -> (n, q, K, 2) x y in [0, 1]: the expected
+        position under each keypoint's heatmap (softmax over the h x w cells, each at its centre)."""
+        n, q, d = hidden.shape
+        h, w = pixels.shape[-2:]
+        embed = self.keypoint_embed(hidden).view(n, q * self.num_keypoints, d)
+        logits = torch.einsum("nkd,ndp->nkp", embed, pixels.flatten(2)) / math.sqrt(d)
+        probs = logits.softmax(-1).view(n, q, self.num_keypoints, h * w)
+        xs = (torch.arange(w, device=pixels.device, dtype=probs.dtype) + 0.5) / w
+        ys = (torch.arange(h, device=pixels.device, dtype=probs.dtype) + 0.5) / h
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).view(h * w, 2)  # (h*w, x y)
+        return probs @ grid
