@@ -4,7 +4,8 @@ Two numbers (docs/recipe.md, "Refusals (runs g2 / g3)", has them for runs g1-g6)
 * generated: `--n` requests built as the act data builds its `unknown` ones (`UNKNOWN[split]` words in the det / seg
   `PHRASINGS[split]`, split `train` or `heldout`) on the first `--n` images of `--images`; counted refused when
   the answer has no routing part and its text starts with the refusal's first words, and counted apart when it
-  is the whole refusal sentence (`UNKNOWN_ANSWER`), word for word;
+  is the whole refusal sentence (`UNKNOWN_ANSWER`), word for word; a routed answer whose decoder found nothing
+  (no boxes) is counted apart too ("routed, nothing found": a clear answer as well);
 * teacher-forced: over the first 48 two-turn chats of `--refusals` (a `refusals.json` of `write_act_data`), how
   often the refusal's first token is the argmax, and its mean probability.
 
@@ -44,7 +45,9 @@ def generated(pipe: MMBridgePipeline, images: list[Path], split: str) -> dict:
     counts = collections.Counter()
     for answer in pipe.generate(requests, max_new_tokens=24):
         routed = [p for p in answer.parts if p.type != "text"]
+        found = any(getattr(p, "boxes", None) for p in routed)
         counts["routed" if routed else "refused" if answer.text.startswith(opening) else "other words"] += 1
+        counts["routed, nothing found"] += bool(routed) and not found  # the decoder's answer: also clear
         counts["refused, the whole sentence"] += answer.text.strip() == UNKNOWN_ANSWER and not routed
     return dict(counts)
 

@@ -114,6 +114,17 @@ def test_act_data_is_llava_that_the_trainer_reads(tmp_path):
         asked = " ".join(t["value"] for t in record["conversations"] if t["from"] == "human")
         assert asked.count("<region>") == len(record.get("regions", []))
         assert (tmp_path / record["image"]).is_file()
+    # absent.json: each refused request once more, routed to its decoder with no boxes (decoder-only stages)
+    absent = json.loads((tmp_path / "absent.json").read_text())
+    refused = [q["value"] for r in refusals for q, a in zip(r["conversations"], r["conversations"][1:])
+               if q["from"] == "human" and a["value"] == UNKNOWN_ANSWER]
+    assert [r["conversations"][0]["value"].removeprefix("<image>\n") for r in absent] == \
+        [q.removeprefix("<image>\n") for q in refused]
+    for record in absent:
+        (route, [target]), = record["targets"].items()
+        assert record["conversations"][1]["value"] == route in ("[DET]", "[SEG]")
+        assert target["boxes"] == [] and target["objects"]["boxes"]  # nothing to find among the scene's objects
+        assert target.get("masks", []) == []
     # region_vqa.json: the act chats with a region question answered in words (act stage 2 weights them up)
     region_vqa = json.loads((tmp_path / "region_vqa.json").read_text())
     assert region_vqa and {r["id"] for r in region_vqa} < {r["id"] for r in records}

@@ -128,9 +128,10 @@ def region_answer_chats(records: list[dict]) -> list[dict]:
 def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3, see_turns: int = 4,
                    split: str = "train", seed: int = 0, first_scene: int = 0, pose_figures: int = 0) -> dict:
     """`out/act.json` (act requests, 1 to `requests_per_scene` per chat, training phrasings), `out/refusals.json`
-    (the chats among them that ask for a class the world lacks), `out/region_vqa.json` (the act chats that
-    ask about a marked region in words: `region_answer_chats`) and `out/see.json` (see chats of `see_turns`
-    questions about the same scenes), images under `out/images/`.
+    (the chats among them that ask for a class the world lacks), `out/absent.json` (those requests routed to
+    their decoder with an empty target: `absent_request`, for decoder-only stages), `out/region_vqa.json` (the
+    act chats that ask about a marked region in words: `region_answer_chats`) and `out/see.json` (see chats of
+    `see_turns` questions about the same scenes), images under `out/images/`.
     The refusals are their own file because only a stage that trains the LLM can learn them: the frozen LM
     has never written the refusal sentence (~15 nats per token), and in act stage 1 (LLM and LoRA
     frozen) that loss — most of the batch's answer tokens — could only flow into what does train before it in
@@ -139,7 +140,7 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
     Scenes `first_scene` … `first_scene + num_scenes - 1` of `split`. With `pose_figures`, `out/pose.json`:
     one `[POSE]` request per stick figure of the pose set (figures 0 … `pose_figures` - 1 of `split`)."""
     from mmbridge.data.formats.llava import to_llava, write_llava
-    from mmbridge.data.shapes.act import scene_requests
+    from mmbridge.data.shapes.act import absent_request, scene_requests
     from mmbridge.data.shapes.act_eval import pose_records
     from mmbridge.data.shapes.world import make_scene, png_bytes, render
     from mmbridge.pretrain.shapes import qa_turns
@@ -147,7 +148,7 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 15)
-    act, refusals, see, tasks = [], [], [], {}
+    act, refusals, absent, see, tasks = [], [], [], [], {}
     for i in range(first_scene, first_scene + num_scenes):
         scene = make_scene(split, i, seed)
         key = f"{split}-{i:06d}"
@@ -158,12 +159,15 @@ def write_act_data(out: str | Path, num_scenes: int, requests_per_scene: int = 3
             tasks[req["task"]] = tasks.get(req["task"], 0) + 1
         record = act_record(f"act-{key}", image, requests)
         (refusals if any(req["task"] == "unknown" for req in requests) else act).append(record)
+        absent += [act_record(f"absent-{key}-{k}", image, [absent_request(req)])
+                   for k, req in enumerate(requests) if req["task"] == "unknown"]
         if see_turns:
             messages = [m for q, a in qa_turns(scene, rng, see_turns)
                         for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
             see.append(to_llava(f"see-{key}", image, messages))
     write_llava(act, str(out / "act.json"))
     write_llava(refusals, str(out / "refusals.json"))
+    write_llava(absent, str(out / "absent.json"))
     write_llava(region_answer_chats(act), str(out / "region_vqa.json"))
     if see_turns:
         write_llava(see, str(out / "see.json"))

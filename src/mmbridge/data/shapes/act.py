@@ -311,8 +311,10 @@ def make_request(scene: Scene, task: str, rng: random.Random, split: str = "trai
         one, many = (f"{word} shape", f"{word} shapes") if kind == "color" else (word, plural(word))
         route_task = rng.choice(("det", "seg"))
         text = rng.choice(PHRASINGS[route_task][split]).format(one=one, many=many)
+        # what the decoder must return if the request reaches it anyway (`absent_request`): nothing
         return {**base, "request": text, "route": None, "answer": UNKNOWN_ANSWER, "target": None,
-                "category": many}
+                "category": many, "decoder_route": ROUTES[route_task],
+                "decoder_target": _detection(route_task, [], scene)}
     raise ValueError(f"unknown act task {task!r}; tasks: {list(TASK_WEIGHTS)}")
 
 
@@ -322,6 +324,17 @@ def pose_request(figure, rng: random.Random, split: str = "train") -> dict:
     keypoints = [[x / IMAGE_SIZE, y / IMAGE_SIZE, 2] for x, y in (figure.keypoints[name] for name in KEYPOINTS)]
     return {"task": "pose", "region": None, "request": rng.choice(PHRASINGS["pose"][split]), "route": "[POSE]",
             "answer": "[POSE]", "target": {"keypoints": [keypoints], "boxes": [[v / IMAGE_SIZE for v in figure.box]]}}
+
+
+def absent_request(request: dict) -> dict:
+    """An `unknown` request (a class the world lacks) routed to its decoder with an empty target: the
+    decoder's negative — it learns to find nothing when the words name nothing the world has, as an
+    open-vocabulary detector learns from categories absent in the image. Only for a stage whose LLM does not
+    learn from it (the LLM's answer is the refusal): the LM routes most such requests to the refusal, not all."""
+    if request["task"] != "unknown":
+        raise ValueError(f"absent_request takes an 'unknown' request, not {request['task']!r}")
+    return {**request, "route": request["decoder_route"], "answer": request["decoder_route"],
+            "target": request["decoder_target"]}
 
 
 def scene_requests(scene: Scene, rng: random.Random, num: int, split: str = "train",

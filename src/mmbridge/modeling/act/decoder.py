@@ -111,7 +111,8 @@ class LinkConditionedDecoder(nn.Module):
         cx cy w h, `logits` (n, q), `masks` (n, q, mask_size, mask_size) logits (None without an image or
         a mask branch), and `hidden` (n, q, hidden_size): each query's state, for task heads on top; with an
         image also every patch's proposal, `proposal_logits` (n, patches) and `proposal_boxes` (n, patches, 4),
-        its `relevance` (n, patches), and with an attribute selection `patch_attributes` (n, patches, values)."""
+        its `relevance` (n, patches), with an attribute selection `patch_attributes` (n, patches, values),
+        and with per-pixel features (a mask branch or `pixel_features`) `pixels` (n, hidden_size, h, w)."""
         link = self.link_proj(link_hidden.to(self.link_proj.weight.dtype))
         summary = link.mean(dim=1, keepdim=True)  # (n, 1, d): the request pooled (the queries without an image)
         words, padding = link[:, :0], None
