@@ -257,9 +257,10 @@ def test_act_stages_train_through_the_trainer_resume_and_the_model_routes(tmp_pa
 
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tmp_path):
-    """`mmbridge train shapes ... stages=[..., act_data, act_stage1, act_stage2, act_pose, export]`: on a stage-3
-    model the act head is added, trained in two trainer stages and its pose decoder alone in a third, and
-    exported; a second run skips them all."""
+    """`mmbridge train shapes ... stages=[..., act_data, act_stage1, act_stage2, act_pose, act_decoders, export]`:
+    on a stage-3 model the act head is added, trained in two trainer stages, its pose decoder alone in a third and
+    its box / mask decoder alone (with the missing-class negatives) in a fourth, and exported; a second run skips
+    them all."""
     import torch
 
     from mmbridge.config import MMBridgeConfig
@@ -270,17 +271,19 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     make_base_model(tmp_path / "base", init_std=0.02, object_attributes=ATTRIBUTES)
     make_base_model(tmp_path / "stage3" / "model", init_std=0.02, object_attributes=ATTRIBUTES)
     short = ["schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=2", "data.num_workers=0"]
-    stages = ["act_data", "act_stage1", "act_stage2", "act_pose", "export"]
+    stages = ["act_data", "act_stage1", "act_stage2", "act_pose", "act_decoders", "export"]
     cfg = RecipeConfig(name="act-test", stages=stages, threads=1, see_scenes=0, base_dir=str(RECIPES_DIR),
                        act=ActStage(train_scenes=6, see_turns=2, eval_scenes=3, head=TINY_ACT, pose_figures=4,
                                     eval_pose_figures=2),
                        act_stage1=TrainerStage("shapes_act_stage1.yaml", short),
                        act_stage2=TrainerStage("shapes_act_stage2.yaml", short),
-                       act_pose=TrainerStage("shapes_act_pose.yaml", short))
+                       act_pose=TrainerStage("shapes_act_pose.yaml", short),
+                       act_decoders=TrainerStage("shapes_act_decoders.yaml", short))
     assert [s for s in RUN_ORDER if s in stages] == stages
     report = Recipe(cfg, tmp_path, log=lambda _: None).run()
     assert report["stages"]["act_stage1"]["steps"] == 2 and report["stages"]["act_stage2"]["steps"] == 2
     assert report["stages"]["act_pose"]["steps"] == 2  # the keypoint decoder alone, on stage 2's model
+    assert report["stages"]["act_decoders"]["steps"] == 2  # the box / mask decoder alone, on act_pose's model
     assert report["stages"]["act_data"]["eval"]["files"]["route"] == "route_test.jsonl"
     exported = MMBridgeConfig.from_pretrained(tmp_path / "model")
     assert "act" in exported.head_configs and exported.llm_lora
@@ -292,6 +295,20 @@ def test_the_recipe_runs_the_act_stages_when_listed_and_exports_the_act_model(tm
     before, after = (MMBridgeModel.from_pretrained(d).act.pose_decoder.state_dict()
                      for d in (tmp_path / "act" / "base", tmp_path / "model"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the export is act_decoders' model: its box decoder moved from act_pose's, and of the LLM only the rows of the
+    # tokens the act head added (their embeddings train with every act stage: the query tokens feed the decoders)
+    pose, final = (MMBridgeModel.from_pretrained(d).state_dict() for d in (tmp_path / "act" / "pose" / "model",
+                                                                           tmp_path / "model"))
+    moved = {k for k in pose if not torch.equal(pose[k], final[k])}
+    assert any(k.startswith("act.decoders.") for k in moved)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    added = len(tokenizer.get_added_vocab())  # the special tokens: image, region, routes, queries (the last rows)
+    for key in moved - {k for k in moved if k.startswith("act.decoders.")}:
+        assert key.startswith("llm.") and "embed_tokens" in key or "lm_head" in key, key
+        rows = (pose[key] != final[key]).flatten(1).any(1).nonzero().flatten()
+        assert rows.min() >= len(pose[key]) - added, (key, rows[:5])
     again = Recipe(cfg, tmp_path, log=lambda _: None).run()
     assert again["stages"] == report["stages"]
 

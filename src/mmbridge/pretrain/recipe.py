@@ -42,7 +42,7 @@ BRIDGE_STAGES = ("compose", "data", "stage1", "stage2", "stage3", "export")
 STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
 #: VisionLLM v2's act head on the see-model (pretrain/act.py, docs/recipe.md "Act"): run only when listed in
 #: `stages` (between stage3 and export); with them, `export` exports the act model.
-ACT_STAGES = ("act_data", "act_stage1", "act_stage2", "act_pose", "act_edit")
+ACT_STAGES = ("act_data", "act_stage1", "act_stage2", "act_pose", "act_decoders", "act_edit")
 #: MiniGPT-5's draw head on the see-model (pretrain/draw.py, docs/recipe.md "Draw"), on the foundation's
 #: generator: run only when listed (after stage3; the act stages then start from the draw model).
 DRAW_STAGES = ("draw_data", "draw_stage1", "draw_stage2")
@@ -158,6 +158,7 @@ class RecipeConfig:
     act_stage1: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage1.yaml"))
     act_stage2: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_stage2.yaml"))
     act_pose: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_pose.yaml"))
+    act_decoders: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_decoders.yaml"))
     act_edit: TrainerStage = field(default_factory=lambda: TrainerStage("shapes_act_edit.yaml"))
     #: Which stages this recipe runs, in RUN_ORDER (default: STAGES, all of them but the act stages).
     stages: list[str] = field(default_factory=lambda: list(STAGES))
@@ -612,13 +613,13 @@ class Recipe:
                                    self.out / "act" / "stage2", overrides)
 
     def _act_model(self, before: str | None = None) -> Path:
-        """The act model the stages listed so far end with (before stage `before`): act_edit's, act_pose's or
-        act stage 2's."""
-        listed = [s for s in ("act_stage2", "act_pose", "act_edit") if s in self.cfg.stages
-                  and (s != "act_pose" or self._act_poses())]
+        """The act model the stages listed so far end with (before stage `before`): act_edit's, act_decoders',
+        act_pose's or act stage 2's."""
+        folders = {"act_stage2": "stage2", "act_pose": "pose", "act_decoders": "decoders", "act_edit": "edit"}
+        listed = [s for s in folders if s in self.cfg.stages and (s != "act_pose" or self._act_poses())]
         if before is not None:
             listed = listed[:listed.index(before)]
-        return self.out / "act" / {"act_stage2": "stage2", "act_pose": "pose", "act_edit": "edit"}[listed[-1]] / "model"
+        return self.out / "act" / folders[listed[-1]] / "model"
 
     def _act_pose(self) -> dict:
         """The keypoint decoder alone on the stick figures (`recipes/shapes_act_pose.yaml`): in stage 2's mix it
@@ -627,6 +628,18 @@ class Recipe:
             return {"skipped": "the act head has no [POSE] route or no stick figures"}
         return self._trainer_stage(self.cfg.act_pose, self._act_model("act_pose"), self.out / "act" / "pose",
                                    [f"data.datasets.0.path={self.out / 'act' / 'data' / 'pose.json'}"])
+
+    def _act_decoders(self) -> dict:
+        """The box / mask / grounding decoder alone on the act chats and `absent.json` (requests for classes the
+        world lacks, routed with no boxes: `recipes/shapes_act_decoders.yaml`)."""
+        data = self.out / "act" / "data"
+        if not (data / "absent.json").is_file():
+            raise ConfigError(f"{data} was written before absent.json existed: delete the folder and run act_data "
+                              "again (or leave act_decoders out of the stages)")
+        return self._trainer_stage(self.cfg.act_decoders, self._act_model("act_decoders"),
+                                   self.out / "act" / "decoders",
+                                   [f"data.datasets.0.path={data / 'act.json'}",
+                                    f"data.datasets.1.path={data / 'absent.json'}"])
 
     def _act_edit(self) -> dict:
         """The act head gains `[EDIT]` (`MMBridgeModel.extend_head`: the stage-2 model's weights as they were,
