@@ -92,26 +92,3 @@ def test_attribute_selection_reads_which_values_a_request_allows():
         with torch.no_grad():
             score, _ = selection(features, ids, torch.ones_like(ids, dtype=torch.bool))
         assert targets[torch.arange(200), score.argmax(1)].mean().item() >= 0.95, colour_only
-
-
-def test_an_absent_value_fits_no_patch():
-    """`absent_value`: a reading that puts its mass on "a value the world lacks" scores every patch ~log(1e-6)
-    lower per attribute than one that allows any value, whatever the patch holds; without the option the
-    selection is the one models were saved with (values + any)."""
-    torch.manual_seed(0)
-    plain = AttributeSelection(16, 16, 2, (COLOURS, SHAPES), vocab_size=WORDS)
-    assert [head.out_features for head in plain.allowed] == [COLOURS + 1, SHAPES + 1]
-    selection = AttributeSelection(16, 16, 2, (COLOURS, SHAPES), vocab_size=WORDS, absent_value=True)
-    assert [head.out_features for head in selection.allowed] == [COLOURS + 2, SHAPES + 2]
-    features, ids = torch.randn(2, 16, 16), torch.zeros(2, 4, dtype=torch.long)
-
-    def scores(column):
-        with torch.no_grad():
-            for head, k in zip(selection.allowed, (COLOURS, SHAPES)):
-                head.weight.zero_()
-                head.bias.fill_(-30.0)
-                head.bias[k + column] = 30.0  # 0: any value, 1: a value the world lacks
-            return selection(features, ids, None)[0]
-
-    gap = scores(0) - scores(1)
-    assert torch.allclose(gap, torch.full_like(gap, -2 * torch.log(torch.tensor(1e-6)).item()), atol=1e-3)

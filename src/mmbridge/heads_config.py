@@ -200,9 +200,6 @@ class ActConfig(HeadConfig):
     # `"objects": {"boxes", <attribute>: [values]}`) and reads which values a request allows. None: off
     selection_attributes: dict[str, list[str]] | None = None
     selection_vocab_size: int | None = None  # its word embeddings' rows: the LLM's vocabulary when it was added
-    # the selection may read "a value the world lacks" from a request ("pink shapes"): nothing then fits (off by
-    # default: models saved before it load unchanged)
-    selection_absent_value: bool = False
     visual_prompts: bool = True  # the region encoder: "What color is <region>?" with a box / point / scribble / mask
     region_points: int = 16  # points sampled in a region and pooled (grid_sample) into its embedding
     # the region encoder also pools the frozen ViT's patch features (off by default: models saved before it

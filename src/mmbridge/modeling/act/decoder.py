@@ -42,7 +42,7 @@ class LinkConditionedDecoder(nn.Module):
                  text_hidden_size: int | None = None, pixel_decoder: bool = False,
                  attribute_groups: tuple[int, ...] | None = None, vocab_size: int | None = None,
                  pixel_stride: int = 2, pixel_channels: int = 64, box_refinement: bool = False,
-                 pixel_features: bool = False, absent_value: bool = False):
+                 pixel_features: bool = False):
         from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
 
         super().__init__()
@@ -62,7 +62,7 @@ class LinkConditionedDecoder(nn.Module):
             self.select_bias = nn.Linear(hidden_size, 1)
         if attribute_groups:
             self.attribute_selection = AttributeSelection(vision_hidden_size, hidden_size, num_heads,
-                                                          tuple(attribute_groups), vocab_size, absent_value)
+                                                          tuple(attribute_groups), vocab_size)
         self.positions = DetrSinePositionEmbedding(num_position_features=hidden_size // 2, normalize=True)
         self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)
         # GLIP-style fusion: each patch attends to the request (slots + words) before it proposes, so that
@@ -226,16 +226,12 @@ class AttributeSelection(nn.Module):
     one- and two-attribute requests, 98 % of plain and 80 % of relational referring expressions, where the
     dot-product branch on the text tower's states reached 79 / 74 / 74 / 53 %. Written by hand: no library
     ships an attribute-factored open-vocabulary selection. With it, the decoder's text-tower selection branch
-    is not built (the tower's words still reach the fusion). With `absent_value`, each attribute's reading may
-    also say "a value the world lacks" ("pink", "hexagon"): its probability fits no patch, so a request for a
-    missing class selects nothing — an explicit "nothing" that does not have to be learnt by lowering every
-    score, which also lowered the generic requests' ("every shape", run j5)."""
+    is not built (the tower's words still reach the fusion)."""
 
     def __init__(self, vision_hidden_size: int, hidden_size: int, num_heads: int, groups: tuple[int, ...],
-                 vocab_size: int, absent_value: bool = False):
+                 vocab_size: int):
         super().__init__()
         self.groups = groups
-        self.absent_value = absent_value
         # the frozen ViT's features normalised first, as OWL-ViT's class head does (any vision encoder's scale)
         self.patch_norm = nn.LayerNorm(vision_hidden_size)
         self.patch = nn.Sequential(nn.Linear(vision_hidden_size, hidden_size), nn.GELU(),
@@ -245,8 +241,7 @@ class AttributeSelection(nn.Module):
         self.words = nn.Embedding(vocab_size, hidden_size)
         self.queries = nn.Parameter(torch.randn(1, len(groups), hidden_size) * 0.02)
         self.read = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        # + "any value" (+ "a value the world lacks")
-        self.allowed = nn.ModuleList(nn.Linear(hidden_size, k + 1 + absent_value) for k in groups)
+        self.allowed = nn.ModuleList(nn.Linear(hidden_size, k + 1) for k in groups)  # + "any value"
         # plus a dot-product scorer on the same words (each patch reads the request; OWL-ViT's match) for what
         # is no attribute: relations ("left of the blue square"). The probe: relational requests 52 -> 80 %
         self.attend_patch = nn.Linear(vision_hidden_size, hidden_size)
@@ -270,9 +265,8 @@ class AttributeSelection(nn.Module):
         asked, _ = self.attend(q, words, words, key_padding_mask=~(mask | empty), need_weights=False)
         score = score + (self.attend_match(q) * asked).sum(-1) / math.sqrt(q.shape[-1])
         for g, logits in enumerate(attributes.split(self.groups, dim=-1)):
-            allowed = self.allowed[g](read[:, g]).softmax(-1)  # (n, values + any [+ absent]): absent fits nothing
-            k = self.groups[g]
-            fits = allowed[:, None, k] + (logits.softmax(-1) * allowed[:, None, :k]).sum(-1)
+            allowed = self.allowed[g](read[:, g]).softmax(-1)  # (n, values + any)
+            fits = allowed[:, None, -1] + (logits.softmax(-1) * allowed[:, None, :-1]).sum(-1)
             score = score + fits.clamp(min=1e-6).log()
         return score, attributes
 

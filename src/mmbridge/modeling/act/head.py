@@ -187,7 +187,7 @@ class ActHead(OutputHead):
                 pixel_channels=config.mask_pixel_channels,
                 box_refinement=config.box_refinement,
                 attribute_groups=tuple(len(v) for v in (config.selection_attributes or {}).values()) or None,
-                vocab_size=config.selection_vocab_size, absent_value=config.selection_absent_value)
+                vocab_size=config.selection_vocab_size)
         if "[POSE]" in config.routes:
             self.pose_decoder = PoseDecoder(
                 self.llm_hidden_size, vision_hidden, config.decoder_hidden_size, config.decoder_layers,
