@@ -13,16 +13,12 @@ import sys
 from PIL import Image
 
 from mmbridge.data.formats.coco import read_coco
+from mmbridge.evaluate_act import box_iou
 from mmbridge.generation import MMBridgePipeline
 from mmbridge.models import resolve_model_path
 
 PROMPTS = {"Find every shape.": None, "Segment every object.": None,
            "Find every red shape.": lambda a: a["color"] == "red", "Find all circles.": lambda a: a["category_id"] == 1}
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def main() -> None:
@@ -44,7 +40,7 @@ def main() -> None:
                 truth = [[x / w, y / h, (x + bw) / w, (y + bh) / h] for a in record["annotations"]
                          if wanted is None or wanted(a) for x, y, bw, bh in [a["bbox"]]]
                 boxes = [b for p in answer.parts if getattr(p, "boxes", None) is not None for b in p.boxes]
-                matched = sum(any(iou(t, b) >= 0.5 for b in boxes) for t in truth)
+                matched = sum(any(box_iou(t, b) >= 0.5 for b in boxes) for t in truth)
                 found, total, extra = found + matched, total + len(truth), extra + max(0, len(boxes) - matched)
         print(f"{model} threshold {pipe.model.heads['act'].config.score_threshold}: {prompt} "
               f"recall {found}/{total} extra {extra}")
