@@ -113,6 +113,51 @@ def test_three_way_cfg_is_one_batched_unet_call(sd_dir):
     assert [s[0] for s in calls] == [2, 2, 2]  # no guidance: one branch
 
 
+def test_a_source_residual_editor_starts_as_an_exact_copy(sd_dir):
+    """edit_source_residual: the UNet predicts a correction to the source latent, its conv_out zero at
+    creation — so before any training an edit returns the VAE's reconstruction of the source, and the
+    guided branch pair is one batched UNet call (instruction / none, both with the image)."""
+    model, _ = with_gen_edit(sd_dir, edit_source_residual=True, edit_image_guidance_scale=1.0)
+    editor, generator = model.act.editor, model.draw.generator
+    assert editor.source_residual and torch.all(editor.unet.conv_out.weight == 0)
+    calls = []
+    editor.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    torch.manual_seed(0)
+    hidden, sources = torch.randn(2, 1 + QUERIES, 32), torch.rand(2, 3, 16, 16) * 2 - 1
+    images = editor.sample(generator, hidden, sources, 7.5, 1.0, 3, torch.Generator().manual_seed(0))
+    assert calls == [4, 4, 4]
+    with torch.no_grad():
+        copy = generator.vae.decode(generator.vae.encode(sources).latent_dist.mode()).sample
+    torch.testing.assert_close(images, (copy / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_a_source_residual_editor_learns_a_correction(sd_dir):
+    """Its loss is the x0-MSE of the correction (the edited latent minus the source's): at creation the
+    correction is zero, so the loss is exactly the distance of the edited latent from the source's; the
+    gradient reaches the zeroed conv_out; the source is never dropped (it is the anchor)."""
+    model, processor = with_gen_edit(sd_dir, edit_source_residual=True, edit_image_guidance_scale=1.0)
+    editor, generator = model.act.editor, model.draw.generator
+    vae = generator.vae
+    torch.manual_seed(0)
+    sources, hidden = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 1 + QUERIES, 32)
+    targets = -sources
+    torch.manual_seed(1)
+    loss = editor.loss(generator, hidden, sources, targets)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        edited = vae.encode(targets).latent_dist.sample() * vae.config.scaling_factor
+        anchor = vae.encode(sources).latent_dist.mode() * vae.config.scaling_factor
+    torch.testing.assert_close(loss, ((edited - anchor) ** 2).mean())
+    loss.backward()
+    assert editor.unet.conv_out.weight.grad.abs().sum() > 0
+    assert editor.unet.conv_in.weight.grad[:, 4:].abs().sum() == 0  # zero conv_out: nothing upstream moves yet
+    model.train()
+    batch = processor([edit_messages(edit_pair("train", 0))], return_labels=True)
+    assert torch.isfinite(model(**batch).losses["act_edit"])
+    with pytest.raises(ValueError, match="edit_image_guidance_scale"):
+        ActConfig(tasks=["edit"], edit_source_residual=True).validate()
+
+
 def test_losses_and_what_trains(sd_dir):
     model, processor = with_gen_edit(sd_dir)
     edit = edit_pair("train", 0)

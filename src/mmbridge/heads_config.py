@@ -221,6 +221,10 @@ class ActConfig(HeadConfig):
     edit_image_guidance_scale: float = 1.5  # [EDIT]: guidance on the source image (s_I)
     edit_condition_dropout: float = 0.05  # [EDIT] training: drop the instruction / the image / both, 5 % each
     edit_num_inference_steps: int | None = None  # [EDIT]: DDIM steps; None: the draw head's
+    # [EDIT]: the UNet predicts a correction to the source latent (x0-space, starts as an exact copy) instead of
+    # InstructPix2Pix's ε; only the instruction is guided then (edit_image_guidance_scale must be 1). Off by
+    # default: models saved before it load unchanged.
+    edit_source_residual: bool = False
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -270,6 +274,9 @@ class ActConfig(HeadConfig):
             raise ValueError("act: edit_condition_dropout must be in [0, 1/3) (three drops of that rate each)")
         if self.edit_guidance_scale < 1 or self.edit_image_guidance_scale < 1:
             raise ValueError("act: edit guidance scales must be >= 1 (1 = no guidance)")
+        if self.edit_source_residual and self.edit_image_guidance_scale != 1:
+            raise ValueError("act: edit_source_residual never drops the source image, so there is no image "
+                             "guidance to apply: set edit_image_guidance_scale to 1")
         if self.edit_num_inference_steps is not None and self.edit_num_inference_steps < 1:
             raise ValueError("act: edit_num_inference_steps must be >= 1")
 

@@ -212,7 +212,7 @@ class ActHead(OutputHead):
                 path = (model_config.component_paths or {}).get(f"{draw.name}.generator") or draw.pipeline_path
                 self.editor = InstructionEditor.from_generator_dir(
                     path, self.llm_hidden_size, draw.mapper_hidden_size, draw.mapper_layers, draw.mapper_heads,
-                    draw.num_condition_queries)
+                    draw.num_condition_queries, config.edit_source_residual)
 
     def bind(self, heads: dict) -> None:
         if any(t in GENERATION_ROUTES for t in self.config.routes):
