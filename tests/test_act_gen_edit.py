@@ -434,11 +434,17 @@ def test_the_recipe_gives_a_drawing_act_model_the_edit_route(sd_dir, tmp_path):
     processor.save_pretrained(stage2)
     result = Recipe(cfg, tmp_path, log=lambda _: None)._act_edit()
     assert result["steps"] == 2 and result["data"]["edit_chats"] == 4
-    target = json.loads(edit_json.read_text())[0]["targets"]["[EDIT]"][0]
-    assert target["source"].startswith("images/edit-train-") and target["caption"].startswith("A ")
+    record = json.loads(edit_json.read_text())[0]
+    target = record["targets"]["[EDIT]"][0]
+    # the mapper's text is the instruction (run k2), the one the user sent
+    assert target["source"].startswith("images/edit-train-")
+    assert target["caption"] in record["conversations"][0]["value"]
     trained = tmp_path / "act" / "edit" / "model"
-    assert "[EDIT]" in MMBridgeConfig.from_pretrained(trained).head_configs["act"].routes
+    act = MMBridgeConfig.from_pretrained(trained).head_configs["act"]
+    assert "[EDIT]" in act.routes
+    assert act.edit_source_residual and act.edit_guidance_scale == act.edit_image_guidance_scale == 1.0  # run k2
     base = MMBridgeModel.from_pretrained(tmp_path / "act" / "edit" / "base")
+    assert torch.all(base.act.editor.unet.conv_out.weight == 0)  # the residual editor starts as a copy
     draw_mapper = base.draw.mapper.state_dict()  # the edit mapper starts as the draw head's
     assert all(torch.equal(v, draw_mapper[k]) for k, v in base.act.editor.mapper.state_dict().items())
     start = base.act.editor.state_dict()

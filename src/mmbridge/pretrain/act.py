@@ -34,6 +34,11 @@ SHAPES_ACT_HEAD = {"tasks": ["det", "seg", "grd", "pose"], "decoder_hidden_size"
                    # the world's attributes: the decoder's attribute-factored selection (`AttributeSelection`)
                    "selection_attributes": {name: list(values) for name, values in ATTRIBUTES.items()}}
 
+#: What the recipe's `act_edit` gives the act head with `[EDIT]`: the source-residual editor (run k1: it starts
+#: as an exact copy of the source; ε-prediction never learned the copy, run i2), so only the instruction is guided
+#: — and not at all at inference (run k2: guidance 1 kept more untouched objects than 7.5, same accuracy).
+SHAPES_EDIT_SETTINGS = {"edit_source_residual": True, "edit_image_guidance_scale": 1.0, "edit_guidance_scale": 1.0}
+
 
 def add_act_head(model_dir: str | Path, out: str | Path, text_encoder: str | Path | None = None,
                  **act_settings) -> Path:
@@ -182,13 +187,13 @@ def write_edit_data(out: str | Path, num_pairs: int, split: str = "train", seed:
                     first_pair: int = 0) -> dict:
     """`out/edit.json`: one `[EDIT]` chat per edit pair of `split` (`data.shapes.edits.edit_pair`, pairs
     `first_pair` … `first_pair + num_pairs - 1`): the user sends the scene and the instruction, the answer is
-    the route, its target the edited scene, its source and the edited scene's short caption (the editor's
-    mapper learns to say it as the generator's text encoder does: `"targets": {"[EDIT]": [{"image", "source",
-    "caption"}]}`),
+    the route, its target the edited scene, its source and the instruction as the text the editor's mapper
+    learns to say as the generator's text encoder does (`"targets": {"[EDIT]": [{"image", "source",
+    "caption"}]}`; InstructPix2Pix's UNet reads the encoded instruction — run k2: the edited scene's short
+    caption there left the editor unable to tell what to change),
     images under `out/images/`. An instruction the world cannot do needs no training turn: the `[EDIT]`
     route answers it in words (`data.shapes.edit_eval.edit_instruction_issue`)."""
     from mmbridge.data.formats.llava import to_llava, write_llava
-    from mmbridge.data.shapes.annotations import short_caption
     from mmbridge.data.shapes.edits import edit_pair
     from mmbridge.data.shapes.world import png_bytes, render
 
@@ -203,7 +208,7 @@ def write_edit_data(out: str | Path, num_pairs: int, split: str = "train", seed:
         (out / result).write_bytes(png_bytes(render(edit["after"])))
         record = to_llava(f"edit-{split}-{i:06d}", source, [{"role": "user", "content": edit["instruction"]},
                                                            {"role": "assistant", "content": "[EDIT]"}])
-        target = {"image": result, "source": source, "caption": short_caption(edit["after"])}
+        target = {"image": result, "source": source, "caption": edit["instruction"]}
         records.append({**record, "targets": {"[EDIT]": [target]}})
     write_llava(records, str(out / "edit.json"))
     return {"edit_chats": len(records), "kinds": kinds}

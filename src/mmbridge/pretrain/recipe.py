@@ -647,7 +647,7 @@ class Recipe:
         `edit.json` with the act and see chats (`recipes/shapes_act_edit.yaml`). Needs the draw head: the editor
         edits in its generator's latent space."""
         from mmbridge.config import MMBridgeConfig
-        from mmbridge.pretrain.act import extend_act_head, write_edit_data
+        from mmbridge.pretrain.act import SHAPES_EDIT_SETTINGS, extend_act_head, write_edit_data
 
         data, base = self.out / "act" / "data", self.out / "act" / "edit" / "base"
         stage2 = self._act_model("act_edit")
@@ -659,7 +659,7 @@ class Recipe:
             written = write_edit_data(data, self.cfg.act.edit_pairs, seed=self.cfg.seed)
         if not (base / "config.json").is_file():  # a resumed stage keeps the head it started with
             torch.manual_seed(self.cfg.seed)
-            extend_act_head(stage2, base, "edit")
+            extend_act_head(stage2, base, "edit", **SHAPES_EDIT_SETTINGS)
         result = self._trainer_stage(self.cfg.act_edit, base, self.out / "act" / "edit", [
             f"data.datasets.0.path={data / 'edit.json'}", f"data.datasets.1.path={data / 'act.json'}",
             f"data.datasets.2.path={data / 'see.json'}"])

@@ -74,17 +74,16 @@ def edit_instruction_issue(instruction: str) -> str | None:
 def edit_messages(edit: dict, source=None, target=None) -> list[dict]:
     """The chat turns of one edit pair (:func:`mmbridge.data.shapes.edits.edit_pair`): the user sends the
     image and the instruction, the assistant answers with the `[EDIT]` route, whose target is the edited
-    image, its source and the edited scene's short caption (`write_edit_data`'s records hold the same).
-    ``source`` / ``target`` default to the world's renders of the two scenes."""
-    from mmbridge.data.shapes.annotations import short_caption
-
+    image, its source and the instruction as the text the editor's mapper is pulled towards
+    (`write_edit_data`'s records hold the same). ``source`` / ``target`` default to the world's renders of
+    the two scenes."""
     source = source if source is not None else edit["before"].render()
     target = target if target is not None else edit["after"].render()
     return [{"role": "user", "content": [{"type": "image", "image": source},
                                          {"type": "text", "text": edit["instruction"]}]},
             {"role": "assistant", "content": [{"type": "head", "head": "[EDIT]",
                                                "target": {"image": target, "source": source,
-                                                          "caption": short_caption(edit["after"])}}]}]
+                                                          "caption": edit["instruction"]}}]}]
 
 
 #: instructions the world cannot do, for refusal turns in the `[EDIT]` training mix
