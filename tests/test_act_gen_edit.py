@@ -447,9 +447,25 @@ def test_the_recipe_gives_a_drawing_act_model_the_edit_route(sd_dir, tmp_path):
     assert torch.all(base.act.editor.unet.conv_out.weight == 0)  # the residual editor starts as a copy
     draw_mapper = base.draw.mapper.state_dict()  # the edit mapper starts as the draw head's
     assert all(torch.equal(v, draw_mapper[k]) for k, v in base.act.editor.mapper.state_dict().items())
+    trained_model = MMBridgeModel.from_pretrained(trained)
     start = base.act.editor.state_dict()
-    after = MMBridgeModel.from_pretrained(trained).act.editor.state_dict()
+    after = trained_model.act.editor.state_dict()
     assert any(not torch.equal(start[k], after[k]) for k in start)
+    # token_rows: only [EDIT] and its queries train; the rows of every other added token stay bit-identical
+    # (run k3: an edit stage that trained them all lost the other routes)
+    added = trained_model.config.added_tokens
+    new_ids = [i for t, i in added.items() if t.startswith("[EDIT")]
+    old_ids = [i for t, i in added.items() if not t.startswith("[EDIT")]
+    def rows(model, ids):  # the rows as the layers use them (the trainable-rows adapter splices its own in)
+        llm = model.llm.model
+        with torch.no_grad():
+            embedded = llm.get_input_embeddings()(torch.tensor(ids))
+            unembedded = llm.get_output_embeddings()(torch.eye(embedded.shape[-1])).T[ids]
+        return embedded, unembedded
+
+    for before, after in zip(rows(base, old_ids), rows(trained_model, old_ids)):
+        assert torch.equal(before, after)
+    assert not torch.equal(rows(base, new_ids)[1], rows(trained_model, new_ids)[1])
 
 
 def test_the_demo_edits_scores_and_saves(trained, tmp_path, capsys):

@@ -80,6 +80,7 @@ def test_an_override_one_past_a_lists_end_appends_to_it(stage_file, tmp_path):
     ({"data__datasets__0__type": "parquet"}, [], "is not one of"),
     ({}, ["schedule.warmup_steps=11"], "warmup_steps"),
     ({}, ["nokey"], "key=value"),
+    ({}, ["token_rows=[]"], "token_rows: name at least one added token"),
 ])
 def test_bad_config_is_a_clear_error(stage_file, changes, overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -159,3 +160,12 @@ def test_a_partial_mapping_keeps_the_rest_of_its_fields_default_instance():
     assert cfg.act_edit.config == "shapes_act_edit.yaml"
     assert cfg.act_edit.overrides == ["schedule.total_steps=2000"]
     assert cfg.act.edit_pairs == 16 and cfg.act.train_scenes == load_recipe("shapes").act.train_scenes
+
+
+def test_token_rows_match_exact_names_or_a_prefix():
+    from mmbridge.train.trainer import token_row_matches
+
+    patterns = ["[EDIT]", "[EDIT_Q*"]
+    assert token_row_matches("[EDIT]", patterns) and token_row_matches("[EDIT_Q12]", patterns)
+    assert not token_row_matches("[E]", patterns)  # no glob classes: "[EDIT]" is a name, not a set of letters
+    assert not token_row_matches("[DET]", patterns) and not token_row_matches("[EDIT_X]", patterns)

@@ -109,6 +109,11 @@ class StageConfig:
     # added if the model has none, and trained with this stage. Without it, adapters a model already
     # has stay frozen.
     llm_lora: dict | None = None
+    # The added special tokens whose LLM rows train (exact names, or a prefix ending in "*": ["[EDIT]",
+    # "[EDIT_Q*"]); the other added rows stay as they are. None: every added row trains. A stage that extends a
+    # trained head needs it: without the other routes' chats in its mix their rows drift (run k3 lost its
+    # grounding and pose routing to an edit stage).
+    token_rows: list[str] | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -348,6 +353,8 @@ def validate(cfg: StageConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"train: unknown component(s) {unknown}; known components: {list(components)}")
     if not cfg.train:
         raise ConfigError("train: list at least one component to train (e.g. [qformer, projection])")
+    if cfg.token_rows is not None and not cfg.token_rows:
+        raise ConfigError("token_rows: name at least one added token (or leave it out: every added row trains)")
     bad_mult = [c for c in cfg.optim.lr_mult if c not in components]
     if bad_mult:
         raise ConfigError(f"optim.lr_mult: unknown component(s) {bad_mult}; known components: {list(components)}")

@@ -60,7 +60,8 @@ def param_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict]:
         if not param.requires_grad:
             continue
         component = component_of(name, components)
-        decay = not no_decay(name, param)
+        # rows frozen by `token_rows` must not decay either (AdamW decays a parameter whatever its gradient)
+        decay = not no_decay(name, param) and not (stage.token_rows is not None and "trainable_tokens_delta" in name)
         mult = stage.optim.lr_mult.get(component, 1.0)
         key = (component, decay)
         if key not in groups:
@@ -70,6 +71,30 @@ def param_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict]:
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+def token_row_matches(token: str, patterns: list[str]) -> bool:
+    """`token` is one of `patterns` or starts with a pattern's text before its final "*" (no glob classes:
+    the tokens themselves hold brackets)."""
+    return any(token == p or (p.endswith("*") and token.startswith(p[:-1])) for p in patterns)
+
+
+def freeze_token_rows(model, patterns: list[str]) -> list[str]:
+    """Let only the rows of the added tokens matching `patterns` train: the gradient of every other row of
+    the trainable-rows adapter (peft's `TrainableTokensLayer`, rows in the order of the sorted token ids) is
+    zeroed, so AdamW leaves it exactly as it was (`param_groups` gives these rows no weight decay then).
+    Returns the tokens that train."""
+    added = model.config.added_tokens or {}
+    token_of = {token_id: token for token, token_id in added.items()}
+    ids = sorted(added.values())
+    keep = torch.tensor([token_row_matches(token_of[i], patterns) for i in ids])
+    if not keep.any():
+        raise ValueError(f"token_rows {patterns} match none of the model's added tokens {list(added)[:8]}...")
+    deltas = [p for n, p in model.llm.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+    for param in deltas:
+        mask = keep.to(param.dtype)[:, None]
+        param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
+    return [token_of[i] for i, k in zip(ids, keep.tolist()) if k]
 
 
 def _mixed_precision(setting: str) -> str:
@@ -163,6 +188,10 @@ class Trainer:
         for name, param in model.llm.named_parameters():
             if ".lora_" in name:
                 param.requires_grad_(bool(stage.llm_lora))
+        if stage.token_rows is not None:
+            rows = freeze_token_rows(model, stage.token_rows)
+            logger.info("stage %s: the LLM rows of %d added tokens train (token_rows), the others are frozen",
+                        stage.stage, len(rows))
         model.train()  # frozen components stay in eval mode (see MMBridgeModel.train)
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self.trainable_names:

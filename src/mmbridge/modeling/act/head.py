@@ -21,8 +21,8 @@ an empty `boxes` list (the category is not in the image) trains every query towa
 exactly as the vokens do — one generator, two ways to ask — and report `act_gen` (the draw head's LDM
 loss) and `act_gen_caption`; targets as the draw head's, `{"image", "caption"?}`. `[EDIT]` runs the
 InstructPix2Pix editor (`editor.py`, component `editor`) and reports `act_edit` and, for targets with a
-`caption` (the instruction, in the ShapesWorld data), `act_edit_caption`; targets `{"image": the edited image, "source": the image
-to edit, "caption"?}` (images PIL / array / (3, H, W) tensor in [0, 1]); at inference
+`caption` (the instruction, in the ShapesWorld data), `act_edit_caption`; targets `{"image": the edited image,
+"source": the image to edit, "caption"?}` (images PIL / array / (3, H, W) tensor in [0, 1]); at inference
 the source is the request's image (`context["images"]`); a request with none decodes `has_image` False.
 """
 
