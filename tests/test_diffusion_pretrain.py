@@ -254,3 +254,41 @@ def test_a_stored_generator_is_half_the_bytes_and_loads_back_in_fp32(tmp_path, t
     image = StableDiffusionPipeline.from_pretrained(stored)("a small red circle", num_inference_steps=2,
                                                             height=32, width=32).images[0]
     assert image.size == (32, 32)
+
+
+def test_a_unet_on_posterior_means_with_a_reused_vae(tmp_path, text_tower):
+    """`latents="mean"` trains the UNet on the VAE posterior's means (the shipped VAE's posterior is wide and
+    its decoder ignores it: samples made most of the UNet's target noise); `vae_from` reuses a generator's
+    VAE bit for bit and trains only the UNet. The saved dir records both, the draw head's LDM loss then noises
+    the same means (deterministic in the image), and snapshots of such a run work."""
+    from mmbridge.modeling.draw.diffusion import DiffusionGenerator, encode_latents
+    from mmbridge.pretrain.diffusion import snapshot_generator, train_generator
+
+    encoder, tokenizer = text_tower
+    for part, obj in (("text_encoder", encoder), ("tokenizer", tokenizer)):
+        obj.save_pretrained(tmp_path / "first" / part)
+        obj.save_pretrained(tmp_path / "second" / part)
+    train_generator(tmp_path / "first", encoder, tokenizer, tiny_cfg(), log=lambda d: None)
+    cfg = tiny_cfg(latents="mean", vae_from=str(tmp_path / "first" / "generator"))
+    report = train_generator(tmp_path / "second", encoder, tokenizer, cfg, log=lambda d: None)
+    assert not (tmp_path / "second" / "generator-work" / "vae").exists()  # the VAE did not train
+    first, second = (load_file(str(tmp_path / d / "generator" / "vae" / "diffusion_pytorch_model.safetensors"))
+                     for d in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "second" / "generator" / "mmbridge_generator.json").read_text())["latents"] == "mean"
+
+    generator = DiffusionGenerator.from_pretrained(report["generator_dir"])
+    assert generator.latents == "mean"
+    assert DiffusionGenerator.from_pretrained(tmp_path / "first" / "generator").latents == "sample"
+    images = shapes_batches(cfg)(0, 2)[0]
+    with torch.no_grad():
+        assert torch.equal(encode_latents(generator.vae, images, "mean"), encode_latents(generator.vae, images, "mean"))
+        assert not torch.equal(encode_latents(generator.vae, images), encode_latents(generator.vae, images))
+    with pytest.raises(ValueError, match="latents 'mode'"):
+        encode_latents(generator.vae, images, "mode")
+
+    snap = snapshot_generator(tmp_path / "second", tmp_path / "snap", cfg)
+    assert json.loads((snap / "mmbridge_generator.json").read_text())["snapshot_steps"] == {"unet": 6}
+    unet = load_file(str(snap / "unet" / "diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(tmp_path / "second" / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(unet[k], saved[k]) for k in saved)

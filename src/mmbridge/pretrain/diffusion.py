@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmbridge.modeling.draw.diffusion import encode_latents
 from mmbridge.pretrain import LoopCheckpoint, adamw_with_warmup_cosine
 
 
@@ -60,6 +61,14 @@ class GeneratorConfig:
     #: training captions: "draw" (half draw requests with a relation for 2 objects, half short captions),
     #: "short" (short captions) or "description" (the long scene description)
     caption: str = "draw"
+    #: what the UNet denoises: "sample" (a draw from the VAE's posterior, SD's convention) or "mean" (the
+    #: posterior's mean). A VAE with a small KL weight has a wide posterior its decoder ignores (the shipped
+    #: one: posterior std 0.6-1.5 against the means' 0.2-1.5 per channel, scaled units), so on samples most
+    #: of the UNet's target is noise nothing reads back. Saved in `mmbridge_generator.json`, where the draw
+    #: head's LDM loss reads it (`DiffusionGenerator.latents`).
+    latents: str = "sample"
+    #: reuse the VAE of this generator dir (frozen, its training skipped) and train only the UNet
+    vae_from: str | None = None
 
 
 def build_vae(cfg: GeneratorConfig):
@@ -184,7 +193,7 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
         empty, zero = draw < cfg.caption_dropout / 2, (draw >= cfg.caption_dropout / 2) & (draw < cfg.caption_dropout)
         captions = ["" if e else c for c, e in zip(captions, empty.tolist())]
         with torch.no_grad(), _autocast(cfg):
-            latents = vae.encode(images).latent_dist.sample().float() * vae.config.scaling_factor
+            latents = encode_latents(vae, images, cfg.latents).float()
         condition = caption_embeds(text_encoder, tokenizer, captions, cfg.max_caption_tokens)
         condition[zero] = 0.0
         noise = torch.randn_like(latents)  # fp32: the target and the noising stay exact under autocast
@@ -263,19 +272,25 @@ def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfi
     text_encoder = CLIPTextModel.from_pretrained(run_dir / "text_encoder").eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     vae, unet = build_vae(cfg), build_unet(cfg, text_encoder.config.hidden_size)
-    for model, part in ((vae, "vae"), (unet, "unet")):
+    trained = (("unet", unet),) if cfg.vae_from else (("vae", vae), ("unet", unet))
+    for part, model in trained:
         weights = run_dir / "generator-work" / part / "weights.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: this run has no {part} checkpoint yet")
         model.load_state_dict(load_file(str(weights)))
         model.eval()
-    set_latent_scale(vae, lambda step, n: shapes_batches(cfg)(step, n)[0], cfg)
+    if cfg.vae_from:  # reused as it is, latent scale included
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32).eval()
+    else:
+        set_latent_scale(vae, lambda step, n: shapes_batches(cfg)(step, n)[0], cfg)
     out = save_generator(out, vae, unet, text_encoder, tokenizer, cfg)
     # the steps the checkpoints hold: a snapshot taken (or a run stopped) before `unet_steps` says so
     record = json.loads((out / "mmbridge_generator.json").read_text())
     work = run_dir / "generator-work"
     record["snapshot_steps"] = {part: torch.load(work / part / "state.pt", weights_only=True)["step"]
-                                for part in ("vae", "unet")}
+                                for part, _ in trained}
     (out / "mmbridge_generator.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
@@ -337,7 +352,13 @@ def train_generator(out: str | Path, text_encoder, tokenizer, cfg: GeneratorConf
     out = Path(out)
     work = out / "generator-work"
     batches = shapes_batches(cfg)
-    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], work, log=lambda d: log({"vae": d}))
+    if cfg.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32).eval()
+        log({"vae": f"reused from {cfg.vae_from} (frozen, not trained)"})
+    else:
+        vae = train_vae(cfg, lambda step, n: batches(step, n)[0], work, log=lambda d: log({"vae": d}))
     vae_faithful = reconstruction_faithfulness(vae, cfg)
     log({"vae_reconstructions_read_back_faithful_val300": vae_faithful})
     unet = train_unet(cfg, vae, text_encoder, tokenizer, batches, work, log=lambda d: log({"unet": d}))

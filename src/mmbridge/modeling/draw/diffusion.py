@@ -9,6 +9,7 @@ unconditional branch in one batched UNet call.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,12 +19,26 @@ from torch import nn
 from mmbridge.modeling.components import load_component
 
 
+def encode_latents(vae, images: torch.Tensor, mode: str = "sample") -> torch.Tensor:
+    """Scaled latents of `images` ((n, 3, H, W) in [-1, 1]): a posterior sample or its mean (what the UNet
+    was trained on: `pretrain.diffusion.GeneratorConfig.latents`)."""
+    if mode not in ("sample", "mean"):
+        raise ValueError(f"generator latents {mode!r}: expected 'sample' or 'mean'")
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    return (posterior.sample() if mode == "sample" else posterior.mean) * vae.config.scaling_factor
+
+
 class DiffusionGenerator(nn.Module):
-    def __init__(self, unet, vae, text_encoder, tokenizer, train_scheduler, sample_scheduler):
+    def __init__(self, unet, vae, text_encoder, tokenizer, train_scheduler, sample_scheduler, latents: str = "sample"):
         super().__init__()
+        if latents not in ("sample", "mean"):
+            raise ValueError(f"generator latents {latents!r}: expected 'sample' or 'mean'")
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer = tokenizer  # not a module: never trained, saved with the generator dir
         self.train_scheduler, self.sample_scheduler = train_scheduler, sample_scheduler
+        #: what the UNet learned to denoise: VAE posterior samples (SD) or their means (mmbridge generators
+        #: trained with `GeneratorConfig.latents="mean"`); the LDM loss must noise the same thing
+        self.latents = latents
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> DiffusionGenerator:
@@ -32,11 +47,15 @@ class DiffusionGenerator(nn.Module):
 
         directory = Path(directory)
         scheduler_config = load_component("scheduler", directory, subfolder="scheduler").config
+        # a generator trained by mmbridge records how (pretrain.diffusion.GeneratorConfig); SD dirs do not
+        record = directory / "mmbridge_generator.json"
+        latents = json.loads(record.read_text()).get("latents", "sample") if record.is_file() else "sample"
         return cls(load_component("unet", directory, subfolder="unet"),
                    load_component("vae", directory, subfolder="vae"),
                    load_component("text_encoder", directory, subfolder="text_encoder"),
                    AutoTokenizer.from_pretrained(directory / "tokenizer"),
-                   DDPMScheduler.from_config(scheduler_config), DDIMScheduler.from_config(scheduler_config))
+                   DDPMScheduler.from_config(scheduler_config), DDIMScheduler.from_config(scheduler_config),
+                   latents=latents)
 
     @property
     def condition_dim(self) -> int:
@@ -64,8 +83,7 @@ class DiffusionGenerator(nn.Module):
         from diffusers.training_utils import compute_snr
 
         with torch.no_grad():
-            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
-            latents = latents * self.vae.config.scaling_factor
+            latents = encode_latents(self.vae, images, self.latents)
         noise = torch.randn_like(latents)
         scheduler = self.train_scheduler
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
