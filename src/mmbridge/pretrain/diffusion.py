@@ -155,6 +155,13 @@ def train_vae(cfg: GeneratorConfig, images: Callable[[int, int], torch.Tensor], 
     return vae
 
 
+def reused_vae(cfg: GeneratorConfig):
+    """The frozen VAE of generator dir `cfg.vae_from` (its latent scale included), in fp32 for training."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32).eval()
+
+
 def set_latent_scale(vae, images: Callable[[int, int], torch.Tensor], cfg: GeneratorConfig) -> None:
     """SD's 0.18215, measured here on held-out images: latents of unit variance for the UNet."""
     with torch.no_grad():
@@ -280,9 +287,7 @@ def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfi
         model.load_state_dict(load_file(str(weights)))
         model.eval()
     if cfg.vae_from:  # reused as it is, latent scale included
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32).eval()
+        vae = reused_vae(cfg)
     else:
         set_latent_scale(vae, lambda step, n: shapes_batches(cfg)(step, n)[0], cfg)
     out = save_generator(out, vae, unet, text_encoder, tokenizer, cfg)
@@ -353,9 +358,7 @@ def train_generator(out: str | Path, text_encoder, tokenizer, cfg: GeneratorConf
     work = out / "generator-work"
     batches = shapes_batches(cfg)
     if cfg.vae_from:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32).eval()
+        vae = reused_vae(cfg)
         log({"vae": f"reused from {cfg.vae_from} (frozen, not trained)"})
     else:
         vae = train_vae(cfg, lambda step, n: batches(step, n)[0], work, log=lambda d: log({"vae": d}))
