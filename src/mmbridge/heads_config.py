@@ -112,13 +112,6 @@ class DrawConfig(HeadConfig):
     mapper_layers: tuple[int, int] = (4, 4)  # nn.Transformer encoder / decoder layers
     mapper_heads: int = 8
     num_condition_queries: int | None = None  # learned decoder queries; None: the text encoder's length (SD: 77)
-    # the mapper reads the request's words before `[IMG0]` too (the LLM's states there), not only the vokens:
-    # off is MiniGPT-5's mapper; on helps where the LLM is too small to pass a whole request on to 8 vokens
-    mapper_reads_request: bool = False
-    # draw_caption's comparison: "position" (MiniGPT-5: the mapped sequence against the text encoder's, position by
-    # position) or "matched" (each mapped vector against the caption vector it is matched to, Hungarian): the
-    # UNet's cross-attention has no positions, so any order of the same vectors conditions it alike
-    caption_loss: str = "position"
     condition_dropout: float = 0.1  # classifier-free guidance: voken features -> zeros in training
     guidance_scale: float = 7.5
     num_inference_steps: int = 25  # DDIM steps when the model draws
@@ -149,8 +142,6 @@ class DrawConfig(HeadConfig):
                              f"mapper_heads {self.mapper_heads}")
         if self.num_inference_steps < 1:
             raise ValueError("draw: num_inference_steps must be >= 1")
-        if self.caption_loss not in ("position", "matched", "contrastive"):
-            raise ValueError(f"draw: caption_loss must be 'position' or 'matched', got {self.caption_loss!r}")
 
 
 ACT_ROUTES = ("det", "seg", "grd", "pose", "gen", "edit")

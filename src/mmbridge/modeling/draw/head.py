@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mmbridge.heads_config import DrawConfig
 from mmbridge.modeling.draw.diffusion import DiffusionGenerator
 from mmbridge.modeling.draw.mapper import FeatureMapper
-from mmbridge.modeling.heads import REQUEST_WINDOW, OutputHead, register_head
+from mmbridge.modeling.heads import OutputHead, register_head
 
 
 def image_tensor(image, size: int) -> torch.Tensor:
@@ -38,17 +38,6 @@ def image_tensor(image, size: int) -> torch.Tensor:
     return tensor * 2 - 1
 
 
-def matched_mse(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE of each mapped vector against the target vector it is matched to: (n, L, d), (n, L, d) -> scalar.
-    A diffusers UNet's cross-attention adds no positions to its condition, so it reads the sequence as a set;
-    the match (scipy's Hungarian) frees the mapper from reproducing the text encoder's order."""
-    from scipy.optimize import linear_sum_assignment
-
-    cost = torch.cdist(mapped.detach(), target).pow(2).cpu().numpy()
-    order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(target.device)
-    return F.mse_loss(mapped, target.gather(1, order[..., None].expand_as(target)))
-
-
 @register_head
 class DrawHead(OutputHead):
     kind = "draw"
@@ -65,16 +54,7 @@ class DrawHead(OutputHead):
         encoder_layers, decoder_layers = config.mapper_layers
         self.mapper = FeatureMapper(self.llm_hidden_size, config.mapper_hidden_size, self.generator.condition_dim,
                                     config.num_condition_queries or self.generator.condition_length,
-                                    encoder_layers, decoder_layers, config.mapper_heads,
-                                    request_window=REQUEST_WINDOW if config.mapper_reads_request else 0,
-                                    vocab_size=model_config.text_config.vocab_size if config.mapper_reads_request else 0)
-
-    def map(self, hidden: torch.Tensor, context: dict | None) -> torch.Tensor:
-        """The vokens' states (and the request's words before them, for a mapper that reads them) -> the
-        generator's condition."""
-        context = context or {}
-        return self.mapper(hidden, context.get("request_states"), context.get("request_mask"),
-                           context.get("request_ids"))
+                                    encoder_layers, decoder_layers, config.mapper_heads)
 
     def loss(self, hidden: torch.Tensor, targets: list[dict], route: str = "[IMG0]",
              context: dict | None = None) -> dict[str, torch.Tensor]:
@@ -82,7 +62,7 @@ class DrawHead(OutputHead):
             raise ValueError(f"draw: {hidden.shape[0]} [IMG0] in the batch but {len(targets)} targets")
         size = self.generator.image_size
         images = torch.stack([image_tensor(t["image"], size) for t in targets]).to(hidden.device)
-        mapped = self.map(hidden, context)
+        mapped = self.mapper(hidden)
         condition = mapped
         if self.training and self.config.condition_dropout:
             keep = torch.rand(mapped.shape[0], 1, 1, device=mapped.device) >= self.config.condition_dropout
@@ -91,20 +71,13 @@ class DrawHead(OutputHead):
         captioned = [i for i, t in enumerate(targets) if t.get("caption")]
         if captioned and mapped.shape[1] == self.generator.condition_length:
             embeds = self.generator.caption_embeds([targets[i]["caption"] for i in captioned])
-            compare = matched_mse if self.config.caption_loss == "matched" else F.mse_loss
-            losses["draw_caption"] = compare(mapped[captioned].float(), embeds.float())
-            if self.config.caption_loss == "contrastive" and len(captioned) > 1:
-                # each mapped sequence nearer its own caption than the batch's other captions (InfoNCE on -MSE)
-                a, b = mapped[captioned].float().flatten(1), embeds.float().flatten(1)
-                distance = torch.cdist(a, b).pow(2) / a.shape[1]
-                losses["draw_caption"] = losses["draw_caption"] + F.cross_entropy(
-                    -distance / 0.02, torch.arange(len(captioned), device=a.device))
+            losses["draw_caption"] = F.mse_loss(mapped[captioned].float(), embeds.float())
         return losses
 
     @torch.no_grad()
     def decode(self, hidden: torch.Tensor, route: str = "[IMG0]",
                context: dict | None = None) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.config.sample_seed)
-        images = self.generator.sample(self.map(hidden, context), self.config.guidance_scale,
+        images = self.generator.sample(self.mapper(hidden), self.config.guidance_scale,
                                        self.config.num_inference_steps, generator)
         return {"image": images}
