@@ -318,7 +318,7 @@ def test_decoder_queries_start_from_the_best_patch_proposals():
 def test_heads_read_the_request_words_before_the_trigger():
     """`head_context` hands the act decoder the LLM states of the tokens right before each trigger (no
     padding, no image queries), and the decoder's scores depend on them: the words say what to find."""
-    from mmbridge.modeling.model import REQUEST_WINDOW
+    from mmbridge.modeling.heads import REQUEST_WINDOW
 
     model, processor = with_act_head(seed=2)
     scenes = [make_scene("train", i) for i in range(2)]

@@ -106,6 +106,47 @@ def test_mapper_learns_and_the_pipeline_draws_an_image_part(sd_dir, tmp_path):
     assert [p for p in again.parts if isinstance(p, ImagePart)][0].image.tobytes() == images[0].image.tobytes()
 
 
+def test_a_mapper_that_reads_the_request_words_too(sd_dir, tmp_path):
+    """`mapper_reads_request`: a trained draw head gains it through `extend_head` (its weights kept, the
+    request reader new), learns through it, and draws with it after save / load; padding is never read."""
+    model, processor = with_draw_head(sd_dir, condition_dropout=0.0)
+    before = {k: v.clone() for k, v in model.draw.mapper.state_dict().items()}
+    torch.manual_seed(1)
+    model.extend_head("draw", processor.tokenizer, mapper_reads_request=True)
+    mapper = model.draw.mapper
+    assert mapper.request_window and model.config.head_configs["draw"].mapper_reads_request
+    assert all(torch.equal(mapper.state_dict()[k], v) for k, v in before.items())
+
+    words = torch.randn(2, 5, model.config.text_config.hidden_size)
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    vokens = torch.randn(2, 8, words.shape[-1])
+    changed = words.clone()
+    changed[0, :2] = 100.0  # only padding differs
+    assert torch.allclose(mapper(vokens, words, mask)[0], mapper(vokens, changed, mask)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="request_states"):
+        mapper(vokens)
+
+    user = {"role": "user", "content": "Draw a red square."}
+    batch = processor([[user, drawing(text="")]], return_labels=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    caption_losses = []
+    for _ in range(30):
+        out = model(**batch, loss_names=["lm", "draw_caption", "draw_ldm"])
+        caption_losses.append(out.losses["draw_caption"].item())
+        optimizer.zero_grad()
+        out.loss.backward()
+        assert caption_losses[-1] != caption_losses[0] or mapper.request_mlp[0].weight.grad.abs().sum() > 0
+        optimizer.step()
+    assert caption_losses[-1] < caption_losses[0] / 2
+    model.eval()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    [result] = MMBridgePipeline.from_pretrained(tmp_path).generate([user], max_new_tokens=12)
+    assert [p for p in result.parts if isinstance(p, ImagePart)], result.raw_text
+
+
 def test_draw_head_needs_its_generator():
     model, processor = build_tiny()
     with pytest.raises(ValueError, match="StableDiffusionPipeline directory"):

@@ -112,6 +112,9 @@ class DrawConfig(HeadConfig):
     mapper_layers: tuple[int, int] = (4, 4)  # nn.Transformer encoder / decoder layers
     mapper_heads: int = 8
     num_condition_queries: int | None = None  # learned decoder queries; None: the text encoder's length (SD: 77)
+    # the mapper reads the request's words before `[IMG0]` too (the LLM's states there and the token ids), not only
+    # the vokens: off is MiniGPT-5's mapper; on lets a small frozen LLM's request reach the generator whole
+    mapper_reads_request: bool = False
     condition_dropout: float = 0.1  # classifier-free guidance: voken features -> zeros in training
     guidance_scale: float = 7.5
     num_inference_steps: int = 25  # DDIM steps when the model draws

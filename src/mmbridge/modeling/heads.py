@@ -32,6 +32,9 @@ from torch import nn
 from mmbridge.config import MMBridgeConfig
 from mmbridge.heads_config import HeadConfig
 
+#: how many tokens before a route trigger its head may read as the request (the model's `head_context`)
+REQUEST_WINDOW = 32
+
 #: head kind -> module class; `register_head` adds one (the draw / act issues, tests' toy heads).
 HEAD_MODULES: dict[str, type[OutputHead]] = {}
 

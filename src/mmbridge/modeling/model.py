@@ -24,7 +24,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from mmbridge.config import IMAGE_LOSSES, LM_FIRST_LOSS, LM_TURN_LOSS, OBJECT_LOSS, QFORMER_LOSSES, MMBridgeConfig
 from mmbridge.modeling.bridge import build_projection, embedding_rms
 from mmbridge.modeling.components import load_component
-from mmbridge.modeling.heads import OutputHead, build_head, slot_positions
+from mmbridge.modeling.heads import REQUEST_WINDOW, OutputHead, build_head, slot_positions
 from mmbridge.modeling.llm import LanguageModel, merge_adapters_
 from mmbridge.modeling.loading import load_streaming, needs_conversion, safetensors_files
 from mmbridge.modeling.outputs import MMBridgeOutput
@@ -33,8 +33,6 @@ from mmbridge.modeling.quantize import QUANTIZE_CHOICES, has_int8, quantize_int8
 from mmbridge.modeling.vision import VisionEncoder
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
-#: how many tokens before a route trigger its head may read as the request (`head_context`)
-REQUEST_WINDOW = 32
 
 
 def is_llm_adapter(param_name: str) -> bool:

@@ -92,7 +92,9 @@ def extend_act_head(model_dir: str | Path, out: str | Path, *tasks: str, **act_s
     if "edit" in tasks and editor is not None and draw is not None:
         # the edit mapper starts as the trained draw mapper (same shape): it already speaks the UNet's
         # condition language, where a fresh one's output did not move the UNet at all (run h2)
-        editor.mapper.load_state_dict(draw.mapper.state_dict())
+        # (the parts both have: an edit mapper does not read the request's words)
+        own = editor.mapper.state_dict()
+        editor.mapper.load_state_dict({k: v for k, v in draw.mapper.state_dict().items() if k in own})
     processor.register_head(model.config.head_configs["act"])
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mmbridge.heads_config import DrawConfig
 from mmbridge.modeling.draw.diffusion import DiffusionGenerator
 from mmbridge.modeling.draw.mapper import FeatureMapper
-from mmbridge.modeling.heads import OutputHead, register_head
+from mmbridge.modeling.heads import REQUEST_WINDOW, OutputHead, register_head
 
 
 def image_tensor(image, size: int) -> torch.Tensor:
@@ -54,7 +54,21 @@ class DrawHead(OutputHead):
         encoder_layers, decoder_layers = config.mapper_layers
         self.mapper = FeatureMapper(self.llm_hidden_size, config.mapper_hidden_size, self.generator.condition_dim,
                                     config.num_condition_queries or self.generator.condition_length,
-                                    encoder_layers, decoder_layers, config.mapper_heads)
+                                    encoder_layers, decoder_layers, config.mapper_heads,
+                                    **self._request_reader(config, model_config))
+
+    @staticmethod
+    def _request_reader(config: DrawConfig, model_config) -> dict:
+        if not config.mapper_reads_request:
+            return {}
+        return {"request_window": REQUEST_WINDOW, "vocab_size": model_config.text_config.vocab_size}
+
+    def map(self, hidden: torch.Tensor, context: dict | None) -> torch.Tensor:
+        """The vokens' states (and the request's words before them, for a mapper that reads them) -> the
+        generator's condition."""
+        context = context or {}
+        return self.mapper(hidden, context.get("request_states"), context.get("request_mask"),
+                           context.get("request_ids"))
 
     def loss(self, hidden: torch.Tensor, targets: list[dict], route: str = "[IMG0]",
              context: dict | None = None) -> dict[str, torch.Tensor]:
@@ -62,7 +76,7 @@ class DrawHead(OutputHead):
             raise ValueError(f"draw: {hidden.shape[0]} [IMG0] in the batch but {len(targets)} targets")
         size = self.generator.image_size
         images = torch.stack([image_tensor(t["image"], size) for t in targets]).to(hidden.device)
-        mapped = self.mapper(hidden)
+        mapped = self.map(hidden, context)
         condition = mapped
         if self.training and self.config.condition_dropout:
             keep = torch.rand(mapped.shape[0], 1, 1, device=mapped.device) >= self.config.condition_dropout
@@ -78,6 +92,6 @@ class DrawHead(OutputHead):
     def decode(self, hidden: torch.Tensor, route: str = "[IMG0]",
                context: dict | None = None) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.config.sample_seed)
-        images = self.generator.sample(self.mapper(hidden), self.config.guidance_scale,
+        images = self.generator.sample(self.map(hidden, context), self.config.guidance_scale,
                                        self.config.num_inference_steps, generator)
         return {"image": images}
