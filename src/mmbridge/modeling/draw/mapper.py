@@ -42,8 +42,8 @@ class FeatureMapper(nn.Module):
     def forward(self, voken_hidden: torch.Tensor, request_states: torch.Tensor | None = None,
                 request_mask: torch.Tensor | None = None, request_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(n, num_vokens, llm_hidden) -> (n, num_queries, condition_dim); a mapper built with a request
-        window also takes the request's words, (n, window, llm_hidden) with their (n, window) mask (True: a
-        real token), and needs them."""
+        window also needs the request's words, (n, window, llm_hidden) with their (n, window) mask (True: a
+        real token), and reads their (n, window) token ids when it was built with a vocabulary."""
         memory = self.mlp(voken_hidden.to(self.out.weight.dtype))
         padding = None
         if self.request_window:
