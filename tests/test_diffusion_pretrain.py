@@ -1,6 +1,7 @@
 """Stage 0 of draw: the ShapesWorld generator (VAE + text-conditioned UNet) trains, resumes exactly after
 an interruption, and is saved as a StableDiffusionPipeline dir that diffusers and the draw head load."""
 
+import dataclasses
 import json
 
 import pytest
@@ -286,6 +287,18 @@ def test_a_unet_on_posterior_means_with_a_reused_vae(tmp_path, text_tower):
         assert not torch.equal(encode_latents(generator.vae, images), encode_latents(generator.vae, images))
     with pytest.raises(ValueError, match="latents 'mode'"):
         encode_latents(generator.vae, images, "mode")
+
+    # `unet_from` continues that UNet in a new directory (here for 0 steps: it starts exactly there), on scenes
+    # past those it saw (`scene_offset`)
+    for part, obj in (("text_encoder", encoder), ("tokenizer", tokenizer)):
+        obj.save_pretrained(tmp_path / "third" / part)
+    more = dataclasses.replace(cfg, unet_from=str(tmp_path / "second" / "generator"), unet_steps=0,
+                               scene_offset=cfg.unet_steps * cfg.unet_batch_size)
+    train_generator(tmp_path / "third", encoder, tokenizer, more, log=lambda d: None)
+    third = load_file(str(tmp_path / "third" / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+    second = load_file(str(tmp_path / "second" / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(third[k], second[k]) for k in second)
+    assert torch.equal(shapes_batches(more)(0, 1)[0], shapes_batches(cfg)(more.scene_offset, 1)[0])
 
     snap = snapshot_generator(tmp_path / "second", tmp_path / "snap", cfg)
     assert json.loads((snap / "mmbridge_generator.json").read_text())["snapshot_steps"] == {"unet": 6}

@@ -214,8 +214,8 @@ class MMBridgeProcessor:
         (`register_head` fills it). An assistant part `{"type": "head", "head": TRIGGER (or the name of a
         one-route head), "target": T}` is written as the trigger and its slots, and T is returned in
         `head_targets[TRIGGER]`. `image_head`: the head that draws (MiniGPT-5's vokens); an image part in
-        an assistant message is a drawing target for it (`{"image": ..., "caption": text of the user's
-        last message}`)."""
+        an assistant message is a drawing target for it (`{"image": ..., "caption": the part's own "caption", else
+        the text of the user's last message}`)."""
         self.heads = {name: {t: list(s) for t, s in routes.items()} for name, routes in (heads or {}).items()}
         self.image_head = image_head
         self.region_token = region_token  # visual prompts: a region part is written as this placeholder
@@ -295,7 +295,8 @@ class MMBridgeProcessor:
                                  "no drawing head (processor.image_head is unset)")
             if drawn:
                 message = {**message, "content": [
-                    {"type": "head", "head": self.image_head, "target": {"image": p.get("image"), "caption": caption}}
+                    {"type": "head", "head": self.image_head,
+                     "target": {"image": p.get("image"), "caption": p.get("caption") or caption}}
                     if p["type"] == "image" else p for p in message["content"]]}
             out.append(message)
         return out

@@ -4,6 +4,9 @@ Real users bring published weights for these; the ShapesWorld recipe trains smal
 because nothing can be downloaded here.
 """
 
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,3 +61,32 @@ class LoopCheckpoint:
                 f.unlink()
             self.directory.rmdir()
         tmp.rename(self.directory)
+
+
+def resumable_loop(model, steps: int, lr: float, warmup: int, checkpoint: LoopCheckpoint, save_every: int,
+          step_loss: Callable[[int], dict[str, torch.Tensor]], log: Callable[[dict], None]) -> list[float]:
+    """Train `model` for `steps` of `step_loss(step)` (a pure function of the step, so a resumed run sees the
+    same batches): AdamW, warmup-cosine to lr / 10, gradients clipped at 1.0, a save every `save_every` steps."""
+    optimizer, schedule = adamw_with_warmup_cosine(model, lr=lr, min_lr=lr / 10, warmup_steps=warmup, steps=steps,
+                                                   weight_decay=0.0)
+    start_step = checkpoint.restore(model, optimizer, schedule)
+    model.train()
+    history, start = [], time.perf_counter()
+    for step in range(start_step, steps):
+        parts = step_loss(step)
+        loss = sum(parts.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: {parts}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        history.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log({"step": step + 1, **{k: round(v.item(), 5) for k, v in parts.items()},
+                 "elapsed_s": round(time.perf_counter() - start, 1)})
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            checkpoint.save(model, optimizer, schedule, step + 1)
+    model.eval()
+    return history

@@ -20,9 +20,7 @@ run for hours across sessions.
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.modeling.draw.diffusion import encode_latents
-from mmbridge.pretrain import LoopCheckpoint, adamw_with_warmup_cosine
+from mmbridge.pretrain import LoopCheckpoint, resumable_loop
 
 
 @dataclass
@@ -69,6 +67,12 @@ class GeneratorConfig:
     latents: str = "sample"
     #: reuse the VAE of this generator dir (frozen, its training skipped) and train only the UNet
     vae_from: str | None = None
+    #: start the UNet from this generator dir's UNet (same shape) and train it `unet_steps` more on a fresh
+    #: schedule: a longer run continued in a new directory, the old one kept (run n2, docs/recipe.md)
+    unet_from: str | None = None
+    #: the first training scene's index: a continuation (`unet_from`) sets it past the scenes already seen
+    #: (a run sees unet_steps x unet_batch_size of them)
+    scene_offset: int = 0
 
 
 def build_vae(cfg: GeneratorConfig):
@@ -109,33 +113,6 @@ def _autocast(cfg: GeneratorConfig):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
 
 
-def _loop(model, steps: int, lr: float, warmup: int, checkpoint: LoopCheckpoint, save_every: int,
-          step_loss: Callable[[int], dict[str, torch.Tensor]], log: Callable[[dict], None]) -> list[float]:
-    optimizer, schedule = adamw_with_warmup_cosine(model, lr=lr, min_lr=lr / 10, warmup_steps=warmup, steps=steps,
-                                                   weight_decay=0.0)
-    start_step = checkpoint.restore(model, optimizer, schedule)
-    model.train()
-    history, start = [], time.perf_counter()
-    for step in range(start_step, steps):
-        parts = step_loss(step)
-        loss = sum(parts.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: {parts}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        history.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            log({"step": step + 1, **{k: round(v.item(), 5) for k, v in parts.items()},
-                 "elapsed_s": round(time.perf_counter() - start, 1)})
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            checkpoint.save(model, optimizer, schedule, step + 1)
-    model.eval()
-    return history
-
-
 def train_vae(cfg: GeneratorConfig, images: Callable[[int, int], torch.Tensor], work_dir: Path,
               log: Callable[[dict], None] = print):
     """`images(step, n)` -> (n, 3, H, W) in [-1, 1]. Returns the trained VAE with its latent scale set."""
@@ -149,8 +126,8 @@ def train_vae(cfg: GeneratorConfig, images: Callable[[int, int], torch.Tensor], 
             recon = vae.decode(posterior.sample()).sample
         return {"recon": F.mse_loss(recon.float(), batch), "kl": cfg.kl_weight * posterior.kl().float().mean()}
 
-    _loop(vae, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "vae"), cfg.save_every,
-          step_loss, log)
+    resumable_loop(vae, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "vae"),
+                   cfg.save_every, step_loss, log)
     set_latent_scale(vae, images, cfg)
     return vae
 
@@ -186,6 +163,11 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
     tokenizer = with_final_word_token(tokenizer)  # the prompt's last word (often its shape) as a word token
     torch.manual_seed(cfg.seed + 1)
     unet = build_unet(cfg, text_encoder.config.hidden_size)
+    if cfg.unet_from:  # a resumed run's checkpoint (restored by the loop) still takes precedence
+        from diffusers import UNet2DConditionModel
+
+        source = UNet2DConditionModel.from_pretrained(Path(cfg.unet_from) / "unet", torch_dtype=torch.float32)
+        unet.load_state_dict(source.state_dict())
     scheduler = noise_scheduler(cfg)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -213,8 +195,8 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         return {"ldm": (per_sample * weight).mean()}
 
-    _loop(unet, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "unet"), cfg.save_every,
-          step_loss, log)
+    resumable_loop(unet, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "unet"),
+                   cfg.save_every, step_loss, log)
     return unet
 
 
@@ -317,7 +299,8 @@ def shapes_batches(cfg: GeneratorConfig, split: str = "train"
     text_of = captions[cfg.caption]
 
     def batch(step: int, n: int) -> tuple[torch.Tensor, list[str]]:
-        scenes = [make_scene(split if step >= 0 else "val", (abs(step) * n + i) % 1_000_000) for i in range(n)]
+        first = abs(step) * n + (cfg.scene_offset if step >= 0 else 0)
+        scenes = [make_scene(split if step >= 0 else "val", (first + i) % 1_000_000) for i in range(n)]
         rendered = [render(s) for s in scenes]  # the world is 64x64; smaller generators (tests) see it resized
         if cfg.image_size != rendered[0].width:
             rendered = [r.resize((cfg.image_size, cfg.image_size), Image.BILINEAR) for r in rendered]

@@ -45,9 +45,11 @@ STAGES = FOUNDATION_STAGES + BRIDGE_STAGES
 ACT_STAGES = ("act_data", "act_stage1", "act_stage2", "act_pose", "act_decoders", "act_edit")
 #: MiniGPT-5's draw head on the see-model (pretrain/draw.py, docs/recipe.md "Draw"), on the foundation's
 #: generator: run only when listed (after stage3; the act stages then start from the draw model).
-DRAW_STAGES = ("draw_data", "draw_stage1", "draw_stage2")
+#: `draw_mapper` (the mapper alone on the frozen LLM's cached states) runs last, after the act stages: they
+#: move the LoRA, hence the states the mapper reads.
+DRAW_STAGES = ("draw_data", "draw_stage1", "draw_stage2", "draw_mapper")
 #: Every stage a recipe may list, in the order they run.
-RUN_ORDER = (*STAGES[:-1], *DRAW_STAGES, *ACT_STAGES, STAGES[-1])
+RUN_ORDER = (*STAGES[:-1], *DRAW_STAGES[:-1], *ACT_STAGES, DRAW_STAGES[-1], STAGES[-1])
 #: Where a trained foundation ships inside the package (`foundation: shipped` in a recipe).
 SHIPPED_FOUNDATION = Path(__file__).resolve().parent.parent / "assets" / "foundation" / "shapes"
 #: What a foundation directory holds (one subdirectory each; `generator` only with draw's stage 0).
@@ -125,6 +127,11 @@ class DrawStage:
     stories: int = 4000  # stage 2: as many stories and edit dialogues
     see_turns: int = 4  # see chats about stage 1's scenes, mixed into stage 2
     head: dict = field(default_factory=dict)
+    # draw_mapper: the mapper alone on cached LLM states (pretrain.draw.fit_draw_mapper), caption MSE
+    mapper_steps: int = 1500
+    mapper_batch_size: int = 64
+    mapper_lr: float = 5.0e-4
+    mapper_held_out: int = 500  # drawings of the data kept out of training: the stage's held-out MSE
 
 
 @dataclass
@@ -665,10 +672,32 @@ class Recipe:
             f"data.datasets.2.path={data / 'see.json'}"])
         return {**result, **({"data": written} if written else {})}
 
+    def _draw_mapper(self) -> dict:
+        """The draw mapper fit alone on the final LLM's cached states (`pretrain.draw.fit_draw_mapper`): the
+        draw stages' data (both: requests and stories, each drawing with its caption)."""
+        from mmbridge.config import MMBridgeConfig
+        from mmbridge.pretrain.draw import fit_draw_mapper
+
+        model = self._trained_model(before="draw_mapper")
+        if "draw" not in MMBridgeConfig.from_pretrained(model).head_configs:
+            raise ConfigError(f"draw_mapper fits the draw head's mapper, and {model} has none: list the draw stages")
+        data = self.out / "draw" / "data"
+        stage = self.cfg.draw
+        return fit_draw_mapper(model, [data / "draw_stage1.json", data / "draw_stage2.json"],
+                               self.out / "draw" / "mapper", steps=stage.mapper_steps,
+                               batch_size=stage.mapper_batch_size, lr=stage.mapper_lr, held_out=stage.mapper_held_out,
+                               seed=self.cfg.seed, log=lambda entry: self.log(f"[draw_mapper] {json.dumps(entry)}"))
+
+    def _trained_model(self, before: str | None = None) -> Path:
+        """The model the stages listed end with (before stage `before`): draw_mapper's, else the last act
+        model, else the draw model, else the see-model."""
+        if "draw_mapper" in self.cfg.stages and before != "draw_mapper":
+            return self.out / "draw" / "mapper" / "model"
+        return self._act_model() if "act_stage2" in self.cfg.stages else self._see_model()
+
     def _export(self) -> dict:
-        """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts.
-        With the act stages in `stages`, the last act model (act/edit, act/pose or act/stage2), else the draw
-        model with the draw stages, else the see-model (stage3/model)."""
+        """The finished model, self-contained; checked to load and to be bit-identical in its frozen parts:
+        `_trained_model()` (draw_mapper's, the last act model, the draw model or the see-model)."""
         from mmbridge.config import MMBridgeConfig
         from mmbridge.modeling import MMBridgeModel
         from mmbridge.pretrain.shapes import frozen_parts_identical
@@ -676,8 +705,7 @@ class Recipe:
         final = self.out / "model"
         if final.exists():
             shutil.rmtree(final)
-        acts = "act_stage2" in self.cfg.stages
-        shutil.copytree(self._act_model() if acts else self._see_model(), final)
+        shutil.copytree(self._trained_model(), final)
         config = MMBridgeConfig.from_pretrained(final)
         for sub in (config.vision_config, config.qformer_config, config.text_config):
             sub._name_or_path = ""  # where stage 0 happened to write its parts means nothing elsewhere

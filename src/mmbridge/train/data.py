@@ -128,19 +128,24 @@ def _head_parts(text: str, targets: dict[str, list]) -> list[dict]:
 
 
 def llava_to_messages(turns: list[dict], images: list, targets: dict | None = None,
-                      regions: list | None = None) -> list[dict]:
+                      regions: list | None = None, captions: list | None = None) -> list[dict]:
     """LLaVA `conversations` -> messages; each `<image>` in a human turn becomes the next image part.
     Images not referenced by a `<image>` tag go in front of the first user turn (LLaVA's convention);
     `<image>` in an answer is an image the model draws.
     `targets` (a record's optional `"targets"`: head trigger -> one target per occurrence, in order)
     turn each trigger written in an answer ("There are [CNT] shapes") into a head part; `regions` (a record's
-    optional `"regions"`: visual prompts) fill the `<region>` tags of its human turns."""
+    optional `"regions"`: visual prompts) fill the `<region>` tags of its human turns; `captions` (a record's
+    optional `"captions"`: one text per `<image>` in its answers, in order) describe the images the model draws
+    (the draw head's caption-alignment target; without them, the user's last words are)."""
     problem = record_problem({"conversations": turns})
     if problem:
         raise SampleError(f"{problem}: {str(turns)[:80]}")
     pending = list(images)
     if regions is not None and not (isinstance(regions, list) and all(isinstance(r, dict) for r in regions)):
         raise SampleError("'regions' must be a list of visual prompts ({'box': [x0, y0, x1, y1]}, ...)")
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise SampleError("'captions' must be a list of texts, one per <image> in the answers")
+    drawn_captions = list(captions or [])
     try:
         messages = to_messages(turns, regions)  # the one LLaVA reader's conversion (data/formats)
     except ValueError as err:
@@ -154,6 +159,10 @@ def llava_to_messages(turns: list[dict], images: list, targets: dict | None = No
                 if message["role"] == "system" or not pending:
                     raise SampleError("an <image> tag without an image")
                 parts.append({"type": "image", "image": pending.pop(0)})
+                if message["role"] == "assistant" and captions is not None:
+                    if not drawn_captions:
+                        raise SampleError("more <image> tags in the answers than 'captions'")
+                    parts[-1]["caption"] = drawn_captions.pop(0)
             elif part["type"] == "region":
                 parts.append(part)
             elif part["text"].strip():
@@ -161,6 +170,8 @@ def llava_to_messages(turns: list[dict], images: list, targets: dict | None = No
                 heads = message["role"] == "assistant" and targets
                 parts += _head_parts(text, targets) if heads else [{"type": "text", "text": text}]
         message["content"] = parts or [{"type": "text", "text": ""}]
+    if drawn_captions:
+        raise SampleError(f"{len(drawn_captions)} 'captions' left over: more than the answers' <image> tags")
     if pending:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
@@ -293,7 +304,8 @@ class LlavaJsonDataset(Dataset):
             raise SampleError("'targets' must map a head's trigger token to a list of targets")
         if targets:  # image files a target names (a drawing, an edit's result and source) are loaded like "image"
             targets = {trigger: [self._load_target_images(t) for t in items] for trigger, items in targets.items()}
-        return llava_to_messages(record.get("conversations"), images, targets, record.get("regions"))
+        return llava_to_messages(record.get("conversations"), images, targets, record.get("regions"),
+                                 record.get("captions"))
 
     def _load_target_images(self, target):
         if not isinstance(target, dict):

@@ -4,8 +4,10 @@
 ``image`` is relative to an image folder the user names (LLaVA's ``--image_folder``); our writer
 makes it relative to the JSON file's directory, the default folder of the reader.  Records without
 ``image`` are text-only turns, as in LLaVA's mixes.  mmbridge's extensions: ``"regions"`` (visual
-prompts filling ``<region>`` tags, see `to_messages`) and ``"targets"`` (what an output head must
-return for each routing token an answer writes; docs/architecture.md, "How to add an output head").
+prompts filling ``<region>`` tags, see `to_messages`), ``"captions"`` (one text per ``<image>`` in the
+answers — an image the model draws — saying what it shows: the draw head's caption target) and
+``"targets"`` (what an output head must return for each routing token an answer writes;
+docs/architecture.md, "How to add an output head").
 """
 
 from __future__ import annotations
