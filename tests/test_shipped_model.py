@@ -36,16 +36,12 @@ def test_shipped_model_loads_by_name_within_budget():
     assert sum(f.stat().st_size for f in assets) <= 64 * 2**20
     config = MMBridgeConfig.from_pretrained(path)
     assert config.qformer_instruction and config.llm_lora
-    # its draw generator travels inside it: the one its mapper was trained through (run gen2), not the
-    # foundation's newer one (run l1, which the next draw stages train on); the text tower is the foundation's
-    assert config.component_paths == {"draw.generator": "generator"}
-    own, foundation = path / "generator", SHIPPED_FOUNDATION / "generator"
-    assert (own / "text_encoder" / "model.safetensors").read_bytes() == \
-        (foundation / "text_encoder" / "model.safetensors").read_bytes()
-    assert (own / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (foundation / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # its draw generator is the foundation's, referenced (not a copy): the model dir holds no generator
+    assert config.component_paths == {"draw.generator": "../../foundation/shapes/generator"}
+    assert not (path / "generator").exists()
     draw = config.head_configs["draw"]  # the draw head (MiniGPT-5): [IMG0]..[IMG7] -> mapper -> the generator
     assert draw.routes == {"[IMG0]": [f"[IMG{i}]" for i in range(1, 8)]}
+    assert draw.mapper_reads_request  # the mapper reads the request's words too (run n: fit by draw_mapper)
     assert "/" not in json.dumps([config.vision_config._name_or_path, config.text_config._name_or_path])
     act = config.head_configs["act"]  # the act head (VisionLLM v2): detect, segment, ground, visual prompts, pose
     assert set(act.routes) == {"[DET]", "[SEG]", "[GRD]", "[POSE]"} and act.visual_prompts and act.text_encoder

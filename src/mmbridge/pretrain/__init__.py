@@ -63,6 +63,17 @@ class LoopCheckpoint:
         tmp.rename(self.directory)
 
 
+def optimizer_step(model, optimizer, schedule, loss: torch.Tensor, where: str) -> None:
+    """One update of a stage-0 loop: a non-finite loss stops it (naming `where`), gradients clipped at 1.0."""
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()} at {where}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def resumable_loop(model, steps: int, lr: float, warmup: int, checkpoint: LoopCheckpoint, save_every: int,
           step_loss: Callable[[int], dict[str, torch.Tensor]], log: Callable[[dict], None]) -> list[float]:
     """Train `model` for `steps` of `step_loss(step)` (a pure function of the step, so a resumed run sees the
@@ -75,13 +86,7 @@ def resumable_loop(model, steps: int, lr: float, warmup: int, checkpoint: LoopCh
     for step in range(start_step, steps):
         parts = step_loss(step)
         loss = sum(parts.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: {parts}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(model, optimizer, schedule, loss, f"step {step + 1}: {parts}")
         history.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log({"step": step + 1, **{k: round(v.item(), 5) for k, v in parts.items()},

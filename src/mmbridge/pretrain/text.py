@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mmbridge.pretrain import LoopCheckpoint, adamw_with_warmup_cosine
+from mmbridge.pretrain import LoopCheckpoint, adamw_with_warmup_cosine, optimizer_step
 
 # Tokenizer training lives in `mmbridge.tokenization` (the test kit and the processor use it too);
 # stage 0 trains the shipped tokenizers with it, so it is re-exported here.
@@ -171,13 +170,7 @@ def pretrain_causal_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
         if batch["attention_mask"].ndim == 4:  # an additive mask (`Branches`): SDPA wants the model's dtype
             batch["attention_mask"] = batch["attention_mask"].to(model.dtype)
         loss = model(**batch, labels=labels).loss
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(model, optimizer, schedule, loss, f"step {step}")
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             window = losses[-log_every:]
