@@ -52,11 +52,11 @@ def test_shipped_lm_answers_from_the_text_description(foundation):
     assert accuracy["n"] > 80 and accuracy["all"] >= MIN_TEXT_QA_10_SCENES, accuracy
 
 
-# measured when it shipped (run l1: the UNet on the VAE posterior's means; 300 prompts of bench/draw_prompts.py
-# --n 1000 --objects 1-2, 25 DDIM steps, CFG 3; docs/recipe.md, "Draw"): faithful 49 %, count 79 %, shape 61 %,
-# colour 64 %; on these 20: faithful 65 %, count 85 %, shape 75 %, colour 70 % (run gen2, shipped before it:
-# faithful 10 %, shape 20 %). Thresholds with slack for 20 prompts.
-MIN_GENERATOR_COUNT_20, MIN_GENERATOR_COLOUR_20, MIN_GENERATOR_SHAPE_20, MIN_GENERATOR_FAITHFUL_20 = 0.6, 0.5, 0.5, 0.4
+# measured when it shipped (run n2: run l1's UNet on the VAE posterior's means, trained 4,000 steps more; 300
+# prompts of bench/draw_prompts.py --n 1000 --objects 1-2, 25 DDIM steps, CFG 3; docs/recipe.md, "Draw"): faithful
+# 51 %, count 80 %, shape 65 %, colour 69 %; on these 48: faithful 54 %, count 85 %, shape 69 %, colour 77 % (run
+# gen2, shipped before l1: faithful 10 %, shape 20 % on 20). Thresholds with slack for 48 prompts.
+MIN_GENERATOR_COUNT, MIN_GENERATOR_COLOUR, MIN_GENERATOR_SHAPE, MIN_GENERATOR_FAITHFUL = 0.6, 0.5, 0.5, 0.4
 
 
 def test_shipped_generator_is_a_diffusers_pipeline_on_the_foundation_text_tower(foundation):
@@ -74,8 +74,9 @@ def test_shipped_generator_is_a_diffusers_pipeline_on_the_foundation_text_tower(
 
 
 def test_shipped_generator_draws_what_is_asked(tmp_path, capsys):
-    """The generator alone on 20 requests of 1-2 objects, read back by the world reader: `mmbridge eval draw
-    --generator shipped`."""
+    """The generator alone on 48 requests of 1-2 objects, read back by the world reader: `mmbridge eval draw
+    --generator shipped`. (48, not 20: on 20 one prompt moves a rate by 5 points — run n2, better than l1 on 300
+    prompts, drew the right shape for 9 of the first 20.)"""
     import json
     import subprocess
     import sys
@@ -83,16 +84,16 @@ def test_shipped_generator_draws_what_is_asked(tmp_path, capsys):
     from mmbridge.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
-    subprocess.run([sys.executable, "bench/draw_prompts.py", "--n", "20", "--objects", "1-2", "--out", str(prompts)],
+    subprocess.run([sys.executable, "bench/draw_prompts.py", "--n", "48", "--objects", "1-2", "--out", str(prompts)],
                    check=True, cwd=Path(__file__).resolve().parent.parent)
     assert main(["eval", "draw", "--generator", "shipped", "--prompts", str(prompts), "--out", str(tmp_path / "out"),
                  "--guidance-scale", "3", "--steps", "25", "--no-fid", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["drawn"] == 20, summary
-    assert summary["per_attribute"]["count"] >= MIN_GENERATOR_COUNT_20, summary
-    assert summary["per_attribute"]["color"] >= MIN_GENERATOR_COLOUR_20, summary
-    assert summary["per_attribute"]["shape"] >= MIN_GENERATOR_SHAPE_20, summary
-    assert summary["faithful"] >= MIN_GENERATOR_FAITHFUL_20, summary
+    assert summary["drawn"] == 48, summary
+    assert summary["per_attribute"]["count"] >= MIN_GENERATOR_COUNT, summary
+    assert summary["per_attribute"]["color"] >= MIN_GENERATOR_COLOUR, summary
+    assert summary["per_attribute"]["shape"] >= MIN_GENERATOR_SHAPE, summary
+    assert summary["faithful"] >= MIN_GENERATOR_FAITHFUL, summary
 
 
 def test_the_refusal_is_made_of_words_the_frozen_lm_writes(foundation):
