@@ -43,6 +43,31 @@ def test_int8_linear_matches_float_linear():
     assert (got - expected).abs().max() < 0.03 * expected.abs().max()
 
 
+def test_group_wise_int8_is_closer_to_the_float_linear_on_every_path():
+    """int8-g32: one scale per 32 columns. Its one-row path is a compiled fp32 GEMV, its many-row path a
+    blocked dequantize + bf16 GEMM: the same product up to bf16 rounding, and closer to fp32 than per-row
+    scales."""
+    from mmbridge.modeling.quantize import DEQUANT_BLOCK, GEMV_ROWS
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, DEQUANT_BLOCK + 40)  # two dequantize blocks, the last one short
+    torch.nn.init.normal_(linear.weight, std=0.02)  # bell-shaped, as an LLM's: a row's extremes are rare
+    grouped = Int8WeightOnlyLinear.from_linear(linear, group_size=32)
+    per_row = Int8WeightOnlyLinear.from_linear(linear)
+    assert grouped.scale.shape == (DEQUANT_BLOCK + 40, 8) and grouped.weight.dtype == torch.int8
+    x = torch.randn(GEMV_ROWS + 3, 256)
+    with torch.no_grad():
+        expected = linear(x)
+        together = grouped(x)  # more than GEMV_ROWS rows: the blocked path
+        one_by_one = torch.cat([grouped(row[None]) for row in x])  # the compiled GEMV
+        torch.testing.assert_close(together, one_by_one, rtol=0.02, atol=0.01)
+        for got in (together, one_by_one):
+            assert (got - expected).abs().mean() < 0.85 * (per_row(x) - expected).abs().mean()
+    assert "per 32 columns" in repr(grouped)
+    # a width the groups do not divide keeps one scale per row
+    assert Int8WeightOnlyLinear.from_linear(torch.nn.Linear(40, 8), group_size=32).group_size is None
+
+
 def test_quantize_replaces_plain_linears_only():
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -70,7 +95,7 @@ def test_greedy_agreement_sees_a_changed_model(tiny):
     assert result["agreement"] < 0.9 and result["nll_delta"] > 0
 
 
-@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"kv_cache": "static"}])
+@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"quantize": "int8-g32"}, {"kv_cache": "static"}])
 def test_decode_options_keep_greedy_answers_close(tiny, options):
     model, _, batches = tiny
     candidate = apply_decode_options(copy.deepcopy(model), **options)
@@ -105,7 +130,7 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, tiny_model_dir):
     out, work = tmp_path / "out", tmp_path / "work"
     code = main(["bench", "--llm-size", "tiny", "--repeats", "1", "--new-tokens", "3", "--options", "int8",
                  "--skip", "memory", "--train-steps", "1", "--quality-model", str(tiny_model_dir), "--profile",
-                 "--out", str(out), "--work", str(work)])
+                 "--quality-images", "2", "--quality-tokens", "4", "--out", str(out), "--work", str(work)])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     assert {"machine", "model", "decode", "quality", "chat", "train", "shipped", "profile"} <= set(result)
@@ -124,11 +149,13 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, tiny_model_dir):
     assert rows[("mmbridge", "int8")]["llm_bytes_per_token"] < rows[("mmbridge", "fp32")]["llm_bytes_per_token"]
     assert set(result["quality"]) == {"int8"}
     assert 0 <= result["quality"]["int8"]["agreement"] <= 1
+    assert 0 < result["quality"]["int8"]["tokens"] <= 2 * 2 * 4  # 2 images x 2 questions x 4 tokens
     for turn in result["chat"].values():
         assert {"mmbridge_reuse", "mmbridge_reencode", "hf_reencode", "reuse_speedup", "vs_hf"} <= set(turn)
     assert result["train"]["mmbridge_samples_s"] > 0 and result["train"]["hf_samples_s"] > 0
     text = (out / "bench.md").read_text()
     assert "| impl | option | TTFT ms | decode tok/s b1" in text
+    assert f"over {result['quality']['int8']['tokens']} teacher-forced answer tokens" in text
     assert text.count("| mmbridge | ") == 2 and text.count("| hf | ") == 2
     assert "3rd chat turn" in text and "Training step" in text and "Trained model" in text
     # a second run reuses the built models
@@ -155,6 +182,11 @@ def test_chat_and_serve_take_the_decode_options(tiny_model_dir, capsys):
 
     assert main(["chat", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "3",
                  "--dtype", "bfloat16", "--quantize", "int8", "--merge-adapters"]) == 0
+    from mmbridge.modeling.quantize import QUANTIZE_CHOICES
+
+    quantize = next(a for a in build_parser()._subparsers._group_actions[0].choices["chat"]._actions
+                    if a.dest == "quantize")
+    assert tuple(quantize.choices) == QUANTIZE_CHOICES  # the CLI spells them out (no torch at parse time)
     for command in ("serve", "ui"):
         args = build_parser().parse_args([command, "--model", str(tiny_model_dir), "--quantize", "int8",
                                           "--merge-adapters", "--dtype", "bfloat16"])

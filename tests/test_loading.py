@@ -39,10 +39,11 @@ def test_bf16_load_streams_the_same_weights_as_transformers(full_dir):
         [n for n, p in reference.named_parameters() if p.requires_grad]
 
 
-def test_int8_on_load_equals_quantizing_the_fp32_model(full_dir):
-    streamed = MMBridgeModel.from_pretrained(full_dir, quantize="int8")
+@pytest.mark.parametrize("quantize, group_size", [("int8", None), ("int8-g32", 32)])
+def test_int8_on_load_equals_quantizing_the_fp32_model(full_dir, quantize, group_size):
+    streamed = MMBridgeModel.from_pretrained(full_dir, quantize=quantize)
     reference = MMBridgeModel._from_pretrained_full(full_dir)
-    count = quantize_int8_(reference.llm.model)
+    count = quantize_int8_(reference.llm.model, group_size)
     layers = [m for m in streamed.llm.model.modules() if isinstance(m, Int8WeightOnlyLinear)]
     assert len(layers) == count > 0
     got, want = state(streamed), state(reference)

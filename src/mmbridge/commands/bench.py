@@ -50,6 +50,7 @@ OPTIONS = {
     "fp32": ("float32", {}),
     "bf16": ("bfloat16", {}),
     "int8": ("float32", {"quantize": "int8"}),
+    "int8-g32": ("float32", {"quantize": "int8-g32"}),
     "static-cache": ("float32", {"kv_cache": "static"}),
     "bf16+static-cache": ("bfloat16", {"kv_cache": "static"}),
     "int8+static-cache": ("float32", {"quantize": "int8", "kv_cache": "static"}),
@@ -85,6 +86,11 @@ def register(subparsers) -> None:
                         help="timed training steps per model (default 6 at 100m, else 3)")
     parser.add_argument("--skip", default="",
                         help="comma-separated sections to skip: chat,train,memory,quality,shipped")
+    parser.add_argument("--quality-images", type=int, default=4, metavar="N",
+                        help="random images of the greedy-agreement prompt set, 2 questions each (default 4)")
+    parser.add_argument("--quality-tokens", type=int, default=16, metavar="N",
+                        help="answer tokens per prompt of the greedy-agreement set (default 16; 8 images x 32 "
+                             "tokens = 512 counted tokens, where one token is 0.2 points)")
     parser.add_argument("--quality-model", default="shapes", metavar="MODEL",
                         help="a trained model (dir or shipped name) on which every option's greedy agreement and "
                              "batch-1 decode speed are measured too (default: shapes, skipped if not installed)")
@@ -309,11 +315,12 @@ def profile_rows(models: dict, processor, images, new_tokens: int, top: int = 8)
 
 
 def quality(models: dict, processor, images, new_tokens: int) -> dict:
-    """Greedy agreement of every mmbridge option with mmbridge fp32 on the fixed prompt set."""
+    """Greedy agreement of every mmbridge option with mmbridge fp32 on the fixed prompt set: every image of
+    `images` with both questions, answers of up to `new_tokens`."""
     from mmbridge.generation.decode_options import greedy_agreement, prompt_batches
 
     reference = models[("mmbridge", "fp32")][0]
-    batches = prompt_batches(processor, images[:4], QUESTIONS, batch_size=4)
+    batches = prompt_batches(processor, images, QUESTIONS, batch_size=4)
     batches = [{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")} for b in batches]
     return {option: {k: round(v, 4) if isinstance(v, float) else v
                      for k, v in greedy_agreement(reference, model, batches, new_tokens, **extra).items()}
@@ -541,7 +548,9 @@ def markdown(result: dict) -> str:
              f"{machine['cpu']}; torch {machine['torch']}, transformers {machine['transformers']}. "
              f"Measured bandwidth: {machine['bandwidth']['matvec_gb_s']} GB/s (fp32 mat-vec, "
              f"{machine['bandwidth']['matrix_mib']} MiB), {machine['bandwidth']['copy_gb_s']} GB/s (copy). "
-             f"Medians of {result['repeats']} repeats; {result['new_tokens']} new tokens per timed generation.",
+             f"Medians of {result['repeats']} repeats; {result['new_tokens']} new tokens per timed generation."
+             + (f" Greedy agreement with mmbridge fp32 over {next(iter(result['quality'].values()))['tokens']} "
+                "teacher-forced answer tokens." if result.get("quality") else ""),
              "",
              "| impl | option | TTFT ms | decode tok/s b1 | decode tok/s b8 | decode GB/s | % of bandwidth "
              "| b1 vs HF fp32 | b1 vs HF bf16 | b8 vs HF fp32 | TTFT vs HF fp32 | greedy agreement (seq. match) |",
@@ -652,7 +661,7 @@ def run(args) -> int:
     processor = MMBridgeProcessor.from_pretrained(mm_dir)
     size = processor.image_processor.size["height"]
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(max(8, args.quality_images))]
 
     result = {"llm_size": args.llm_size, "repeats": args.repeats, "new_tokens": args.new_tokens}
     say("measuring memory bandwidth")
@@ -673,7 +682,7 @@ def run(args) -> int:
         result["profile"] = profile_rows(models, processor, images, args.new_tokens)
     if "quality" not in skip and len(options) > 1:
         say("quality: greedy agreement with fp32")
-        result["quality"] = quality(models, processor, images, 16)
+        result["quality"] = quality(models, processor, images[:args.quality_images], args.quality_tokens)
     if "chat" not in skip:
         say("chat: 3rd-turn latency")
         result["chat"] = chat_turns(reference, models[("hf", "fp32")][0], processor, images, args)

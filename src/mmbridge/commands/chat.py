@@ -32,8 +32,11 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="weights dtype (bfloat16: half the bytes per token; fast on CPUs with avx512_bf16)")
-    group.add_argument("--quantize", choices=["int8"], default=None,
-                       help="int8 weight-only LLM linears (bf16 activations): a quarter of fp32's bytes per token")
+    # = modeling.quantize.QUANTIZE_CHOICES (a test checks it), written out: importing it imports torch
+    group.add_argument("--quantize", choices=["int8", "int8-g32"], default=None,
+                       help="int8 weight-only LLM linears, a quarter of fp32's bytes per token: int8 = one scale "
+                            "per row (fastest), int8-g32 = one per 32 columns (closer to fp32; compiles its "
+                            "kernel on first use)")
     group.add_argument("--merge-adapters", action="store_true",
                        help="merge LoRA adapters / trained token rows into the LLM's weights before decoding")
 

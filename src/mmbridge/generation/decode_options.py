@@ -6,8 +6,9 @@ how close the matrix-vector kernels come to memory bandwidth. The options:
 - `dtype=torch.bfloat16` (an argument of `from_pretrained` already): half the bytes; CPUs with
   avx512_bf16 / AMX run bf16 GEMV through oneDNN.
 - `quantize="int8"`: int8 weight-only linears in the LLM (`modeling.quantize`; per-output-channel
-  scales, PyTorch's CPU kernel `aten._weight_int8pack_mm`). `MMBridgeModel.from_pretrained(...,
-  quantize="int8")` quantizes while it reads the stored weights (no float copy of the LLM is ever
+  scales, PyTorch's CPU kernel `aten._weight_int8pack_mm`); `quantize="int8-g32"`: one scale per 32
+  input columns (closer to fp32, a compiled kernel). `MMBridgeModel.from_pretrained(...,
+  quantize=...)` quantizes while it reads the stored weights (no float copy of the LLM is ever
   held); here, a loaded model is converted in place (adapters merged first).
 - `kv_cache="static"`: a pre-allocated KV cache (transformers `StaticCache`) instead of one that
   grows by concatenation each step; the prerequisite of `compile`.

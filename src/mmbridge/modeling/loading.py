@@ -94,10 +94,10 @@ def _chunks(keys: list[str], layout: dict, limit: int) -> list[list[str]]:
 
 def load_streaming(build: Callable[[], nn.Module], files: list[Path], dtype: torch.dtype | None = None,
                    quantize_under: nn.Module | Callable[[nn.Module], nn.Module] | None = None,
-                   chunk_bytes: int | None = None) -> nn.Module | None:
+                   chunk_bytes: int | None = None, group_size: int | None = None) -> nn.Module | None:
     """Build a model with `build()` on the meta device and fill it from `files`, converting float tensors
     to `dtype` as they are read. `quantize_under(model)` names the submodule whose plain linears become
-    int8 (quantized from the stored weights). Returns None, having read nothing, when the files' keys are
+    int8 (quantized from the stored weights; scales per row, or per `group_size` columns). Returns None, having read nothing, when the files' keys are
     not the model's (then use transformers' loader)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -115,7 +115,7 @@ def load_streaming(build: Callable[[], nn.Module], files: list[Path], dtype: tor
         for name in int8_targets(root) if root is not None else []:
             linear = root.get_submodule(name)
             layer = Int8WeightOnlyLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                         device="meta")
+                                         device="meta", group_size=group_size)
             replace_module(root, name, layer)
             int8_layers[f"{prefix}.{name}" if prefix else name] = layer
     for file in files:

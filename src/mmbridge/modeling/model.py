@@ -29,7 +29,7 @@ from mmbridge.modeling.llm import LanguageModel, merge_adapters_
 from mmbridge.modeling.loading import load_streaming, needs_conversion, safetensors_files
 from mmbridge.modeling.outputs import MMBridgeOutput
 from mmbridge.modeling.qformer import QFormer, QFormerTextHeads
-from mmbridge.modeling.quantize import QUANTIZE_CHOICES, has_int8, quantize_int8_
+from mmbridge.modeling.quantize import GROUP_SIZES, QUANTIZE_CHOICES, has_int8, quantize_int8_
 from mmbridge.modeling.vision import VisionEncoder
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -631,8 +631,9 @@ class MMBridgeModel(PreTrainedModel):
         policy holds (frozen parts `requires_grad=False`), and the model is in eval mode as transformers
         leaves it; `model.train()` then switches only the trainable parts to training mode.
 
-        `dtype` converts every float weight as it is read; `quantize="int8"` gives the LLM int8
-        weight-only linears (`modeling.quantize`), quantized from the stored weights while they are read
+        `dtype` converts every float weight as it is read; `quantize="int8"` (one scale per row, fastest)
+        or `"int8-g32"` (one per 32 columns, closer to fp32) gives the LLM int8 weight-only linears
+        (`modeling.quantize`), quantized from the stored weights while they are read
         where the LLM has no adapters (else after loading, adapters merged first), the rest of the model
         in `dtype` (default fp32). Either way the peak memory is the converted model plus a chunk of the
         file, not the stored model (`modeling.loading`)."""
@@ -645,7 +646,8 @@ class MMBridgeModel(PreTrainedModel):
             if files and not args and not kwargs and (quantize is not None or needs_conversion(files, dtype)):
                 config = MMBridgeConfig.from_pretrained(path)
                 model = load_streaming(lambda: cls(config), files, dtype, quantize_under=(
-                    (lambda m: None if m.llm.has_adapters else m.llm.model) if quantize == "int8" else None))
+                    (lambda m: None if m.llm.has_adapters else m.llm.model) if quantize is not None else None),
+                    group_size=GROUP_SIZES.get(quantize))
                 if model is not None:
                     model.apply_trainable_policy()
                     return model.eval()._quantize(quantize)
@@ -673,7 +675,7 @@ class MMBridgeModel(PreTrainedModel):
         first, so that every linear is quantized."""
         if quantize is not None and not has_int8(self.llm.model):
             merge_adapters_(self.llm.model)
-            quantize_int8_(self.llm.model)
+            quantize_int8_(self.llm.model, GROUP_SIZES[quantize])
         return self
 
     @classmethod

@@ -41,7 +41,10 @@ class GeneratorConfig:
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
+    #: one entry per UNet level, each level halves the latent: every level but the last cross-attends to
+    #: the caption (with [64, 128] only the 16 x 16 level does, plus the mid block at 8 x 8)
     unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 8
     unet_steps: int = 10000
     unet_batch_size: int = 32
@@ -93,7 +96,8 @@ def build_unet(cfg: GeneratorConfig, condition_dim: int):
     latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        layers_per_block=1, block_out_channels=tuple(cfg.unet_channels), cross_attention_dim=condition_dim,
+        layers_per_block=cfg.unet_layers_per_block, block_out_channels=tuple(cfg.unet_channels),
+        cross_attention_dim=condition_dim,
         down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         attention_head_dim=cfg.unet_attention_head_dim, norm_num_groups=min(32, cfg.unet_channels[0]))
