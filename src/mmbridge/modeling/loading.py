@@ -97,8 +97,8 @@ def load_streaming(build: Callable[[], nn.Module], files: list[Path], dtype: tor
                    chunk_bytes: int | None = None, group_size: int | None = None) -> nn.Module | None:
     """Build a model with `build()` on the meta device and fill it from `files`, converting float tensors
     to `dtype` as they are read. `quantize_under(model)` names the submodule whose plain linears become
-    int8 (quantized from the stored weights; scales per row, or per `group_size` columns). Returns None, having read nothing, when the files' keys are
-    not the model's (then use transformers' loader)."""
+    int8 (quantized from the stored weights; scales per row, or per `group_size` columns). Returns None,
+    having read nothing, when the files' keys are not the model's (then use transformers' loader)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 

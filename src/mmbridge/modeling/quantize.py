@@ -85,10 +85,10 @@ def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
 class Int8WeightOnlyLinear(nn.Module):
     """`nn.Linear` with symmetric int8 weights: one scale per output row (`group_size=None`) or per
     `group_size` input columns of each row. Per-row layers cast activations to bf16 for the kernel;
-    group-wise layers compute a few rows in fp32, more in bf16. Either way the output goes back to the input's dtype, so the rest of
-    the model (norms, residual stream, attention) keeps its own precision — fp32 by default, which is what
-    keeps greedy decoding close to the fp32 model (bf16 through the whole residual stream costs more
-    agreement than the int8 weights do)."""
+    group-wise layers compute a few rows in fp32, more in bf16. Either way the output goes back to the
+    input's dtype, so the rest of the model (norms, residual stream, attention) keeps its own precision —
+    fp32 by default, which is what keeps greedy decoding close to the fp32 model (bf16 through the whole
+    residual stream costs more agreement than the int8 weights do)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
                  group_size: int | None = None):
