@@ -68,6 +68,26 @@ def test_group_wise_int8_is_closer_to_the_float_linear_on_every_path():
     assert Int8WeightOnlyLinear.from_linear(torch.nn.Linear(40, 8), group_size=32).group_size is None
 
 
+def test_group_wise_int8_keeps_decoding_when_compiling_fails(monkeypatch, caplog):
+    """No C++ compiler (or an inductor failure): the group-wise GEMV runs eagerly, says so once, and
+    gives the same product."""
+    from mmbridge.modeling import quantize
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(quantize, "_compiled_gemv", broken)
+    torch.manual_seed(0)
+    layer = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 16), group_size=32)
+    x = torch.randn(1, 64)
+    with caplog.at_level("WARNING", logger=quantize.__name__), torch.no_grad():
+        got, again = layer(x), layer(x)
+    torch.testing.assert_close(got, quantize._group_gemv(x, layer.weight, layer.scale) + layer.bias)
+    torch.testing.assert_close(again, got)
+    assert len([r for r in caplog.records if "torch.compile" in r.getMessage()]) == 1  # said once
+    assert "no C++ compiler found" in caplog.text and quantize._compiled_gemv is quantize._group_gemv
+
+
 def test_quantize_replaces_plain_linears_only():
     from peft import LoraConfig, inject_adapter_in_model
 
