@@ -59,7 +59,7 @@ OPTIONS = {
     "bf16+merged": ("bfloat16", {"merge_adapters": True}),
 }
 HF_OPTIONS = ("fp32", "bf16")
-DEFAULT_OPTIONS = "fp32,bf16,int8,static-cache"
+DEFAULT_OPTIONS = "fp32,bf16,int8,int8-g32,static-cache"
 QUESTIONS = ("Question: What is in the image? Answer:", "Question: Describe the image in detail. Answer:")
 
 
