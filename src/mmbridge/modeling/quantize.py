@@ -7,8 +7,8 @@ Two layouts:
   (the one gpt-fast and torchao's former int8 weight-only path call), bf16 activations: the fastest.
 - `"int8-g32"`: one scale per 32 input columns of each row (group-wise, as GPTQ / torchao's
   `group_size`), for accuracy: a row's largest weight then sets the step of 32 weights, not of thousands,
-  and the rounding error falls by ~40 %. On random LLMs (near-tied logits) per-row int8 keeps 93 % of fp32's
-  greedy tokens and group-wise 97 % (docs/speed.md). No PyTorch CPU kernel takes group-wise int8, so its
+  and the rounding error falls by ~35 %. On random 0.1-1 B LLMs (near-tied logits) per-row int8 keeps 93 % of
+  fp32's greedy tokens and group-wise 96 % (docs/speed.md). No PyTorch CPU kernel takes group-wise int8, so its
   batch-1 product is a `torch.compile`d dequantize-multiply-reduce that inductor fuses into one pass over
   the int8 weights, in fp32 (`_group_gemv`); many rows use a blocked dequantize + bf16 GEMM (`_blocked_linear`).
 
