@@ -305,3 +305,15 @@ def test_a_unet_on_posterior_means_with_a_reused_vae(tmp_path, text_tower):
     unet = load_file(str(snap / "unet" / "diffusion_pytorch_model.safetensors"))
     saved = load_file(str(tmp_path / "second" / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(unet[k], saved[k]) for k in saved)
+
+
+def test_unet_shape_settings_reach_the_diffusers_unet():
+    """`unet_channels` sets the levels (all but the last cross-attend to the caption), `unet_layers_per_block`
+    the resnets per level — as run o1's larger UNet was configured (docs/recipe.md)."""
+    from mmbridge.pretrain.diffusion import build_unet
+
+    cfg = dataclasses.replace(tiny_cfg(unet_layers_per_block=2), unet_channels=[16, 32, 32])
+    unet = build_unet(cfg, condition_dim=16)
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"]
+    assert all(len(block.resnets) == 2 for block in unet.down_blocks)
+    assert unet.config.layers_per_block == 2 and unet.config.cross_attention_dim == 16
