@@ -68,6 +68,12 @@ def test_generator_captions_are_what_draw_requests_say():
             a, b = scene.objects[request.relation.a], scene.objects[request.relation.b]
             assert relation_holds(a, b, request.relation.rel), text
     assert 60 < kinds["request"] < 140 and kinds["relation"] > 10
+    # `request_rate` / `relation_rate` (GeneratorConfig's, through the batches): every caption a request, every
+    # 2-object one with its relation
+    captions = shapes_batches(tiny_cfg(request_rate=1.0, relation_rate=1.0))(0, 24)[1]
+    scenes = [make_scene("train", i) for i in range(24)]
+    assert not any("background" in text for text in captions)
+    assert all(parse_request(text).relation for text, scene in zip(captions, scenes) if len(scene.objects) == 2)
     with pytest.raises(ValueError, match="generator caption"):
         shapes_batches(tiny_cfg(caption="poem"))
 
@@ -305,6 +311,51 @@ def test_a_unet_on_posterior_means_with_a_reused_vae(tmp_path, text_tower):
     unet = load_file(str(snap / "unet" / "diffusion_pytorch_model.safetensors"))
     saved = load_file(str(tmp_path / "second" / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(unet[k], saved[k]) for k in saved)
+
+
+def test_the_generators_own_text_tower_trains_with_the_unet(tmp_path, text_tower):
+    """`train_text_encoder=True` trains the generator's copy of the text tower with the UNet (the LDM loss
+    reaches it): the generator dir holds the trained copy, the foundation's tower on disk stays as it was,
+    snapshots read both parts from the one checkpoint, and a continuation (`unet_from`) starts from the
+    trained copy. Without the flag the tower is not touched."""
+    import copy
+
+    from transformers import CLIPTextModel
+
+    from mmbridge.pretrain.diffusion import snapshot_generator, train_generator
+
+    encoder, tokenizer = text_tower
+    original = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    def tower(path):
+        return CLIPTextModel.from_pretrained(path).state_dict()
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    for run in ("frozen", "joint", "more"):
+        encoder.save_pretrained(tmp_path / run / "text_encoder")
+        tokenizer.save_pretrained(tmp_path / run / "tokenizer")
+    train_generator(tmp_path / "frozen", encoder, tokenizer, tiny_cfg(), log=lambda d: None)
+    assert same(encoder.state_dict(), original)
+    assert same(tower(tmp_path / "frozen" / "generator" / "text_encoder"), original)
+
+    cfg = tiny_cfg(train_text_encoder=True)
+    trained = copy.deepcopy(encoder)
+    train_generator(tmp_path / "joint", trained, tokenizer, cfg, log=lambda d: None)
+    saved = tower(tmp_path / "joint" / "generator" / "text_encoder")
+    assert not same(saved, original) and same(saved, trained.state_dict())
+    assert same(tower(tmp_path / "joint" / "text_encoder"), original)  # the foundation's copy: untouched
+    assert not any(p.requires_grad for p in trained.parameters())  # handed back frozen
+
+    snap = snapshot_generator(tmp_path / "joint", tmp_path / "snap", cfg)
+    assert same(tower(snap / "text_encoder"), saved)
+    unet = load_file(str(snap / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert same(unet, load_file(str(tmp_path / "joint" / "generator" / "unet" / "diffusion_pytorch_model.safetensors")))
+
+    more = dataclasses.replace(cfg, unet_from=str(tmp_path / "joint" / "generator"), unet_steps=0)
+    train_generator(tmp_path / "more", copy.deepcopy(encoder), tokenizer, more, log=lambda d: None)
+    assert same(tower(tmp_path / "more" / "generator" / "text_encoder"), saved)
 
 
 def test_unet_shape_settings_reach_the_diffusers_unet():

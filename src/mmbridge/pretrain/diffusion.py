@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmbridge.modeling.draw.diffusion import encode_latents
 from mmbridge.pretrain import LoopCheckpoint, resumable_loop
@@ -76,6 +77,21 @@ class GeneratorConfig:
     #: the first training scene's index: a continuation (`unet_from`) sets it past the scenes already seen
     #: (a run sees unet_steps x unet_batch_size of them)
     scene_offset: int = 0
+    #: train the generator's own copy of the CLIP text tower with the UNet (the LDM loss reaches it; one
+    #: optimizer, one learning rate), as diffusers' DreamBooth `--train_text_encoder` does. The foundation's tower
+    #: is causal and trained contrastively on whole captions, so the state at a 2-object caption's second shape
+    #: word tells the first object's colour better than its own (`scripts/text_tower_binding_probe.py`), and
+    #: drawings give the second object the first one's attributes; the LDM loss asks for each object's own
+    #: (run p1, docs/recipe.md: wrong attributes on the second object 84 -> 6 in ~110 two-object drawings,
+    #: faithful 50.7 -> 66.0 % in 3,000 steps, where 4,000 steps with the tower frozen had gained 1.4 points).
+    #: The copy is saved in the generator dir (`text_encoder/`), so the draw head's caption targets follow it;
+    #: the foundation's tower (the act head's, the see side's) stays as it is. With `unet_from`, training
+    #: starts from that generator's tower.
+    train_text_encoder: bool = False
+    #: with `caption="draw"`: the share of draw requests among the captions (the rest: short captions), and
+    #: the share of 2-object requests that state a relation
+    request_rate: float = 0.5
+    relation_rate: float = 0.8
 
 
 def build_vae(cfg: GeneratorConfig):
@@ -150,16 +166,18 @@ def set_latent_scale(vae, images: Callable[[int, int], torch.Tensor], cfg: Gener
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
 
-def caption_embeds(text_encoder, tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+def caption_embeds(text_encoder, tokenizer, captions: list[str], max_length: int, grad: bool = False
+                   ) -> torch.Tensor:
     tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
 
 
 def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
                batches: Callable[[int, int], tuple[torch.Tensor, list[str]]], work_dir: Path,
                log: Callable[[dict], None] = print):
-    """`batches(step, n)` -> (images in [-1, 1], captions). VAE and text encoder stay frozen."""
+    """`batches(step, n)` -> (images in [-1, 1], captions). The VAE stays frozen, and so does the text encoder
+    unless `cfg.train_text_encoder` (then it is trained in place, with the UNet)."""
     from diffusers.training_utils import compute_snr
 
     from mmbridge.tokenization import with_final_word_token
@@ -172,9 +190,15 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
 
         source = UNet2DConditionModel.from_pretrained(Path(cfg.unet_from) / "unet", torch_dtype=torch.float32)
         unet.load_state_dict(source.state_dict())
+    if cfg.unet_from and cfg.train_text_encoder:
+        from transformers import CLIPTextModel
+
+        source = CLIPTextModel.from_pretrained(Path(cfg.unet_from) / "text_encoder", torch_dtype=torch.float32)
+        text_encoder.load_state_dict(source.state_dict())
     scheduler = noise_scheduler(cfg)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    trained = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}) if cfg.train_text_encoder else unet
     generator = torch.Generator().manual_seed(cfg.seed + 2)
 
     def step_loss(step: int) -> dict[str, torch.Tensor]:
@@ -187,8 +211,9 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
         captions = ["" if e else c for c, e in zip(captions, empty.tolist())]
         with torch.no_grad(), _autocast(cfg):
             latents = encode_latents(vae, images, cfg.latents).float()
-        condition = caption_embeds(text_encoder, tokenizer, captions, cfg.max_caption_tokens)
-        condition[zero] = 0.0
+        condition = caption_embeds(text_encoder, tokenizer, captions, cfg.max_caption_tokens,
+                                   grad=cfg.train_text_encoder)
+        condition = condition.masked_fill(zero[:, None, None], 0.0)
         noise = torch.randn_like(latents)  # fp32: the target and the noising stay exact under autocast
         timesteps = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],))
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -199,8 +224,10 @@ def train_unet(cfg: GeneratorConfig, vae, text_encoder, tokenizer,
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         return {"ldm": (per_sample * weight).mean()}
 
-    resumable_loop(unet, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "unet"),
+    resumable_loop(trained, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps, LoopCheckpoint(work_dir / "unet"),
                    cfg.save_every, step_loss, log)
+    text_encoder.requires_grad_(False)
+    text_encoder.eval()
     return unet
 
 
@@ -227,9 +254,9 @@ def save_generator(out: str | Path, vae, unet, text_encoder, tokenizer, cfg: Gen
 
 
 def store_generator(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """A generator dir with its trained parts (UNet, VAE) stored in `dtype` — half the bytes for the package —
-    and its text encoder, tokenizer and scheduler as they are (the text encoder stays the foundation's, bit for
-    bit). diffusers loads the weights back in fp32 unless told otherwise."""
+    """A generator dir with its UNet and VAE stored in `dtype` — half the bytes for the package — and its text
+    encoder (the foundation's tower, or the generator's own trained copy: `train_text_encoder`), tokenizer and
+    scheduler as they are. diffusers loads the weights back in fp32 unless told otherwise."""
     from diffusers import StableDiffusionPipeline
 
     src, out = Path(src), Path(out)
@@ -242,16 +269,16 @@ def store_generator(src: str | Path, out: str | Path, dtype: torch.dtype = torch
     return out
 
 
-def generator_caption(scene, rng) -> str:
-    """What the generator is conditioned on in training: half the time a draw request as users write it
-    ("a large red circle above a small blue square": the eval prompts' shape, a relation for most
-    2-object scenes), half the short caption, which also names the background."""
+def generator_caption(scene, rng, request_rate: float = 0.5, relation_rate: float = 0.8) -> str:
+    """What the generator is conditioned on in training: a draw request as users write it ("a large red
+    circle above a small blue square": the eval prompts' shape, with a relation for `relation_rate` of the
+    2-object scenes) `request_rate` of the time, else the short caption, which also names the background."""
     from mmbridge.data.shapes.annotations import short_caption
     from mmbridge.data.shapes.faithfulness import request_for
 
-    if rng.random() < 0.5:
+    if rng.random() >= request_rate:
         return short_caption(scene)
-    return request_for(scene, rng, relation_rate=0.8).text
+    return request_for(scene, rng, relation_rate=relation_rate).text
 
 
 def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfig | None = None) -> Path:
@@ -270,7 +297,11 @@ def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfi
         weights = run_dir / "generator-work" / part / "weights.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: this run has no {part} checkpoint yet")
-        model.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        if part == "unet" and cfg.train_text_encoder:  # one checkpoint holds the UNet and the trained tower
+            text_encoder.load_state_dict(_prefixed(state, "text_encoder."))
+            state = _prefixed(state, "unet.")
+        model.load_state_dict(state)
         model.eval()
     if cfg.vae_from:  # reused as it is, latent scale included
         vae = reused_vae(cfg)
@@ -286,6 +317,10 @@ def snapshot_generator(run_dir: str | Path, out: str | Path, cfg: GeneratorConfi
     return out
 
 
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def shapes_batches(cfg: GeneratorConfig, split: str = "train"
                    ) -> Callable[[int, int], tuple[torch.Tensor, list[str]]]:
     """ShapesWorld (image, caption) batches, a pure function of the step (so a resumed run sees the
@@ -297,7 +332,7 @@ def shapes_batches(cfg: GeneratorConfig, split: str = "train"
     from mmbridge.data.shapes.world import make_scene, render, rng_for
 
     captions = {"description": lambda scene, rng: description(scene), "short": lambda scene, rng: short_caption(scene),
-                "draw": generator_caption}
+                "draw": lambda scene, rng: generator_caption(scene, rng, cfg.request_rate, cfg.relation_rate)}
     if cfg.caption not in captions:
         raise ValueError(f"generator caption {cfg.caption!r}: expected one of {sorted(captions)}")
     text_of = captions[cfg.caption]
