@@ -276,7 +276,7 @@ def generator_caption(scene, rng, request_rate: float = 0.5, relation_rate: floa
     from mmbridge.data.shapes.annotations import short_caption
     from mmbridge.data.shapes.faithfulness import request_for
 
-    if rng.random() >= request_rate:
+    if rng.random() < 1 - request_rate:  # written so that the default draws the captions it drew before the knob
         return short_caption(scene)
     return request_for(scene, rng, relation_rate=relation_rate).text
 
