@@ -61,6 +61,8 @@ def test_group_wise_int8_is_closer_to_the_float_linear_on_every_path():
         together = grouped(x)  # more than GEMV_ROWS rows: the blocked path
         one_by_one = torch.cat([grouped(row[None]) for row in x])  # the compiled GEMV
         torch.testing.assert_close(together, one_by_one, rtol=0.02, atol=0.01)
+        few = grouped(x[:GEMV_ROWS])  # a few rows at once: one GEMV kernel, each weight row read once
+        torch.testing.assert_close(few, one_by_one[:GEMV_ROWS], rtol=1e-5, atol=1e-5)
         for got in (together, one_by_one):
             assert (got - expected).abs().mean() < 0.85 * (per_row(x) - expected).abs().mean()
     assert "per 32 columns" in repr(grouped)
@@ -76,7 +78,7 @@ def test_group_wise_int8_keeps_decoding_when_compiling_fails(monkeypatch, caplog
     def broken(*args):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(quantize, "_compiled_gemv", broken)
+    monkeypatch.setattr(quantize.group_gemv, "compiled", broken)
     torch.manual_seed(0)
     layer = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 16), group_size=32)
     x = torch.randn(1, 64)
@@ -85,7 +87,26 @@ def test_group_wise_int8_keeps_decoding_when_compiling_fails(monkeypatch, caplog
     torch.testing.assert_close(got, quantize._group_gemv(x, layer.weight, layer.scale) + layer.bias)
     torch.testing.assert_close(again, got)
     assert len([r for r in caplog.records if "torch.compile" in r.getMessage()]) == 1  # said once
-    assert "no C++ compiler found" in caplog.text and quantize._compiled_gemv is quantize._group_gemv
+    assert "no C++ compiler found" in caplog.text and quantize.group_gemv.compiled is quantize._group_gemv
+
+
+def test_group_wise_int8_compiles_every_shape_a_large_llm_has():
+    """A 1 B LLM has ~20 (weight shape, rows) pairs, more than dynamo's default recompile limit (8), after
+    which dynamo would run the GEMV eagerly and 30x slower without an error: every shape gets its kernel."""
+    import torch._dynamo
+
+    from mmbridge.modeling import quantize
+
+    torch.manual_seed(0)
+    before = torch._dynamo.utils.counters["frames"]["ok"]
+    layers = [Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 8 * (i + 1)), group_size=32) for i in range(5)]
+    with torch.no_grad():
+        for layer in layers:
+            for rows in (1, 2):
+                x = torch.randn(rows, 64)
+                torch.testing.assert_close(layer(x), quantize._group_gemv(x, layer.weight, layer.scale) + layer.bias)
+    assert quantize.group_gemv.compiled is not quantize._group_gemv
+    assert torch._dynamo.utils.counters["frames"]["ok"] - before >= 10  # 10 compiled, none left to eager
 
 
 def test_quantize_replaces_plain_linears_only():

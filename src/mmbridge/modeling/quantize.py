@@ -9,8 +9,9 @@ Two layouts:
   `group_size`), for accuracy: a row's largest weight then sets the step of 32 weights, not of thousands,
   and the rounding error falls by ~35 %. On random 0.1-1 B LLMs (near-tied logits) per-row int8 keeps 93 % of
   fp32's greedy tokens and group-wise 96 % (docs/speed.md). No PyTorch CPU kernel takes group-wise int8, so its
-  batch-1 product is a `torch.compile`d dequantize-multiply-reduce that inductor fuses into one pass over
-  the int8 weights, in fp32 (`_group_gemv`); many rows use a blocked dequantize + bf16 GEMM (`_blocked_linear`).
+  product for a few rows is a `torch.compile`d dequantize-multiply-reduce that inductor fuses into one pass
+  over the int8 weights, in fp32 (`_group_gemv`); many rows use a blocked, compiled dequantize + bf16 GEMM
+  (`_blocked_linear`).
 
 torchao installs on the CPU route too, but its current `Int8WeightOnlyConfig` runs eagerly as dequantize +
 matmul, 20-40x slower than fp32 on CPU, so neither layout goes through it.
@@ -30,55 +31,82 @@ GROUP_SIZES = {"int8": None, "int8-g32": 32}
 #: instead: `_weight_int8pack_mm` is a GEMV-style kernel whose cost grows with the rows (73 rows x 2048 ->
 #: 5632: 32.5 ms, vs 9.4 ms for widening + a bf16 GEMM; at 8 rows the kernel wins, 4.7 ms; one thread, AMX CPU).
 PREFILL_ROWS = 16
-#: Up to this many rows a group-wise layer runs its fused GEMV row by row (its cost is linear in the rows:
-#: 5632 x 2048 on 2 threads, 0.7 ms per row against fp32's 2.4 ms at one row, 5.3 ms at four); more rows
-#: dequantize blocks of `DEQUANT_BLOCK` output rows into a small reused buffer for bf16 GEMMs (a whole
-#: dequantized weight would be allocated and page-faulted on every call: 3x slower).
+#: Up to this many rows a group-wise layer runs its fused GEMV (`_group_gemv`, compiled once per weight shape
+#: and row count); more rows dequantize blocks of `DEQUANT_BLOCK` output rows for bf16 GEMMs. 1 B-model
+#: shapes on 2 threads, every weight read from memory (docs/speed.md): a 5632 x 2048 layer takes 0.50 / 1.1 /
+#: 1.9 / 3.4 ms at 1 / 2 / 4 / 8 rows fused, 2.1 ms dequantized at 4 or 8 rows (fp32: 2.5 / 5.1 / 5.8 / 4.6 ms);
+#: the 32000-row LM head favours the fused GEMV up to 8 rows, so 4 is where the two meet.
 GEMV_ROWS = 4
-DEQUANT_BLOCK = 256
+#: 1024 rows x 2048 columns of bf16 is 4 MB: small enough that the allocator reuses it from call to call (a
+#: whole dequantized LM head, 131 MB, is mapped and page-faulted anew on every call: 4x slower than fp32).
+DEQUANT_BLOCK = 1024
+GEMV_CHUNK = 2048
 
 logger = logging.getLogger(__name__)
 
 
 def _group_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """One row `x` (1, I) times a group-wise int8 `weight` (O, I) with `scale` (O, I / group), in fp32."""
+    """A few rows `x` (M, I) times a group-wise int8 `weight` (O, I) with `scale` (O, I / group), in fp32.
+    Written as a reduction over each dequantized weight row (in chunks of at most `GEMV_CHUNK` columns, whole
+    groups each), output rows outermost: inductor then fuses the dequantization into vectorised dot products
+    and reads each weight row from memory once for all M rows. (Summing each group of 32 first, then the
+    scaled groups, runs 1.5-1.8x slower; one reduction over 5632 columns 1.7x slower than four of 1408.)"""
     rows, groups = scale.shape
-    grouped = weight.view(rows, groups, -1).to(torch.float32) * x.to(torch.float32).view(1, groups, -1)
-    return (grouped.sum(-1) * scale).sum(-1).view(1, rows)
+    chunks = next(k for k in range(-(-weight.shape[1] // GEMV_CHUNK), groups + 1) if groups % k == 0)
+    dequantized = weight.view(rows, groups, -1).to(torch.float32) * scale.view(rows, groups, 1)
+    products = dequantized.view(rows, 1, chunks, -1) * x.to(torch.float32).view(1, x.shape[0], chunks, -1)
+    return products.sum(-1).sum(-1).t()
 
 
-_compiled_gemv = None
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A block of group-wise int8 rows as bf16 (one fused pass when compiled; eager runs it in 3 passes)."""
+    rows, groups = scale.shape
+    dequantized = weight.view(rows, groups, -1).to(torch.float32) * scale.view(rows, groups, 1)
+    return dequantized.to(torch.bfloat16).view(rows, -1)
 
 
-def group_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`_group_gemv` compiled once per weight shape (static shapes: one row; inductor's C++ backend needs
-    a compiler). If compiling fails the eager function runs — correct, but slower than fp32."""
-    global _compiled_gemv
-    if _compiled_gemv is None:
-        _compiled_gemv = torch.compile(_group_gemv, dynamic=False)
-    if _compiled_gemv is not _group_gemv:
-        try:
-            return _compiled_gemv(x, weight, scale)
-        except Exception as error:  # no C++ compiler, an inductor failure: keep decoding, say why
-            logger.warning("int8-g32: torch.compile of the group-wise GEMV failed (%s); running it eagerly, "
-                           "which is slower than fp32", error)
-            _compiled_gemv = _group_gemv
-    return _group_gemv(x, weight, scale)
+class _CompiledOnFirstUse:
+    """`fn` through `torch.compile`, with static shapes: one kernel per weight shape and row count (dynamic
+    shapes run 20-100x slower here). A 1 B LLM needs ~20 of them, more than dynamo's default
+    `recompile_limit` (8) after which it would silently run `fn` eagerly, so a call with a new shape raises the
+    limit for its own compile. If compiling fails (no C++ compiler for inductor, an inductor failure) the
+    eager function runs from then on, with one warning: correct, but slower than fp32."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.shapes = fn, None, set()
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        if self.compiled is not self.fn:
+            shapes = tuple(a.shape for a in args)
+            try:
+                if shapes in self.shapes:
+                    return self.compiled(*args)
+                with torch._dynamo.config.patch(recompile_limit=len(self.shapes) + 8):
+                    out = self.compiled(*args)
+                self.shapes.add(shapes)
+                return out
+            except Exception as error:  # no C++ compiler, an inductor failure: keep decoding, say why
+                logger.warning("int8-g32: torch.compile of %s failed (%s); running it eagerly, which is slower "
+                               "than fp32", self.fn.__name__, error)
+                self.compiled = self.fn
+        return self.fn(*args)
+
+
+group_gemv = _CompiledOnFirstUse(_group_gemv)
+dequantize = _CompiledOnFirstUse(_dequantize)
 
 
 def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Many rows `x` (M, I) times a group-wise int8 `weight`, `DEQUANT_BLOCK` output rows at a time, in
     bf16 as the per-row layout's prefill (the dequantized weights' bf16 rounding adds ~5 % to the int8
     rounding error's variance)."""
-    rows, groups = scale.shape
-    out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
     x = x.to(torch.bfloat16)
-    block = torch.empty(min(DEQUANT_BLOCK, rows), groups, weight.shape[1] // groups, dtype=torch.bfloat16)
-    for start in range(0, rows, DEQUANT_BLOCK):
+    for start in range(0, weight.shape[0], DEQUANT_BLOCK):
         part = slice(start, start + DEQUANT_BLOCK)
-        dequantized = block[: len(weight[part])]
-        torch.mul(weight[part].view(-1, groups, block.shape[-1]), scale[part].unsqueeze(-1), out=dequantized)
-        torch.mm(x, dequantized.view(len(dequantized), -1).t(), out=out[:, part])
+        torch.mm(x, dequantize(weight[part], scale[part]).t(), out=out[:, part])
     return out
 
 
@@ -140,7 +168,7 @@ class Int8WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if self.group_size is not None:
             if flat.shape[0] <= GEMV_ROWS:
-                out = torch.cat([group_gemv(row[None], self.weight, self.scale) for row in flat])
+                out = group_gemv(flat, self.weight, self.scale)
             else:
                 out = _blocked_linear(flat, self.weight, self.scale)
             out = out.to(x.dtype)
