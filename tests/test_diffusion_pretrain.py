@@ -368,3 +368,50 @@ def test_unet_shape_settings_reach_the_diffusers_unet():
     assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"]
     assert all(len(block.resnets) == 2 for block in unet.down_blocks)
     assert unet.config.layers_per_block == 2 and unet.config.cross_attention_dim == 16
+
+
+def test_a_zero_terminal_snr_generator_trains_on_velocity_and_samples_from_pure_noise(tmp_path, text_tower,
+                                                                                      monkeypatch):
+    """`zero_terminal_snr` + `v_prediction`: the schedule ends with no signal left (so no layout can leak
+    through the noised latent), the UNet's target is the velocity with the high-noise steps fully weighted,
+    and the saved scheduler config carries all of it, so diffusers' pipeline and the draw head sample as
+    trained ("trailing" timesteps start at the last, signal-free step)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from mmbridge.modeling.draw.diffusion import DiffusionGenerator
+    from mmbridge.pretrain.diffusion import noise_scheduler
+
+    with pytest.raises(ValueError, match="needs prediction_type: v_prediction"):
+        tiny_cfg(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction_type 'x0'"):
+        tiny_cfg(prediction_type="x0")
+    cfg = tiny_cfg(zero_terminal_snr=True, prediction_type="v_prediction")
+    scheduler = noise_scheduler(cfg)
+    assert scheduler.alphas_cumprod[-1] < 1e-6 < noise_scheduler(tiny_cfg()).alphas_cumprod[-1]
+    encoder, tokenizer = text_tower
+    batches = shapes_batches(cfg)
+    vae = train_vae(cfg, lambda step, n: batches(step, n)[0], tmp_path / "work", log=lambda d: None)
+    targets = []
+    velocity = DDPMScheduler.get_velocity
+
+    def spy(self, sample, noise, timesteps):
+        targets.append(timesteps)
+        return velocity(self, sample, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", spy)
+    logs = []
+    unet = train_unet(cfg, vae, encoder, tokenizer, batches, tmp_path / "work", log=logs.append)
+    assert len(targets) == cfg.unet_steps and torch.isfinite(torch.tensor([log["ldm"] for log in logs])).all()
+    assert isinstance(unet, UNet2DConditionModel)
+    out = save_generator(tmp_path / "generator", vae, unet, encoder, tokenizer, cfg)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    config = pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == \
+        ("v_prediction", True, "trailing")
+    pipe.scheduler.set_timesteps(4)
+    assert int(pipe.scheduler.timesteps[0]) == cfg.num_train_timesteps - 1  # sampling starts at zero signal
+    image = pipe("a large red circle", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    generator = DiffusionGenerator.from_pretrained(out)
+    assert generator.train_scheduler.config.prediction_type == "v_prediction"
+    assert generator.sample(torch.zeros(1, 16, 16), num_inference_steps=2).isfinite().all()

@@ -35,6 +35,14 @@ def test_draw_data_is_llava_with_images_in_answers(tmp_path):
     assert story["conversations"][1]["value"].count("<image>") == len(story["image"]) == 3
     assert [m["from"] for m in turns["conversations"]] == ["human", "gpt"] * 3 and turns["image"] == story["image"]
     assert turns["conversations"][2]["value"].startswith("Then ") and turns["conversations"][3]["value"] == "<image>"
+    # the stories' openings, for the draw mapper: both tellings cut after their first picture, with its caption
+    first = json.loads((tmp_path / "draw_story_first.json").read_text())
+    assert [r["id"] for r in first] == ["story-0-first", "story-turns-0-first", "story-1-first", "story-turns-1-first"]
+    assert first[0]["image"] == story["image"][:1] and first[0]["captions"] == story["captions"][:1]
+    opening = first[0]["conversations"][1]["value"]
+    assert opening.count("<image>") == 1 and opening.endswith("<image>")
+    assert story["conversations"][1]["value"].startswith(opening)
+    assert first[1]["conversations"] == turns["conversations"][:2]
 
 
 def test_draw_stages_train_through_the_trainer_and_the_model_draws(tmp_path):
@@ -113,6 +121,7 @@ def test_the_recipe_runs_the_draw_then_the_act_stages_on_a_given_see_model_and_e
     assert report["stages"]["act_stage2"]["steps"] == 2
     # the mapper is fit last, on the act model's LLM (act stage 2 moved its LoRA), and that model is exported
     assert report["stages"]["draw_mapper"]["samples"] == 4
+    assert report["stages"]["draw_mapper"]["drawings"] == 6 + 2 * 2  # the requests + both tellings' first frames
     assert (tmp_path / "run" / "draw" / "mapper" / "model" / "config.json").is_file()
     # act stage 2 trains the LoRA: the draw requests stay in its mix, or the model forgets to draw
     act2 = yaml.safe_load((tmp_path / "run" / "act" / "stage2" / "config.yaml").read_text())

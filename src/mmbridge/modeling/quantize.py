@@ -54,7 +54,7 @@ def _group_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     rows, groups = scale.shape
     chunks = next(k for k in range(-(-weight.shape[1] // GEMV_CHUNK), groups + 1) if groups % k == 0)
     dequantized = weight.view(rows, groups, -1).to(torch.float32) * scale.view(rows, groups, 1)
-    products = dequantized.view(rows, 1, chunks, -1) * x.to(torch.float32).view(1, x.shape[0], chunks, -1)
+    products = dequantized.view(rows, 1, chunks, -1) * x.to(torch.float32).reshape(1, x.shape[0], chunks, -1)
     return products.sum(-1).sum(-1).t()
 
 
