@@ -40,6 +40,7 @@ GEMV_ROWS = 4
 #: 1024 rows x 2048 columns of bf16 is 4 MB: small enough that the allocator reuses it from call to call (a
 #: whole dequantized LM head, 131 MB, is mapped and page-faulted anew on every call: 4x slower than fp32).
 DEQUANT_BLOCK = 1024
+#: the longest reduction `_group_gemv` runs in one piece (down projections' 5,632 columns go in 4 chunks)
 GEMV_CHUNK = 2048
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class _CompiledOnFirstUse:
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=False)
         if self.compiled is not self.fn:
-            shapes = tuple(a.shape for a in args)
+            shapes = tuple((a.shape, a.dtype) for a in args)  # what a static-shape kernel is specialised on
             try:
                 if shapes in self.shapes:
                     return self.compiled(*args)

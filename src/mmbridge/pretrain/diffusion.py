@@ -101,7 +101,9 @@ class GeneratorConfig:
     #: `scripts/layout_leak_probe.py`),
     #: so in training it never has to take positions from the caption, and relation words went unused
     #: (ε-loss with the true vs the flipped relation equal at every t; drawn relations at chance). Sampling
-    #: starts from pure noise, where the caption is all there is.
+    #: starts from pure noise, where the caption is all there is. Run q1 (docs/recipe.md): the leak is gone, but
+    #: in 3,000 steps relations stayed at chance (the loss hardly depends on them) and faithfulness fell 66 -> 61 %,
+    #: so it is off by default and the shipped generator keeps SD's schedule.
     zero_terminal_snr: bool = False
     #: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x); saved in the scheduler config the pipeline reads
     prediction_type: str = "epsilon"

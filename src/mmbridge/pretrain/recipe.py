@@ -687,7 +687,8 @@ class Recipe:
             raise ConfigError(f"draw_mapper fits the draw head's mapper, and {model} has none: list the draw stages")
         data = self.out / "draw" / "data"
         stage = self.cfg.draw
-        files = [data / "draw_stage1.json"] + [f for f in [data / "draw_story_first.json"] if f.is_file()]
+        # the requests last: the held-out drawings (the stage's check) are the data's last ones
+        files = [f for f in [data / "draw_story_first.json"] if f.is_file()] + [data / "draw_stage1.json"]
         return fit_draw_mapper(model, files,
                                self.out / "draw" / "mapper", steps=stage.mapper_steps,
                                batch_size=stage.mapper_batch_size, lr=stage.mapper_lr, held_out=stage.mapper_held_out,
