@@ -37,38 +37,44 @@ CHOICES = {"x": ("Is the {a} to the left or to the right of the {b}?", {1: "left
            "y": ("Is the {a} above or below the {b}?", {1: "above", -1: "below"})}
 
 
-def choice_turns(scene, rng: random.Random, num: int) -> list[tuple[str, str]]:
-    """Up to `num` "which way" questions about pairs of uniquely named objects apart on the asked axis."""
+def choice_turns(scene, rng: random.Random, num: int, token_names: bool = False) -> list[tuple[str, str]]:
+    """Up to `num` "which way" questions about pairs of uniquely named objects apart on the asked axis;
+    `token_names`: each object named by its one token of the LM's description ("largeredcircle")."""
     unique = [o for o in scene.objects if len(scene.find(o.color, o.shape)) == 1]
     pool = []
     for a, b in itertools.permutations(unique, 2):
         for axis, (template, words) in CHOICES.items():
             sign = relation(a, b, axis)
             if sign:
-                pool.append((template.format(a=f"{a.color} {a.shape}", b=f"{b.color} {b.shape}"), words[sign]))
+                if token_names:
+                    question = template.format(a=shapes.object_words(a.name), b=shapes.object_words(b.name))
+                else:
+                    question = template.format(a=f"{a.color} {a.shape}", b=f"{b.color} {b.shape}")
+                pool.append((question, words[sign]))
     return rng.sample(pool, min(num, len(pool)))
 
 
-def choice_accuracy(lm, tokenizer, num_scenes: int, split: str = "val") -> float:
+def choice_accuracy(lm, tokenizer, num_scenes: int, split: str = "val", token_names: bool = False) -> float:
     """Greedy accuracy of the "which way" answers on `num_scenes` held-out scenes (each scene's pairs)."""
     from mmbridge.pretrain.text import greedy_answers
 
     prompts, answers = [], []
     for i in range(num_scenes):
         scene = shapes.make_scene(split, i, 0)
-        for question, answer in choice_turns(scene, random.Random(i), 4):
+        for question, answer in choice_turns(scene, random.Random(i), 4, token_names):
             prompts.append(shapes.first_turn(shapes.lm_description(scene, random.Random(i)), question))
             answers.append(answer)
     predictions = greedy_answers(lm, tokenizer, prompts, shapes.END)
     return round(sum(p.strip().lower() == a for p, a in zip(predictions, answers)) / max(len(answers), 1), 4)
 
 
-def evaluate(lm, tokenizer, num_scenes: int) -> dict:
+def evaluate(lm, tokenizer, num_scenes: int, token_names: bool = False) -> dict:
     return {"relations": shapes.relation_breakdown(lm, tokenizer, num_scenes=num_scenes),
-            "choice": choice_accuracy(lm, tokenizer, num_scenes)}
+            "choice": choice_accuracy(lm, tokenizer, num_scenes, token_names=token_names)}
 
 
-def dialogue(rng: random.Random, choice: int, relations: int, only_relations: bool, max_objects: int = 4) -> Branches:
+def dialogue(rng: random.Random, choice: int, relations: int, only_relations: bool, max_objects: int = 4,
+             token_names: bool = False) -> Branches:
     scene = shapes.make_scene("train", rng.randrange(shapes.TRAIN_SCENES), 0)
     while len(scene.objects) > max_objects:  # a curriculum: small scenes first
         scene = shapes.make_scene("train", rng.randrange(shapes.TRAIN_SCENES), 0)
@@ -77,7 +83,7 @@ def dialogue(rng: random.Random, choice: int, relations: int, only_relations: bo
     if not only_relations:
         turns += [(q, text) for q, restate in shapes.RESTATEMENTS if (text := restate(scene, rng))]
         turns += shapes.qa_turns(scene, rng, 6)
-    turns += shapes.relation_turns(scene, rng, relations) + choice_turns(scene, rng, choice)
+    turns += shapes.relation_turns(scene, rng, relations) + choice_turns(scene, rng, choice, token_names)
     if not turns:  # a 1-object scene in a relations-only run: one count question keeps the row non-empty
         turns = [("How many shapes are there?", str(len(scene.objects)))]
     turns = [shapes.chat_text(context, [turn])[2:] for turn in turns]
@@ -94,6 +100,8 @@ def main() -> None:
     parser.add_argument("--choice", type=int, default=2)
     parser.add_argument("--relations", type=int, default=2, help="canonical-type relation turns per dialogue")
     parser.add_argument("--only-relations", action="store_true")
+    parser.add_argument("--token-names", action="store_true",
+                        help="which-way questions name objects by their description token ('largeredcircle')")
     parser.add_argument("--max-objects", type=int, default=4, help="train on scenes of at most this many objects")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=60)
@@ -114,14 +122,15 @@ def main() -> None:
         log.flush()
 
     write({"args": vars(args), "cfg": dataclasses.asdict(cfg)})
-    write({"step": 0, "eval": evaluate(lm.eval(), tokenizer, args.eval_scenes)})
+    write({"step": 0, "eval": evaluate(lm.eval(), tokenizer, args.eval_scenes, args.token_names)})
     start = time.perf_counter()
     pretrain_causal_lm(lm, tokenizer,
-                       lambda rng, n: [dialogue(rng, args.choice, args.relations, args.only_relations, args.max_objects)
+                       lambda rng, n: [dialogue(rng, args.choice, args.relations, args.only_relations, args.max_objects,
+                                              args.token_names)
                                      for _ in range(n)],
-                       cfg, log=write, evaluate=lambda m: evaluate(m, tokenizer, args.eval_scenes),
+                       cfg, log=write, evaluate=lambda m: evaluate(m, tokenizer, args.eval_scenes, args.token_names),
                        checkpoint_dir=out / "checkpoint")
-    write({"final": evaluate(lm, tokenizer, 100),
+    write({"final": evaluate(lm, tokenizer, 100, args.token_names),
            "final_text_qa": shapes.text_qa_accuracy(lm, tokenizer, num_scenes=100),
            "elapsed_s": round(time.perf_counter() - start, 1)})
     lm.save_pretrained(out / "lm")

@@ -8,6 +8,7 @@ question names them by two attribute tokens ("red circle"), and only the answer 
 
 Formats of the facts about one axis (`x`; the question asks "left" or "right"):
   both:   every ordered pair that is apart, "A left B ." and "B right A ." (r7's both-ways facts)
+  words:  as both, in the LM's sentence form: "the A is left of the B ." (the names further apart)
   once:   each pair once, in a random direction (r6's: the answer is a parity of order and word)
   rank:   every object with its rank from the left, "A r2 ." (a one-name lookup, then a comparison)
   sorted: the objects in left-to-right order, "order C A B ." (compare positions in one list)
@@ -24,8 +25,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 COLORS, SHAPES = 8, 5
-PAD, BOS, DOT, Q, QMARK, ANS, YES, NO, LEFT, RIGHT, ORDER, OR = range(12)
-COLOR0 = 12
+PAD, BOS, DOT, Q, QMARK, ANS, YES, NO, LEFT, RIGHT, ORDER, OR, THE, IS, OF = range(15)
+COLOR0 = 15
 SHAPE0 = COLOR0 + COLORS
 OBJ0 = SHAPE0 + SHAPES  # one token per (colour, shape)
 RANK0 = OBJ0 + COLORS * SHAPES
@@ -46,13 +47,15 @@ def sample(rng: random.Random, fmt: str, max_objects: int, choice: float = 0.0,
     rng.shuffle(order)  # order[k] = the object at rank k from the left
     rank = {o: k for k, o in enumerate(order)}
     facts: list[list[int]] = []
-    if fmt in ("both", "once"):
+    if fmt in ("both", "once", "words"):
         for i in range(n):
             for j in range(i + 1, n):
                 a, b = (i, j) if rank[i] < rank[j] else (j, i)  # a is left of b
                 pair = [[obj_token(*names[a]), LEFT, obj_token(*names[b]), DOT],
                         [obj_token(*names[b]), RIGHT, obj_token(*names[a]), DOT]]
-                facts += pair if fmt == "both" else [rng.choice(pair)]
+                if fmt == "words":
+                    pair = [[THE, x, IS, rel, OF, THE, y, DOT] for x, rel, y, _ in pair]
+                facts += [rng.choice(pair)] if fmt == "once" else pair
         rng.shuffle(facts)
     elif fmt == "rank":
         facts = [[obj_token(*names[o]), RANK0 + rank[o], DOT] for o in range(n)]
@@ -86,7 +89,7 @@ def batch(rng: random.Random, fmt: str, size: int, max_objects: int, choice: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", default="both", choices=("both", "once", "rank", "sorted"))
+    parser.add_argument("--format", default="both", choices=("both", "once", "words", "rank", "sorted"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
