@@ -2,7 +2,8 @@
 
 Continues an LM (default: the shipped foundation's) or trains a fresh one on the LM stage's dialogues
 with extra relation turns, and prints text-only relation accuracy (`relation_breakdown`, val scenes)
-every `--eval-every` steps; at the end also text-only QA of every type. A probe, not a recipe stage:
+and the accuracy of the which-way questions below every `--eval-every` steps; at the end also text-only QA
+of every type. A probe, not a recipe stage:
 whatever format works here moves into `pretrain/shapes.py`.
 
     python scripts/relation_probe.py --steps 1000 --choice 2 --out runs/relprobe-choice
@@ -124,12 +125,12 @@ def main() -> None:
     write({"args": vars(args), "cfg": dataclasses.asdict(cfg)})
     write({"step": 0, "eval": evaluate(lm.eval(), tokenizer, args.eval_scenes, args.token_names)})
     start = time.perf_counter()
-    pretrain_causal_lm(lm, tokenizer,
-                       lambda rng, n: [dialogue(rng, args.choice, args.relations, args.only_relations, args.max_objects,
-                                              args.token_names)
-                                     for _ in range(n)],
-                       cfg, log=write, evaluate=lambda m: evaluate(m, tokenizer, args.eval_scenes, args.token_names),
-                       checkpoint_dir=out / "checkpoint")
+    def samples(rng: random.Random, n: int) -> list[Branches]:
+        return [dialogue(rng, args.choice, args.relations, args.only_relations, args.max_objects, args.token_names)
+                for _ in range(n)]
+
+    pretrain_causal_lm(lm, tokenizer, samples, cfg, log=write, checkpoint_dir=out / "checkpoint",
+                       evaluate=lambda m: evaluate(m, tokenizer, args.eval_scenes, args.token_names))
     write({"final": evaluate(lm, tokenizer, 100, args.token_names),
            "final_text_qa": shapes.text_qa_accuracy(lm, tokenizer, num_scenes=100),
            "elapsed_s": round(time.perf_counter() - start, 1)})
