@@ -102,9 +102,10 @@ def main() -> None:
     parser.add_argument("--choice-first", type=int, default=0,
                         help="curriculum: only 'which way' questions for this many steps, then --choice")
     parser.add_argument("--dense", action="store_true", help="also train next-token prediction on the facts")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and training-data seed")
     parser.add_argument("--eval-every", type=int, default=250)
     args = parser.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                          num_attention_heads=args.heads, num_key_value_heads=args.heads,
                                          intermediate_size=4 * args.hidden, max_position_embeddings=256,
@@ -114,8 +115,9 @@ def main() -> None:
     held_out_choice = batch(random.Random(10**9 + 1), args.format, 1000, args.max_objects, 1.0, args.object_names)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        ids, answers = batch(random.Random(step), args.format, args.batch_size, args.max_objects,
-                             1.0 if step <= args.choice_first else args.choice, args.object_names)
+        choice = 1.0 if step <= args.choice_first else args.choice
+        ids, answers = batch(random.Random(args.seed * 1_000_003 + step), args.format, args.batch_size,
+                             args.max_objects, choice, args.object_names)
         logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits
         loss = torch.nn.functional.cross_entropy(logits[:, -1], answers)
         if args.dense:  # every next token of the row (facts and question), padding excluded
